@@ -1,0 +1,308 @@
+"""The one canonical codec: msgpack with exactly one encoding per value.
+
+Normative text: ``specs/codec.md``.  In short:
+
+* maps: keys must be ``str``; entries sorted by their encoded key bytes (which is
+  UTF-8 length first, then bytewise);
+* tuples encode as lists (and decode as lists); ints minimal; ``bool`` is not
+  ``int``; floats always float64; every NaN is the one quiet NaN
+  ``7ff8000000000000``; ``-0.0`` keeps its sign;
+* ``bytes``/``bytearray``/``memoryview`` encode as msgpack bin;
+* ints outside msgpack's 64-bit range use ext type 3 (two's complement,
+  big-endian, minimal length);
+* numpy arrays are ext type 1 carrying ``[dtype, shape, C-order bytes]`` with a
+  little-endian dtype string; numpy scalars encode as the Python value they hold;
+* :class:`~cassette.keys.ContentKey` is ext type 2 carrying its 33 binary bytes.
+
+Anything else raises ``FabricError(INVALID_ARGUMENT)`` naming the path to the bad
+value, e.g. ``args.items[3]: set is not encodable``.
+
+Decoded numpy arrays are read-only views over the decoded bytes (as Ray's object
+store returns them): copy before mutating.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from cassette.errors import FabricError, StatusCode
+from cassette.keys import ContentKey
+
+__all__ = [
+    "encode",
+    "decode",
+    "encode_request",
+    "is_canonical",
+    "EXT_NDARRAY",
+    "EXT_CONTENT_KEY",
+    "EXT_BIGINT",
+    "CANONICAL_NAN",
+]
+
+EXT_NDARRAY = 1
+EXT_CONTENT_KEY = 2
+EXT_BIGINT = 3
+
+#: The one NaN every float NaN encodes as (quiet NaN, sign bit clear).
+CANONICAL_NAN: float = struct.unpack(">d", bytes.fromhex("7ff8000000000000"))[0]
+
+_I64_MIN = -(1 << 63)
+_U64_MAX = (1 << 64) - 1
+_ARRAY_KINDS = frozenset("biufc")
+_IDENT_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+_packb = msgpack.Packer(use_bin_type=True, strict_types=True, use_single_float=False, autoreset=True).pack
+
+
+class _Unencodable(Exception):
+    """Internal: carries the reason and the path (innermost segment first)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.segments: list[str] = []
+
+
+def _key_sort(k: str) -> tuple[int, bytes]:
+    b = k.encode("utf-8")
+    return (len(b), b)
+
+
+def _norm(v: Any) -> Any:
+    """Normalise ``v`` into a structure msgpack packs canonically (strict types)."""
+    t = type(v)
+    if t is str or t is bytes or t is bool or v is None:
+        return v
+    if t is int:
+        if _I64_MIN <= v <= _U64_MAX:
+            return v
+        return msgpack.ExtType(EXT_BIGINT, _bigint_bytes(v))
+    if t is float:
+        return CANONICAL_NAN if v != v else v
+    if t is dict:
+        return _norm_dict(v)
+    if t is list or t is tuple:
+        out_l = []
+        for i, item in enumerate(v):
+            try:
+                out_l.append(_norm(item))
+            except _Unencodable as e:
+                e.segments.append(f"[{i}]")
+                raise
+        return out_l
+    if t is ContentKey:
+        return msgpack.ExtType(EXT_CONTENT_KEY, bytes(v))
+    if t is np.ndarray:
+        return msgpack.ExtType(EXT_NDARRAY, _array_payload(v))
+    if t is bytearray or t is memoryview:
+        return bytes(v)
+    if isinstance(v, np.generic):
+        if isinstance(v, (np.bool_, np.integer, np.floating)):
+            return _norm(v.item())
+        raise _Unencodable(f"numpy scalar of dtype {v.dtype} is not encodable")
+    raise _Unencodable(f"{t.__name__} is not encodable")
+
+
+_SCALAR_TYPES = frozenset((str, bytes, bool, type(None)))
+_ORDER_CACHE: dict[tuple, tuple] = {}
+_ORDER_CACHE_MAX = 4096
+
+
+def _key_order(keys: tuple) -> tuple:
+    """Keys in canonical order (UTF-8 length, then bytes); cached per key tuple."""
+    order = _ORDER_CACHE.get(keys)
+    if order is None:
+        for k in keys:
+            if type(k) is not str:
+                raise _Unencodable(f"map key {k!r} ({type(k).__name__}) is not a str")
+        order = tuple(sorted(keys, key=_key_sort))
+        if len(_ORDER_CACHE) >= _ORDER_CACHE_MAX:
+            _ORDER_CACHE.clear()
+        _ORDER_CACHE[keys] = order
+    return order
+
+
+def _norm_dict(v: dict) -> dict:
+    out = {}
+    scalar = _SCALAR_TYPES
+    for k in _key_order(tuple(v)):
+        x = v[k]
+        t = type(x)
+        if t in scalar or (t is int and _I64_MIN <= x <= _U64_MAX):
+            out[k] = x
+            continue
+        try:
+            out[k] = _norm(x)
+        except _Unencodable as e:
+            e.segments.append(_key_segment(k))
+            raise
+    return out
+
+
+def _key_segment(k: str) -> str:
+    if k and _IDENT_OK.issuperset(k) and not k[0].isdigit():
+        return f".{k}"
+    return f"[{k!r}]"
+
+
+def _bigint_bytes(v: int) -> bytes:
+    n = (v.bit_length() + 8) // 8  # room for the sign bit
+    return v.to_bytes(n, "big", signed=True)
+
+
+def _array_payload(a: np.ndarray) -> bytes:
+    dt = a.dtype
+    if dt.kind not in _ARRAY_KINDS or dt.fields is not None or dt.subdtype is not None:
+        raise _Unencodable(f"numpy array of dtype {dt} is not encodable (bool, int, uint, float, complex only)")
+    le = dt.newbyteorder("<") if dt.itemsize > 1 else dt
+    arr = np.ascontiguousarray(a, dtype=le)
+    if dt.kind in "fc":
+        nan = np.isnan(arr)
+        if nan.any():
+            arr = arr.copy()
+            if dt.kind == "f":
+                arr[nan] = CANONICAL_NAN
+            else:
+                re, im = arr.real.copy(), arr.imag.copy()
+                re[np.isnan(re)] = CANONICAL_NAN
+                im[np.isnan(im)] = CANONICAL_NAN
+                arr = _complex_from(re, im, le)
+    return _packb([le.str, list(a.shape), arr.tobytes()])
+
+
+def _complex_from(re: np.ndarray, im: np.ndarray, dt: np.dtype) -> np.ndarray:
+    out = np.empty(re.shape, dtype=dt)
+    out.real = re
+    out.imag = im
+    return out
+
+
+def _fail(e: _Unencodable, root: str) -> FabricError:
+    path = root + "".join(reversed(e.segments))
+    return FabricError(StatusCode.INVALID_ARGUMENT, f"{path}: {e.reason}")
+
+
+def _locate_bad_text(v: Any, root: str) -> FabricError | None:
+    """Slow walk used only after msgpack refused a normalised value: find the bad str."""
+    stack: list[tuple[Any, str]] = [(v, root)]
+    while stack:
+        x, path = stack.pop()
+        if type(x) is str:
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return FabricError(
+                    StatusCode.INVALID_ARGUMENT,
+                    f"{path}: str is not valid Unicode text ({exc.reason} at index {exc.start})",
+                )
+        elif type(x) is dict:
+            for k, item in x.items():
+                kp = path + _key_segment(k) if type(k) is str else path
+                if type(k) is str:
+                    stack.append((k, f"{path} map key"))
+                stack.append((item, kp))
+        elif type(x) in (list, tuple):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(x))
+    return None
+
+
+def encode(value: Any, *, root: str = "value") -> bytes:
+    """Canonical bytes of ``value``; ``root`` names it in error paths."""
+    try:
+        normal = _norm(value)
+    except _Unencodable as e:
+        raise _fail(e, root) from None
+    except RecursionError:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"{root}: nesting too deep to encode") from None
+    try:
+        return _packb(normal)
+    except (UnicodeEncodeError, ValueError, TypeError, OverflowError) as exc:
+        located = _locate_bad_text(value, root)
+        if located is not None:
+            raise located from None
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"{root}: not encodable ({exc})") from None
+
+
+def encode_request(evaluator: str, version: str, args: Any) -> bytes:
+    """Canonical bytes of ``[evaluator, version, args]``; errors name ``args...``."""
+    try:
+        normal = _norm(args)
+    except _Unencodable as e:
+        raise _fail(e, "args") from None
+    except RecursionError:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, "args: nesting too deep to encode") from None
+    try:
+        return _packb([evaluator, version, normal])
+    except (UnicodeEncodeError, ValueError, TypeError, OverflowError) as exc:
+        located = _locate_bad_text([evaluator, version, args], "request")
+        if located is not None:
+            raise located from None
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"args: not encodable ({exc})") from None
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_NDARRAY:
+        try:
+            dtype_str, shape, raw = msgpack.unpackb(data, raw=False, use_list=True)
+            dt = np.dtype(dtype_str)
+            if dt.kind not in _ARRAY_KINDS or dt.str != dtype_str or (dt.itemsize > 1 and dt.byteorder not in "<="):
+                raise ValueError(f"non-canonical dtype {dtype_str!r}")
+            if dt.itemsize > 1 and dt.str[0] != "<":
+                raise ValueError(f"dtype {dtype_str!r} is not little-endian")
+            if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+                raise ValueError(f"bad shape {shape!r}")
+            count = math.prod(shape)
+            if count * dt.itemsize != len(raw):
+                raise ValueError(f"{len(raw)} data bytes for shape {shape} of {dtype_str}")
+            return np.frombuffer(raw, dtype=dt, count=count).reshape(shape)
+        except FabricError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any malformed payload is one error
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"codec: malformed ndarray ext: {exc}") from None
+    if code == EXT_CONTENT_KEY:
+        return ContentKey.from_bytes(data)
+    if code == EXT_BIGINT:
+        if not data:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, "codec: empty bigint ext")
+        return int.from_bytes(data, "big", signed=True)
+    raise FabricError(StatusCode.INVALID_ARGUMENT, f"codec: unknown ext type {code}")
+
+
+def decode(data: bytes | memoryview, *, strict: bool = False) -> Any:
+    """Inverse of :func:`encode`.
+
+    Malformed input raises ``FabricError(INVALID_ARGUMENT)``.  With
+    ``strict=True`` the input must also be the canonical encoding of its value
+    (re-encoding gives the same bytes), as wire input and spec vectors must be.
+    """
+    try:
+        value = msgpack.unpackb(
+            data, raw=False, use_list=True, strict_map_key=True, ext_hook=_ext_hook, timestamp=0
+        )
+    except FabricError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several types
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"codec: malformed msgpack ({type(exc).__name__}: {exc})") from None
+    if strict and not is_canonical_value(value, data):
+        raise FabricError(StatusCode.INVALID_ARGUMENT, "codec: input is valid msgpack but not the canonical encoding")
+    return value
+
+
+def is_canonical_value(value: Any, data: bytes | memoryview) -> bool:
+    """Whether ``data`` is exactly the canonical encoding of ``value``."""
+    try:
+        return encode(value) == bytes(data)
+    except FabricError:
+        return False
+
+
+def is_canonical(data: bytes | memoryview) -> bool:
+    """Whether ``data`` decodes and is the canonical encoding of what it decodes to."""
+    try:
+        return is_canonical_value(decode(data), data)
+    except FabricError:
+        return False
