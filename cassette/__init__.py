@@ -8,3 +8,7 @@ from cassette.keys import ContentKey
 from cassette import codec
 
 __all__ = ["FabricError", "StatusCode", "ContentKey", "codec"]
+from cassette.record import Record
+from cassette.store import MISS, Cassette, PutResult, ReplayReport, VerifyReport
+
+__all__ += ["Record", "Cassette", "PutResult", "VerifyReport", "ReplayReport", "MISS"]

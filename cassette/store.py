@@ -1,0 +1,809 @@
+"""The cassette: one node's append-only LMDB ledger of replies and blobs.
+
+Normative format: ``specs/cassette-format.md``.  One LMDB environment per node
+directory with named DBs ``ledger`` (u64 BE seq -> record), ``index``
+(ContentKey bytes -> u64 BE seq), ``blobs`` (blob key -> bytes) and ``meta``.
+
+Contract:
+
+* Append-only.  A key is recorded once; recording it again is a no-op that
+  returns the existing row.  The one exception: if the indexed row no longer
+  verifies (bit rot), the new reply is appended as a fresh row and the index
+  points to it.  Nothing is ever deleted or rewritten in place.
+* All writes go through one writer thread that group-commits whatever puts are
+  waiting into one transaction.  A put returns only after its transaction has
+  committed; with ``durability="sync"`` (default) that commit is fsync'd, with
+  ``durability="fast"`` it is not (a process crash loses nothing, an OS crash
+  may lose the last commits).
+* The map grows (doubling) on ``MDB_MAP_FULL`` instead of failing, and adopts a
+  size grown by another process.  Readers never block the writer.
+* A read never returns bytes that fail their hash: a corrupt row reads as a
+  miss (and ``on_corrupt`` is called with its key).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import lmdb
+
+from cassette import codec
+from cassette.errors import FabricError, StatusCode
+from cassette.keys import ContentKey, derive
+from cassette.record import Record, check_ok, pack_record, payload_digest, record_key, record_payload, unpack_record
+
+__all__ = ["Cassette", "PutResult", "VerifyReport", "ReplayReport", "FORMAT_VERSION", "MISS"]
+
+log = logging.getLogger("cassette")
+
+#: On-disk format version written to ``meta[b"format"]``.
+FORMAT_VERSION = 1
+DURABILITIES = ("sync", "fast")
+MISS: Any = object()  # sentinel returned by lookup_value on a miss
+
+_SEQ = struct.Struct(">Q")
+_pack_seq = _SEQ.pack
+_unpack_seq = _SEQ.unpack
+_MAX_BATCH = 4096
+_MAX_BATCH_BYTES = 64 << 20
+_DEFAULT_MAP = 1 << 30
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """Outcome of recording one reply: its ledger ``seq`` and whether a row was appended."""
+
+    key: ContentKey
+    seq: int
+    digest: bytes
+    appended: bool
+
+
+@dataclass
+class VerifyReport:
+    """What a scrub found: counts, and one DATA_LOSS FabricError per problem."""
+
+    records: int = 0
+    blobs: int = 0
+    indexed: int = 0
+    problems: list[FabricError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was found wrong."""
+        return not self.problems
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did: rows read, keys indexed, corrupt rows skipped (by seq)."""
+
+    rows: int = 0
+    indexed: int = 0
+    corrupt_rows: list[int] = field(default_factory=list)
+
+
+class _Job:
+    __slots__ = ("op", "args", "result", "error", "event", "callbacks", "size")
+
+    def __init__(self, op: str, args: tuple, size: int) -> None:
+        self.op = op
+        self.args = args
+        self.size = size
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.event = threading.Event()
+        self.callbacks: list[Callable[[], None]] = []
+
+    def finish(self) -> None:
+        self.event.set()
+        for cb in self.callbacks:
+            cb()
+
+
+class _Slot:
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = False
+
+
+class Cassette:
+    """An append-only reply ledger in one directory (see module docstring).
+
+    ``Cassette(path, durability="sync", map_size=1 GiB, node_id=None,
+    create=True)``.  Opening a directory that is not a cassette, or one of a
+    newer format, raises FAILED_PRECONDITION.  Safe to share between threads
+    and between processes (LMDB locking); close with :meth:`close` or ``with``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        durability: str = "sync",
+        map_size: int = _DEFAULT_MAP,
+        node_id: str | None = None,
+        create: bool = True,
+    ) -> None:
+        if durability not in DURABILITIES:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"durability must be one of {DURABILITIES}, got {durability!r}")
+        self.path = Path(path)
+        self.durability = durability
+        self.on_corrupt: Callable[[ContentKey], None] | None = None
+        self.corrupt_reads = 0
+        self._check_directory(create)
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._env = lmdb.open(
+                str(self.path),
+                map_size=max(int(map_size), 1 << 20),
+                max_dbs=8,
+                subdir=True,
+                sync=durability == "sync",
+                metasync=durability == "sync",
+                readahead=False,
+                max_readers=512,
+                lock=True,
+            )
+        except lmdb.Error as exc:
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot open cassette at {self.path}: {exc}") from None
+        self._env.reader_check()  # clear reader slots left by killed processes
+        self._ledger = self._env.open_db(b"ledger")
+        self._index = self._env.open_db(b"index")
+        self._blobs = self._env.open_db(b"blobs")
+        self._meta = self._env.open_db(b"meta")
+        self.node_id = self._init_meta(node_id)
+        # resize gate: see _read / _resize
+        self._local = threading.local()
+        self._slots: list[_Slot] = []
+        self._slots_lock = threading.Lock()
+        self._resizing = False
+        self._resize_done = threading.Event()
+        self._resize_done.set()
+        self._resize_lock = threading.Lock()
+        # the one writer
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name=f"cassette-writer:{self.path.name}", daemon=True)
+        self._writer.start()
+
+    # ------------------------------------------------------------------ opening
+    def _check_directory(self, create: bool) -> None:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"{p} is not a directory, so it cannot hold a cassette")
+        has_data = (p / "data.mdb").exists()
+        if p.exists() and not has_data and any(p.iterdir()):
+            raise FabricError(
+                StatusCode.FAILED_PRECONDITION,
+                f"{p} is not a cassette directory (it has files but no data.mdb); use an empty or new directory",
+            )
+        if not has_data and not create:
+            raise FabricError(StatusCode.NOT_FOUND, f"no cassette at {p}")
+
+    def _init_meta(self, node_id: str | None) -> str:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            fmt = txn.get(b"format")
+            if fmt is None:
+                if txn.stat(self._ledger)["entries"] or txn.stat(self._index)["entries"]:
+                    raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: LMDB environment without a cassette format mark")
+                txn.put(b"format", str(FORMAT_VERSION).encode())
+                txn.put(b"node_id", (node_id or f"n{secrets.token_hex(6)}").encode())
+                txn.put(b"created", repr(time.time()).encode())
+            else:
+                try:
+                    version = int(fmt)
+                except ValueError:
+                    raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: unreadable cassette format mark {fmt!r}") from None
+                if version > FORMAT_VERSION:
+                    raise FabricError(
+                        StatusCode.FAILED_PRECONDITION,
+                        f"{self.path}: cassette format {version} is newer than this evalfabric supports ({FORMAT_VERSION}); upgrade evalfabric",
+                    )
+            stored = txn.get(b"node_id").decode()
+        return stored
+
+    # ------------------------------------------------------------ resize gate
+    def _slot(self) -> _Slot:
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            slot = self._local.slot = _Slot()
+            with self._slots_lock:
+                self._slots.append(slot)
+        return slot
+
+    def _enter(self) -> _Slot:
+        """Mark this thread as inside an LMDB transaction (waits out a resize)."""
+        slot = self._slot()
+        while True:
+            slot.active = True
+            if not self._resizing:
+                return slot
+            slot.active = False
+            self._resize_done.wait()
+
+    def _resize(self, new_size: int) -> None:
+        """Change the map size (0 = adopt another process's size) with no txn active in this process.
+
+        The calling thread must not be inside a transaction.  Readers mark a
+        per-thread slot active before ``begin``; under the GIL the flag store and
+        the ``_resizing`` check are sequentially consistent, so either the reader
+        sees the resize and waits, or the resizer sees the reader and waits.
+        """
+        with self._resize_lock:
+            self._resize_done.clear()
+            self._resizing = True
+            try:
+                while any(s.active for s in self._slots):
+                    time.sleep(0.0005)
+                self._env.set_mapsize(new_size)
+            finally:
+                self._resizing = False
+                self._resize_done.set()
+
+    def _begin_read(self):
+        slot = self._enter()
+        try:
+            return slot, self._env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            slot.active = False
+            self._resize(0)
+            slot = self._enter()
+            return slot, self._env.begin(buffers=True)
+        except BaseException:
+            slot.active = False
+            raise
+
+    # ----------------------------------------------------------------- reading
+    def lookup_value(self, key: ContentKey) -> Any:
+        """The decoded reply recorded under ``key``, or :data:`MISS`.
+
+        The hot path: one read transaction, one hash over the record, one decode.
+        A row that fails its hash reads as a miss.
+        """
+        slot, txn = self._begin_read()
+        try:
+            seq = txn.get(key, db=self._index)
+            if seq is None:
+                return MISS
+            value = txn.get(seq, db=self._ledger)
+            payload = None if value is None else record_payload(value)
+            if payload is None:
+                self._corrupt(key)
+                return MISS
+            return codec.decode(payload)
+        finally:
+            txn.abort()
+            slot.active = False
+
+    def get_record(self, key: ContentKey) -> Record | None:
+        """The verified record for ``key``, or ``None`` if absent or corrupt."""
+        slot, txn = self._begin_read()
+        try:
+            seqb = txn.get(key, db=self._index)
+            if seqb is None:
+                return None
+            value = txn.get(seqb, db=self._ledger)
+            if value is None:
+                self._corrupt(key)
+                return None
+            try:
+                rec = unpack_record(value, _unpack_seq(seqb)[0])
+            except FabricError:
+                self._corrupt(key)
+                return None
+            if rec.key != key:
+                self._corrupt(key)
+                return None
+            return rec
+        finally:
+            txn.abort()
+            slot.active = False
+
+    def get_raw(self, key: ContentKey) -> bytes | None:
+        """The verified ledger value bytes for ``key`` (as sent to peers), or ``None``."""
+        slot, txn = self._begin_read()
+        try:
+            seqb = txn.get(key, db=self._index)
+            value = None if seqb is None else txn.get(seqb, db=self._ledger)
+            if value is None:
+                return None
+            if not check_ok(value):
+                self._corrupt(key)
+                return None
+            return bytes(value)
+        finally:
+            txn.abort()
+            slot.active = False
+
+    def contains(self, key: ContentKey) -> bool:
+        """Whether ``key`` is indexed (without verifying its row)."""
+        slot, txn = self._begin_read()
+        try:
+            db = self._index if key[0] != 2 else self._blobs
+            return txn.get(key, db=db) is not None
+        finally:
+            txn.abort()
+            slot.active = False
+
+    def missing(self, keys: Iterable[ContentKey]) -> list[ContentKey]:
+        """Of ``keys``, those this cassette does not hold (one batched read; blobs and records)."""
+        slot, txn = self._begin_read()
+        try:
+            out = []
+            for k in keys:
+                db = self._blobs if k[0] == 2 else self._index
+                if txn.get(k, db=db) is None:
+                    out.append(k)
+            return out
+        finally:
+            txn.abort()
+            slot.active = False
+
+    def get_blob(self, key: ContentKey) -> bytes | None:
+        """The blob's bytes, verified against its key, or ``None`` (absent or corrupt)."""
+        slot, txn = self._begin_read()
+        try:
+            v = txn.get(key, db=self._blobs)
+            if v is None:
+                return None
+            data = bytes(v)
+        finally:
+            txn.abort()
+            slot.active = False
+        if derive("blob", data) != key[1:]:
+            self._corrupt(key)
+            return None
+        return data
+
+    def _corrupt(self, key: ContentKey) -> None:
+        self.corrupt_reads += 1
+        log.warning("cassette %s: corrupt row for %s reads as a miss", self.path, key)
+        cb = self.on_corrupt
+        if cb is not None:
+            cb(key)
+
+    def _iter_rows(self, start: int = 1) -> Iterator[tuple[int, bytes]]:
+        """Raw ``(seq, ledger value)`` rows in order from ``start``, read in short transactions."""
+        seq = start
+        while True:
+            batch: list[tuple[int, bytes]] = []
+            slot, txn = self._begin_read()
+            try:
+                cur = txn.cursor(db=self._ledger)
+                if cur.set_range(_pack_seq(seq)):
+                    for k, v in cur:
+                        batch.append((_unpack_seq(k)[0], bytes(v)))
+                        if len(batch) >= 1024:
+                            break
+            finally:
+                txn.abort()
+                slot.active = False
+            if not batch:
+                return
+            yield from batch
+            seq = batch[-1][0] + 1
+
+    def iter_ledger(self, start: int = 1, *, verify: bool = True) -> Iterator[Record]:
+        """Records in ledger order from ``start``.
+
+        A corrupt row raises DATA_LOSS when ``verify`` is true and is skipped otherwise.
+        """
+        for seq, value in self._iter_rows(start):
+            if verify:
+                yield unpack_record(value, seq)
+                continue
+            try:
+                yield unpack_record(value, seq)
+            except FabricError:
+                continue
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and sizes: records (indexed keys), ledger_rows, blobs, bytes, map_size, node_id."""
+        slot, txn = self._begin_read()
+        try:
+            ledger_rows = txn.stat(self._ledger)["entries"]
+            indexed = txn.stat(self._index)["entries"]
+            blobs = txn.stat(self._blobs)["entries"]
+            nbytes = txn.get(b"ledger_bytes", db=self._meta)
+        finally:
+            txn.abort()
+            slot.active = False
+        return {
+            "node_id": self.node_id,
+            "path": str(self.path),
+            "records": indexed,
+            "ledger_rows": ledger_rows,
+            "blobs": blobs,
+            "ledger_bytes": int(nbytes) if nbytes else 0,
+            "map_size": self._env.info()["map_size"],
+            "durability": self.durability,
+            "format": FORMAT_VERSION,
+        }
+
+    def __len__(self) -> int:
+        return self.stats()["records"]
+
+    # ----------------------------------------------------------------- writing
+    def put(
+        self,
+        key: ContentKey,
+        payload: bytes,
+        *,
+        evaluator: str = "",
+        version: str = "",
+        compute_s: float = 0.0,
+        created: float | None = None,
+        node: str | None = None,
+    ) -> PutResult:
+        """Record ``payload`` (canonical bytes of a reply) under ``key``; returns once durable.
+
+        Recording a key that is already held (and verifies) appends nothing and
+        returns the existing row with ``appended=False``.
+        """
+        return self._wait(self._submit_put(key, payload, evaluator, version, compute_s, created, node))
+
+    async def aput(self, key: ContentKey, payload: bytes, **kw: Any) -> PutResult:
+        """:meth:`put` for trio: awaits the group commit without blocking the event loop."""
+        job = self._submit_put(
+            key, payload, kw.get("evaluator", ""), kw.get("version", ""), kw.get("compute_s", 0.0), kw.get("created"), kw.get("node")
+        )
+        return await self._await(job)
+
+    def put_blob(self, data: bytes) -> ContentKey:
+        """Store a blob; returns its key (``ContentKey.of("blob", data)``) once durable."""
+        return self.put_blobs([data])[0]
+
+    def put_blobs(self, datas: Iterable[bytes]) -> list[ContentKey]:
+        """Store several blobs in one group commit; returns their keys in order."""
+        items = []
+        for d in datas:
+            d = bytes(d)
+            items.append((ContentKey.of("blob", d), d))
+        if not items:
+            return []
+        self._wait(self._submit(_Job("blobs", (items,), sum(len(d) for _, d in items))))
+        return [k for k, _ in items]
+
+    async def aput_blobs(self, items: list[tuple[ContentKey, bytes]]) -> None:
+        """Store pre-keyed blobs from trio; keys are re-verified before writing."""
+        for k, d in items:
+            if derive("blob", d) != k[1:] or k[0] != 2:
+                raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=k)
+        await self._await(self._submit(_Job("blobs", (items,), sum(len(d) for _, d in items))))
+
+    def put_verified_blobs(self, items: list[tuple[ContentKey, bytes]]) -> None:
+        """Store pre-keyed blobs (e.g. fetched from a peer) after checking each against its key."""
+        for k, d in items:
+            if k[0] != 2 or derive("blob", d) != k[1:]:
+                raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=k)
+        self._wait(self._submit(_Job("blobs", (items,), sum(len(d) for _, d in items))))
+
+    def put_raw(self, value: bytes) -> PutResult:
+        """Append a ledger value received from elsewhere (a peer, an export) after verifying it fully."""
+        return self.put_raw_many([value])[0]
+
+    def put_raw_many(self, values: Iterable[bytes]) -> list[PutResult]:
+        """:meth:`put_raw` for many values: all verified first, then group-committed together."""
+        jobs = []
+        for value in values:
+            rec = unpack_record(value)
+            jobs.append(_Job("raw", (rec.key, bytes(value), rec.digest), len(value)))
+        for job in jobs:
+            self._submit(job)
+        return [self._wait(job) for job in jobs]
+
+    def _submit_put(self, key, payload, evaluator, version, compute_s, created, node) -> _Job:
+        if type(key) is not ContentKey:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: key must be a ContentKey, got {type(key).__name__}")
+        payload = bytes(payload)
+        digest = payload_digest(payload)
+        value = pack_record(
+            key,
+            payload,
+            evaluator=evaluator,
+            version=version,
+            created=time.time() if created is None else created,
+            compute_s=compute_s,
+            node=node or self.node_id,
+            digest=digest,
+        )
+        return self._submit(_Job("raw", (key, value, digest), len(value)))
+
+    def _submit(self, job: _Job) -> _Job:
+        if self._closed:
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"cassette {self.path} is closed")
+        self._queue.put(job)
+        return job
+
+    @staticmethod
+    def _wait(job: _Job) -> Any:
+        job.event.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    @staticmethod
+    async def _await(job: _Job) -> Any:
+        import trio
+
+        if not job.event.is_set():
+            token = trio.lowlevel.current_trio_token()
+            done = trio.Event()
+            job.callbacks.append(lambda: token.run_sync_soon(done.set))
+            if not job.event.is_set():  # the writer may have finished before the callback was added
+                await done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            size = job.size
+            stop = False
+            while len(batch) < _MAX_BATCH and size < _MAX_BATCH_BYTES:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+                size += nxt.size
+            self._commit(batch)
+            for j in batch:
+                j.finish()
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Job]) -> None:
+        """Apply ``batch`` in one write transaction, growing the map as needed."""
+        while True:
+            slot = self._enter()
+            results: list[tuple[_Job, Any, BaseException | None]] = []
+            try:
+                with self._env.begin(write=True) as txn:
+                    for job in batch:
+                        try:
+                            results.append((job, self._apply(txn, job), None))
+                        except FabricError as exc:
+                            results.append((job, None, exc))
+                    self._bump_counters(txn, results)
+            except lmdb.MapFullError:
+                slot.active = False
+                new = self._env.info()["map_size"] * 2
+                log.info("cassette %s: map full, growing to %d bytes", self.path, new)
+                self._resize(new)
+                continue
+            except lmdb.MapResizedError:
+                slot.active = False
+                self._resize(0)
+                continue
+            except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+                slot.active = False
+                err = FabricError(StatusCode.INTERNAL, f"cassette write failed: {type(exc).__name__}: {exc}")
+                for job in batch:
+                    job.error = err
+                return
+            slot.active = False
+            for job, res, exc in results:
+                job.result, job.error = res, exc
+            return
+
+    def _apply(self, txn: lmdb.Transaction, job: _Job) -> Any:
+        if job.op == "raw":
+            key, value, digest = job.args
+            seqb = txn.get(key, db=self._index)
+            if seqb is not None:
+                existing = txn.get(seqb, db=self._ledger)
+                if existing is not None and check_ok(existing):
+                    return PutResult(key, _unpack_seq(seqb)[0], _existing_digest(existing), False)
+                log.warning("cassette %s: indexed row for %s is corrupt; appending a fresh row", self.path, key)
+            cur = txn.cursor(db=self._ledger)
+            seq = _unpack_seq(cur.key())[0] + 1 if cur.last() else 1
+            seqb = _pack_seq(seq)
+            txn.put(seqb, value, db=self._ledger, append=True)
+            txn.put(key, seqb, db=self._index)
+            return PutResult(key, seq, digest, True)
+        if job.op == "blobs":
+            (items,) = job.args
+            for k, d in items:
+                txn.put(k, d, db=self._blobs, overwrite=False)
+            return None
+        raise FabricError(StatusCode.INTERNAL, f"unknown write op {job.op!r}")
+
+    def _bump_counters(self, txn: lmdb.Transaction, results: list) -> None:
+        added = sum(j.size for j, r, e in results if isinstance(r, PutResult) and r.appended)
+        if added:
+            cur = txn.get(b"ledger_bytes", db=self._meta)
+            txn.put(b"ledger_bytes", str((int(cur) if cur else 0) + added).encode(), db=self._meta)
+
+    # ------------------------------------------------------- scrub and replay
+    def verify(self, *, raise_errors: bool = True, progress: Callable[[int], None] | None = None) -> VerifyReport:
+        """Scrub every ledger row, index entry and blob.
+
+        Every mismatch becomes a ``FabricError(DATA_LOSS)`` naming the key in
+        the report.  With ``raise_errors`` (default) the first problem is raised,
+        its message counting the rest and ``err.report`` holding the report.
+        """
+        rep = VerifyReport()
+        seen: dict[bytes, int] = {}
+        slot, txn = self._begin_read()
+        try:
+            for k, v in txn.cursor(db=self._ledger):
+                seq = _unpack_seq(k)[0]
+                rep.records += 1
+                try:
+                    rec = unpack_record(v, seq)
+                    seen.setdefault(bytes(rec.key), seq)
+                except FabricError as exc:
+                    key = record_key(v)
+                    rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"ledger row {seq}: {exc.message}", key=key))
+                if progress is not None and rep.records % 4096 == 0:
+                    progress(rep.records)
+            for k, v in txn.cursor(db=self._index):
+                rep.indexed += 1
+                key = ContentKey.from_bytes(bytes(k))
+                row = txn.get(bytes(v), db=self._ledger)
+                if row is None:
+                    rep.problems.append(FabricError(StatusCode.DATA_LOSS, "index points to a missing ledger row", key=key))
+                    continue
+                try:
+                    rec = unpack_record(row, _unpack_seq(v)[0])
+                except FabricError:
+                    if not any(p.key == key for p in rep.problems):
+                        rep.problems.append(FabricError(StatusCode.DATA_LOSS, "indexed record fails verification", key=key))
+                    continue
+                if rec.key != key:
+                    rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"index points to row {rec.seq} of another key", key=key))
+            for k, v in txn.cursor(db=self._blobs):
+                rep.blobs += 1
+                if derive("blob", bytes(v)) != bytes(k)[1:]:
+                    rep.problems.append(FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=ContentKey.from_bytes(bytes(k))))
+        finally:
+            txn.abort()
+            slot.active = False
+        if rep.problems and raise_errors:
+            first = rep.problems[0]
+            err = FabricError(
+                StatusCode.DATA_LOSS,
+                f"{len(rep.problems)} problem(s) in {self.path}; first: {first.message}",
+                key=first.key,
+            )
+            err.report = rep  # type: ignore[attr-defined]
+            raise err
+        return rep
+
+    def rebuild_index(self, *, progress: Callable[[int], None] | None = None) -> ReplayReport:
+        """Drop the index and rebuild it by replaying the ledger, verifying every row.
+
+        For each key the index points to the first row of that key that
+        verifies (the same row live appends would have chosen).
+        """
+        self._queue.put(None)  # quiesce the writer: replay writes directly
+        self._writer.join()
+        try:
+            rep = ReplayReport()
+            slot = self._enter()
+            try:
+                with self._env.begin(write=True) as txn:
+                    txn.drop(self._index, delete=False)
+                    cur = txn.cursor(db=self._ledger)
+                    for k, v in cur:
+                        rep.rows += 1
+                        seq = _unpack_seq(k)[0]
+                        try:
+                            rec = unpack_record(v, seq)
+                        except FabricError:
+                            rep.corrupt_rows.append(seq)
+                            continue
+                        if txn.put(rec.key, bytes(k), db=self._index, overwrite=False):
+                            rep.indexed += 1
+                        if progress is not None and rep.rows % 4096 == 0:
+                            progress(rep.rows)
+            finally:
+                slot.active = False
+            return rep
+        finally:
+            self._writer = threading.Thread(target=self._write_loop, name=self._writer.name, daemon=True)
+            self._writer.start()
+
+    @classmethod
+    def from_ledger(
+        cls,
+        path: str | os.PathLike,
+        ledger_file: str | os.PathLike | None = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+        **kwargs: Any,
+    ) -> "Cassette":
+        """Recover a cassette by replay.
+
+        Without ``ledger_file``: rebuild the index of the cassette at ``path``
+        from its own ledger.  With it: seed the cassette at ``path`` (new or
+        existing) from an exported ledger file, verifying every record.  The
+        replay report is at ``cassette.last_replay``.
+        """
+        cas = cls(path, **kwargs)
+        try:
+            if ledger_file is not None:
+                cas.import_(ledger_file, progress=progress)
+            cas.last_replay = cas.rebuild_index(progress=progress)
+        except BaseException:
+            cas.close()
+            raise
+        return cas
+
+    def export(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
+        """Write every verified record and blob to a portable ledger file; returns records written."""
+        from cassette.ledgerfile import write_ledger_file
+
+        return write_ledger_file(self, path, progress=progress)
+
+    def import_(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
+        """Append the records and blobs of a ledger file (validated whole first); returns records appended."""
+        from cassette.ledgerfile import read_ledger_file
+
+        return read_ledger_file(self, path, progress=progress)
+
+    def _iter_blobs(self) -> Iterator[tuple[bytes, bytes]]:
+        after = b""
+        while True:
+            batch: list[tuple[bytes, bytes]] = []
+            slot, txn = self._begin_read()
+            try:
+                cur = txn.cursor(db=self._blobs)
+                found = cur.set_range(after) if after else cur.first()
+                while found:
+                    k = bytes(cur.key())
+                    if k != after:
+                        batch.append((k, bytes(cur.value())))
+                        if len(batch) >= 64:
+                            break
+                    found = cur.next()
+            finally:
+                txn.abort()
+                slot.active = False
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1][0]
+
+    # ------------------------------------------------------------------ closing
+    def close(self) -> None:
+        """Finish queued writes, stop the writer and close LMDB.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._writer.join()
+        self._env.close()
+
+    def __enter__(self) -> "Cassette":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Cassette {self.path} node={self.node_id} durability={self.durability}>"
+
+
+def _existing_digest(value: bytes | memoryview) -> bytes:
+    rec = unpack_record(value)
+    return rec.digest
