@@ -1,0 +1,161 @@
+"""gpu: materialize artifacts straight into CuPy arrays (optional extra ``evalfabric[gpu]``).
+
+Chunks are copied through two pinned host staging buffers into the device
+array with async copies on one CUDA stream, so the verification/copy of chunk
+``i+1`` on the host overlaps the host-to-device copy of chunk ``i``.
+
+This layer imports only :mod:`cassette`.  Where chunks come from is injected:
+``fabric`` registers its default source with :func:`set_default_source` (a
+callable ``key -> (manifest, iterator of verified chunk bytes)``), so
+``gpu.materialize(key)`` works on the default fabric, and any fabric object
+with an ``artifact_stream(key)`` method can be passed as ``source=``.
+
+Without CuPy or a CUDA device every call raises
+``FabricError(FAILED_PRECONDITION, "... install evalfabric[gpu] ...")``; every
+CPU path of evalfabric keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from cassette.errors import FabricError, StatusCode
+from cassette.keys import ContentKey
+
+__all__ = ["materialize", "materialize_into", "available", "set_default_source", "require_cupy"]
+
+Stream = Callable[[], tuple[dict, Iterator[bytes]]]
+_default_source: Callable[[ContentKey], tuple[dict, Iterator[bytes]]] | None = None
+
+
+def set_default_source(fn: Callable[[ContentKey], tuple[dict, Iterator[bytes]]] | None) -> None:
+    """Register where :func:`materialize` reads artifacts from when no ``source`` is given."""
+    global _default_source
+    _default_source = fn
+
+
+def require_cupy(device: int = 0) -> Any:
+    """The ``cupy`` module with ``device`` usable, or FAILED_PRECONDITION saying what to install."""
+    try:
+        import cupy  # type: ignore[import-not-found]
+    except ImportError:
+        raise FabricError(
+            StatusCode.FAILED_PRECONDITION,
+            "GPU materialization needs CuPy: install evalfabric[gpu] (cupy-cuda12x) on a machine with a CUDA GPU",
+        ) from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - CUDA runtime errors come in many types
+        raise FabricError(StatusCode.FAILED_PRECONDITION, f"CuPy is installed but no CUDA device is usable ({exc}); install evalfabric[gpu] on a GPU machine") from None
+    if not 0 <= device < count:
+        raise FabricError(StatusCode.FAILED_PRECONDITION, f"CUDA device {device} does not exist ({count} visible)")
+    return cupy
+
+
+def available() -> bool:
+    """Whether CuPy and at least one CUDA device are usable here."""
+    try:
+        require_cupy(0)
+        return True
+    except FabricError:
+        return False
+
+
+def _parse_device(device: Any) -> int:
+    if isinstance(device, int):
+        return device
+    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    if device == "cuda":
+        return 0
+    raise FabricError(StatusCode.INVALID_ARGUMENT, f"device must be an int or 'cuda:N', got {device!r}")
+
+
+def materialize(key_or_ref: Any, device: Any = 0, *, source: Any = None) -> Any:
+    """The artifact as a CuPy array on ``device`` (``0`` or ``"cuda:0"``).
+
+    Arrays come back with their stored dtype and shape; byte artifacts as a 1-D
+    ``uint8`` array.  Every chunk is verified before it is copied.
+    """
+    dev = _parse_device(device)
+    cupy = require_cupy(dev)
+    key = ContentKey.parse(getattr(key_or_ref, "key", key_or_ref))
+    stream = _stream_for(key, source)
+    manifest, chunks = stream()
+    dtype = np.dtype(manifest["dtype"] or "|u1")
+    shape = tuple(manifest["shape"]) if manifest["shape"] is not None else (manifest["size"],)
+    with cupy.cuda.Device(dev):
+        out = cupy.empty(shape, dtype=dtype)
+        _copy_chunks(cupy, manifest, chunks, out)
+    return out
+
+
+def materialize_into(stream: Stream, out: Any) -> Any:
+    """Fill a preallocated CuPy array from ``stream()``; staged copy if ``out`` is not C-contiguous."""
+    cupy = require_cupy(out.device.id)
+    manifest, chunks = stream()
+    want_dtype = np.dtype(manifest["dtype"] or "|u1")
+    size = manifest["size"]
+    if out.nbytes != size:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out has {out.nbytes} bytes, artifact has {size}")
+    if manifest["dtype"] is not None:
+        if np.dtype(out.dtype) != want_dtype or tuple(out.shape) != tuple(manifest["shape"]):
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out {out.dtype}{tuple(out.shape)} does not match artifact {want_dtype}{tuple(manifest['shape'])}")
+    with cupy.cuda.Device(out.device.id):
+        if out.flags.c_contiguous:
+            _copy_chunks(cupy, manifest, chunks, out)
+            return out
+        _count_layout_mismatch()
+        staged = cupy.empty(out.shape, dtype=out.dtype)
+        _copy_chunks(cupy, manifest, chunks, staged)
+        out[...] = staged
+    return out
+
+
+def _count_layout_mismatch() -> None:
+    try:
+        from prometheus_client import REGISTRY
+
+        REGISTRY._names_to_collectors["fabric_layout_mismatch_total"].inc()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - metrics are best effort at this layer
+        return
+
+
+def _copy_chunks(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -> None:
+    """Double-buffered pinned staging: host fill of buffer i%2 overlaps the H2D copy of the other."""
+    sizes = manifest["sizes"]
+    cap = max(sizes) if sizes else 0
+    if cap == 0:
+        return
+    stream = cupy.cuda.Stream(non_blocking=True)
+    pinned = [cupy.cuda.alloc_pinned_memory(cap) for _ in range(2)]
+    hosts = [np.frombuffer(p, dtype=np.uint8, count=cap) for p in pinned]
+    done = [None, None]
+    dst = out.data.ptr
+    off = 0
+    for i, data in enumerate(chunks):
+        slot = i % 2
+        if done[slot] is not None:
+            done[slot].synchronize()  # the copy that last used this buffer has finished
+        n = len(data)
+        hosts[slot][:n] = np.frombuffer(data, dtype=np.uint8)
+        cupy.cuda.runtime.memcpyAsync(dst + off, hosts[slot].ctypes.data, n, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        ev = cupy.cuda.Event()
+        ev.record(stream)
+        done[slot] = ev
+        off += n
+    stream.synchronize()
+
+
+def _stream_for(key: ContentKey, source: Any) -> Stream:
+    if source is not None:
+        fn = getattr(source, "artifact_stream", None)
+        if fn is None:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"source {type(source).__name__} has no artifact_stream(key)")
+        return lambda: fn(key)
+    if _default_source is None:
+        raise FabricError(StatusCode.FAILED_PRECONDITION, "no artifact source: import fabric (it registers the default) or pass source=")
+    src = _default_source
+    return lambda: src(key)

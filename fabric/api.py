@@ -1,0 +1,169 @@
+"""Module-level API over the default fabric, and :func:`open`.
+
+The default fabric is created on first use from the environment:
+
+* ``FABRIC_NODE=host:port`` (+ ``FABRIC_SECRET`` or ``FABRIC_SECRET_FILE``):
+  every call goes through that running peer node;
+* otherwise an embedded node whose cassette lives in ``$FABRIC_HOME``, or in
+  the user cache directory (``$XDG_CACHE_HOME/evalfabric`` or
+  ``~/.cache/evalfabric``; ``~/Library/Caches/evalfabric`` on macOS).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from cassette.errors import FabricError, StatusCode
+from fabric.local import Fabric
+from fabric.request import Reply, Request
+
+__all__ = ["open", "default", "set_default", "realize", "arealize", "put", "get", "get_into", "default_home"]
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+_lock = threading.Lock()
+_default: Any = None
+
+
+def default_home() -> Path:
+    """Where the embedded default cassette lives (see module docstring)."""
+    home = os.environ.get("FABRIC_HOME")
+    if home:
+        return Path(home).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "evalfabric"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "evalfabric"
+
+
+def _secret_from_env() -> bytes | None:
+    s = os.environ.get("FABRIC_SECRET")
+    if s:
+        return s.encode()
+    f = os.environ.get("FABRIC_SECRET_FILE")
+    if f:
+        return read_secret_file(f)
+    return None
+
+
+def read_secret_file(path: str | os.PathLike) -> bytes:
+    """A shared secret from a file (surrounding whitespace stripped); must be at least 16 bytes."""
+    try:
+        data = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot read secret file {path}: {exc.strerror}") from None
+    if len(data) < 16:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"secret file {path} holds {len(data)} bytes; use at least 16")
+    return data
+
+
+def is_address(target: Any) -> bool:
+    """Whether ``target`` is a ``HOST:PORT`` string (rather than a directory path)."""
+    return isinstance(target, str) and bool(_ADDRESS.match(target)) and not os.path.isdir(target)
+
+
+def open(target: str | os.PathLike | None = None, *, secret: bytes | str | None = None, **kwargs: Any) -> Any:
+    """An explicit fabric: ``open(path)`` embeds a node over that directory;
+    ``open("host:port", secret=...)`` connects to a running node.  With no
+    target, the default location (``$FABRIC_HOME`` / user cache dir)."""
+    if target is None:
+        target = default_home()
+    if is_address(target):
+        from fabric import remote
+
+        if secret is None:
+            secret = _secret_from_env()
+        if secret is None:
+            raise FabricError(StatusCode.UNAUTHENTICATED, f"connecting to {target} needs secret= (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
+        return remote.RemoteFabric(str(target), secret.encode() if isinstance(secret, str) else secret, **kwargs)
+    return Fabric(target, **kwargs)
+
+
+def default() -> Any:
+    """The process's default fabric (created on first use from the environment)."""
+    global _default
+    fab = _default
+    if fab is None:
+        with _lock:
+            if _default is None:
+                node = os.environ.get("FABRIC_NODE")
+                _default = open(node) if node else open(default_home())
+            fab = _default
+    return fab
+
+
+def set_default(fab: Any) -> Any:
+    """Replace the default fabric (``None`` resets it to be re-created from the environment); returns the old one."""
+    global _default
+    with _lock:
+        old, _default = _default, fab
+    return old
+
+
+def realize(req: Request, *, device: Any = None, **kw: Any) -> Reply:
+    """Realize ``req`` on the default fabric.  ``device="cuda:0"`` returns numpy values as CuPy arrays."""
+    rep = default().realize(req, **kw)
+    if device is not None:
+        rep.value = _to_device(rep.value, device)
+    return rep
+
+
+async def arealize(req: Request, *, device: Any = None, **kw: Any) -> Reply:
+    """:func:`realize` under trio."""
+    rep = await default().arealize(req, **kw)
+    if device is not None:
+        rep.value = _to_device(rep.value, device)
+    return rep
+
+
+def put(data: Any, **kw: Any):
+    """Store an artifact on the default fabric; returns its ArtifactRef."""
+    return default().put(data, **kw)
+
+
+def get(key: Any):
+    """An artifact (bytes / numpy) or a reply value from the default fabric."""
+    return default().get(getattr(key, "key", key))
+
+
+def get_into(key: Any, out: Any):
+    """Fill ``out`` (numpy or CuPy) with an artifact from the default fabric; returns ``out``."""
+    return default().get_into(getattr(key, "key", key), out)
+
+
+def _to_device(value: Any, device: Any) -> Any:
+    import numpy as np
+
+    import gpu
+
+    cupy = gpu.require_cupy(gpu._parse_device(device))
+    dev = gpu._parse_device(device)
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            with cupy.cuda.Device(dev):
+                return cupy.asarray(v)
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(value)
+
+
+def _default_artifact_stream(key):
+    return default().artifact_stream(key)
+
+
+def _install_gpu_source() -> None:
+    import gpu
+
+    gpu.set_default_source(_default_artifact_stream)
+
+
+_install_gpu_source()

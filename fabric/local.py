@@ -1,0 +1,253 @@
+"""The embedded fabric: a node living inside this process over one cassette directory.
+
+Lookup order here is local cassette → compute → record (the fleet adds peers
+and home sites on top of the same pieces).  Compute-once holds across threads
+and trio tasks of this process (single-flight) and across processes sharing the
+directory (a POSIX byte-range lock per key in ``compute.lock``, re-checking the
+cassette after taking it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cassette import codec
+from cassette.errors import FabricError, StatusCode
+from cassette.keys import ContentKey
+from cassette.store import MISS, Cassette
+from fabric import metrics, registry
+from fabric.request import Reply, Request
+
+__all__ = ["Fabric", "open_cassette", "release_cassette"]
+
+log = logging.getLogger("fabric")
+
+# LMDB must not be opened twice in one process: share one Cassette per directory.
+_shared_lock = threading.Lock()
+_shared: dict[str, list] = {}  # realpath -> [cassette, refcount, flights, flights_lock, lockfd]
+
+
+def open_cassette(path: str | os.PathLike, **kwargs: Any) -> list:
+    """The process-wide shared entry for ``path``: ``[cassette, refs, flights, flights_lock, lockfd]``."""
+    real = os.path.realpath(os.fspath(path))
+    with _shared_lock:
+        entry = _shared.get(real)
+        if entry is None:
+            cas = Cassette(real, **kwargs)
+            fd = os.open(os.path.join(real, "compute.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            entry = _shared[real] = [cas, 0, {}, threading.Lock(), fd]
+        entry[1] += 1
+        return entry
+
+
+def release_cassette(path: str | os.PathLike) -> None:
+    """Drop one reference; the last one closes the cassette."""
+    real = os.path.realpath(os.fspath(path))
+    with _shared_lock:
+        entry = _shared.get(real)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _shared[real]
+            entry[0].close()
+            os.close(entry[4])
+
+
+class _Flight:
+    __slots__ = ("event", "reply", "error", "waiters")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: Reply | None = None
+        self.error: BaseException | None = None
+        self.waiters = 0
+
+
+class _KeyLock:
+    """Exclusive POSIX byte-range lock on one byte of ``compute.lock`` chosen by the key."""
+
+    __slots__ = ("fd", "offset")
+
+    def __init__(self, fd: int, key: ContentKey) -> None:
+        self.fd = fd
+        self.offset = int.from_bytes(key[1:8], "big")
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.offset, os.SEEK_SET)
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.offset, os.SEEK_SET)
+
+
+class Fabric:
+    """An evaluation fabric over a cassette directory (embedded node).
+
+    ``Fabric(path, durability="sync", node_id=None)``.  Use :meth:`realize`
+    (sync) or :meth:`arealize` (trio); artifacts with :meth:`put`,
+    :meth:`get`, :meth:`get_into`.  Close with :meth:`close` or ``with``.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, durability: str = "sync", node_id: str | None = None, map_size: int | None = None) -> None:
+        kw: dict[str, Any] = {"durability": durability, "node_id": node_id}
+        if map_size is not None:
+            kw["map_size"] = map_size
+        self.path = Path(path)
+        self._entry = open_cassette(self.path, **kw)
+        self.cassette: Cassette = self._entry[0]
+        self.node_id = self.cassette.node_id
+        self._flights: dict[ContentKey, _Flight] = self._entry[2]
+        self._flights_lock: threading.Lock = self._entry[3]
+        self._lockfd: int = self._entry[4]
+        self.local_hits = 0
+        self.cassette.on_corrupt = _count_corrupt
+        self._closed = False
+        metrics.track_fabric(self)
+
+    # ------------------------------------------------------------------ realize
+    def realize(self, req: Request, *, timeout: float | None = None) -> Reply:
+        """Answer ``req``: from the cassette if held, else compute once and record.
+
+        An evaluator's exception reaches the caller unchanged (type and message)
+        and nothing is recorded.  ``timeout`` bounds waiting on another
+        caller's identical in-flight computation (DEADLINE_EXCEEDED).
+        """
+        key = req.key
+        value = self.cassette.lookup_value(key)
+        if value is not MISS:
+            self.local_hits += 1
+            return Reply(key, value, "local", self.node_id)
+        return self._realize_miss(req, key, timeout)
+
+    async def arealize(self, req: Request, *, timeout: float | None = None) -> Reply:
+        """:meth:`realize` under trio: hits answer inline, misses compute in a worker thread."""
+        key = req.key
+        value = self.cassette.lookup_value(key)
+        if value is not MISS:
+            self.local_hits += 1
+            return Reply(key, value, "local", self.node_id)
+        import trio
+
+        return await trio.to_thread.run_sync(self._realize_miss, req, key, timeout)
+
+    def _realize_miss(self, req: Request, key: ContentKey, timeout: float | None) -> Reply:
+        metrics.MISSES.inc()
+        ev = registry.lookup(req.evaluator, req.version)
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _Flight()
+            else:
+                flight.waiters += 1
+        assert flight is not None
+        if not leader:
+            metrics.COALESCED.inc()
+            if not flight.event.wait(timeout):
+                raise FabricError(StatusCode.DEADLINE_EXCEEDED, f"waited {timeout:g} s for an identical in-flight realize", key=key)
+            if flight.error is not None:
+                raise flight.error
+            assert flight.reply is not None
+            return flight.reply
+        t0 = time.perf_counter()
+        try:
+            reply = self._compute_once(req, key, ev)
+            flight.reply = reply
+            return reply
+        except BaseException as exc:
+            flight.error = exc
+            metrics.ERRORS.labels(op="realize", status=exc.status_code.name if isinstance(exc, FabricError) else "EVALUATOR").inc()
+            raise
+        finally:
+            with self._flights_lock:
+                del self._flights[key]
+            flight.event.set()
+            metrics.LATENCY.labels(op="realize_miss").observe(time.perf_counter() - t0)
+
+    def _compute_once(self, req: Request, key: ContentKey, ev: registry.Evaluator) -> Reply:
+        with _KeyLock(self._lockfd, key):
+            value = self.cassette.lookup_value(key)  # another process may have recorded it meanwhile
+            if value is not MISS:
+                self.local_hits += 1
+                return Reply(key, value, "local", self.node_id)
+            t0 = time.perf_counter()
+            result = ev.call(req.args)
+            compute_s = time.perf_counter() - t0
+            metrics.EVALUATOR_RUNS.labels(evaluator=ev.name).inc()
+            payload = codec.encode(result, root="reply")
+            self.cassette.put(key, payload, evaluator=ev.name, version=ev.version, compute_s=compute_s)
+        metrics.SOURCE_HITS.labels(source="computed").inc()
+        # hand back exactly what later hits will return (tuples as lists, read-only arrays)
+        return Reply(key, codec.decode(payload), "computed", self.node_id)
+
+    def realize_many(self, reqs: list[Request]) -> list[Reply]:
+        """Realize several requests (in order); hits are answered without computing."""
+        return [self.realize(r) for r in reqs]
+
+    # --------------------------------------------------------------- artifacts
+    def put(self, data: Any, **kw: Any):
+        """Store bytes, a numpy array, a file or an iterator of bytes; returns an :class:`ArtifactRef`."""
+        from fabric import artifacts
+
+        return artifacts.put(self.cassette, data, **kw)
+
+    def get(self, key: ContentKey | str):
+        """An artifact as bytes or a numpy array, or a recorded reply's value."""
+        from fabric import artifacts
+
+        return artifacts.get(self.cassette, key)
+
+    def get_into(self, key: ContentKey | str, out: Any):
+        """Fill the preallocated numpy (or CuPy) array ``out`` with the artifact; returns ``out``."""
+        from fabric import artifacts
+
+        return artifacts.get_into(self.cassette, key, out)
+
+    def artifact_stream(self, key: ContentKey | str):
+        """``(manifest, iterator of verified chunk bytes)`` for a held artifact (used by :mod:`gpu`)."""
+        from fabric import artifacts
+
+        return artifacts._stream_artifact(self.cassette, ContentKey.parse(key))
+
+    def holders(self, key: ContentKey | str) -> list[str]:
+        """Nodes known to hold ``key``: this node if its cassette does (embedded mode knows no peers)."""
+        key = ContentKey.parse(key)
+        return [self.node_id] if self.cassette.contains(key) else []
+
+    # -------------------------------------------------------------------- admin
+    def stats(self) -> dict[str, Any]:
+        """Cassette counts plus this process's fabric_* metrics."""
+        st = dict(self.cassette.stats())
+        st["local_hits"] = self.local_hits
+        st["metrics"] = metrics.snapshot()
+        return st
+
+    def verify(self, **kw: Any):
+        """Scrub the cassette (see :meth:`cassette.Cassette.verify`)."""
+        return self.cassette.verify(**kw)
+
+    def close(self) -> None:
+        """Release this fabric's hold on the cassette (the last holder closes it)."""
+        if not self._closed:
+            self._closed = True
+            release_cassette(self.path)
+
+    def __enter__(self) -> "Fabric":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Fabric embedded node={self.node_id} at {self.path}>"
+
+
+def _count_corrupt(key: ContentKey) -> None:
+    metrics.CORRUPT_READS.inc()
+    metrics.ERRORS.labels(op="lookup", status="DATA_LOSS").inc()

@@ -1,0 +1,184 @@
+"""The evaluator registry: ``@fabric.evaluator(name, version=...)``.
+
+An evaluator is a function ``fn(**args) -> value`` named by ``name`` and
+``version``; both are part of every request key, so bumping the version
+invalidates nothing and recomputes everything.  Registering the same name and
+version twice with a *different* function is FAILED_PRECONDITION; registering
+the same function again (same module and qualified name, e.g. a module
+reload) replaces it silently.  The "latest" version of a name is the one
+registered last.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cassette.errors import FabricError, StatusCode
+
+__all__ = ["Evaluator", "evaluator", "lookup", "latest_version", "registered", "load_evaluators"]
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """A registered evaluator: its name, version and the function that computes it."""
+
+    name: str
+    version: str
+    fn: Callable[..., Any]
+
+    @property
+    def is_async(self) -> bool:
+        """Whether ``fn`` is a coroutine function (run under trio)."""
+        return inspect.iscoroutinefunction(self.fn)
+
+    def call(self, args: dict) -> Any:
+        """Run the evaluator on ``args`` (keyword arguments) and return its value."""
+        if self.is_async:
+            import functools
+
+            import trio
+
+            return trio.run(functools.partial(self.fn, **args))
+        return self.fn(**args)
+
+
+_lock = threading.Lock()
+_by_name: dict[str, dict[str, Evaluator]] = {}
+
+
+def _norm_version(version: Any) -> str:
+    if isinstance(version, bool) or not isinstance(version, (str, int)):
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"evaluator version must be a str (or int), got {version!r}")
+    v = str(version)
+    if not v:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, "evaluator version must not be empty")
+    return v
+
+
+def _same_function(a: Callable, b: Callable) -> bool:
+    return a is b or (
+        getattr(a, "__module__", None) == getattr(b, "__module__", None)
+        and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
+    )
+
+
+def register(name: str, version: Any, fn: Callable[..., Any]) -> Evaluator:
+    """Register ``fn`` as ``name``/``version`` (see module docstring for conflicts)."""
+    if not isinstance(name, str) or not name:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"evaluator name must be a non-empty str, got {name!r}")
+    v = _norm_version(version)
+    ev = Evaluator(name, v, fn)
+    with _lock:
+        versions = _by_name.setdefault(name, {})
+        old = versions.get(v)
+        if old is not None and not _same_function(old.fn, fn):
+            raise FabricError(
+                StatusCode.FAILED_PRECONDITION,
+                f"evaluator {name!r} version {v!r} is already registered to "
+                f"{old.fn.__module__}.{old.fn.__qualname__}; bump the version to register a different function",
+            )
+        versions.pop(v, None)
+        versions[v] = ev  # re-insert: the last registered is the latest
+    return ev
+
+
+def evaluator(name: str | None = None, *, version: Any = "1") -> Callable[[Callable], Callable]:
+    """Decorator registering a function as an evaluator; returns the function unchanged.
+
+    ``name`` defaults to the function's ``__name__``.  The function gains
+    ``fn.request(**args)`` (a :class:`fabric.Request` for it) and
+    ``fn.realize(**args)`` (realize that request on the default fabric).
+    """
+
+    def deco(fn: Callable) -> Callable:
+        ev = register(name or fn.__name__, version, fn)
+
+        def request(**args: Any):
+            from fabric.request import Request
+
+            return Request(ev.name, args, version=ev.version)
+
+        def realize(**args: Any):
+            from fabric import api
+
+            return api.realize(request(**args))
+
+        fn.request = request  # type: ignore[attr-defined]
+        fn.realize = realize  # type: ignore[attr-defined]
+        fn.evaluator_name = ev.name  # type: ignore[attr-defined]
+        fn.evaluator_version = ev.version  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def latest_version(name: str) -> str | None:
+    """The version of ``name`` registered last, or ``None`` if ``name`` is unknown."""
+    versions = _by_name.get(name)
+    if not versions:
+        return None
+    return next(reversed(versions))
+
+
+def lookup(name: str, version: str | None = None) -> Evaluator:
+    """The registered evaluator, or NOT_FOUND naming it and listing what is registered."""
+    versions = _by_name.get(name)
+    if versions:
+        if version is None:
+            return versions[next(reversed(versions))]
+        ev = versions.get(version)
+        if ev is not None:
+            return ev
+        raise FabricError(
+            StatusCode.NOT_FOUND,
+            f"evaluator {name!r} has no version {version!r}; registered versions: {', '.join(versions)}",
+        )
+    known = ", ".join(f"{n}@{v}" for n, vs in sorted(_by_name.items()) for v in vs) or "none"
+    raise FabricError(StatusCode.NOT_FOUND, f"no evaluator named {name!r}; registered: {known}")
+
+
+def registered() -> list[tuple[str, str]]:
+    """All registered ``(name, version)`` pairs, sorted."""
+    with _lock:
+        return sorted((n, v) for n, vs in _by_name.items() for v in vs)
+
+
+def load_evaluators(spec: str) -> None:
+    """Import evaluators from a module path (``examples.evaluators``) or a ``.py`` file path.
+
+    Module paths are resolved with the current directory first on ``sys.path``,
+    as ``python -m`` does.  Failure is NOT_FOUND / INVALID_ARGUMENT with one line.
+    """
+    path = Path(spec)
+    try:
+        if spec.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise FabricError(StatusCode.NOT_FOUND, f"evaluator file {spec} does not exist")
+            mod_name = "fabric_evaluators_" + path.stem
+            if mod_name in sys.modules and getattr(sys.modules[mod_name], "__file__", None) == str(path.resolve()):
+                return
+            s = importlib.util.spec_from_file_location(mod_name, path.resolve())
+            assert s is not None and s.loader is not None
+            module = importlib.util.module_from_spec(s)
+            sys.modules[mod_name] = module
+            s.loader.exec_module(module)
+        else:
+            import os
+
+            cwd = os.getcwd()
+            if cwd not in sys.path:
+                sys.path.insert(0, cwd)
+            importlib.import_module(spec)
+    except FabricError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise FabricError(StatusCode.NOT_FOUND, f"cannot import evaluators {spec!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user module may fail in any way
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"importing evaluators {spec!r} failed: {type(exc).__name__}: {exc}") from None
