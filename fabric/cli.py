@@ -1,0 +1,361 @@
+"""The ``fabric`` command line.
+
+Every command has ``--help``, accepts ``--data DIR`` / ``--node HOST:PORT``,
+and on bad input exits non-zero with one line on stderr:
+``fabric <cmd>: error: <STATUS>: <message>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from cassette.errors import FabricError, StatusCode
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (and exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="DIR", help="cassette directory of the embedded node (default: $FABRIC_HOME or the user cache dir)")
+    p.add_argument("--node", metavar="HOST:PORT", help="talk to a running node instead (default: $FABRIC_NODE)")
+    p.add_argument("--secret-file", metavar="F", help="shared secret for --node (default: $FABRIC_SECRET / $FABRIC_SECRET_FILE)")
+    p.add_argument("--evaluators", metavar="MODULE", action="append", default=[], help="import evaluators from a module path or .py file (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every ``fabric`` subcommand."""
+    ap = _OneLineParser(prog="fabric", description="evalfabric: realize each evaluation once for the whole fleet.")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_OneLineParser)
+
+    p = sub.add_parser("demo", help="agents realize overlapping requests on the embedded default; prints hits, misses, evaluator runs")
+    _common(p)
+    p.add_argument("--agents", type=int, default=4, help="agent processes (default 4)")
+    p.add_argument("--requests", type=int, default=24, help="requests per agent (default 24)")
+    p.add_argument("--distinct", type=int, default=32, help="distinct requests in the shared pool (default 32)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--nodes", type=int, default=0, help="run a local fleet of N nodes instead of the embedded default")
+
+    p = sub.add_parser("node", help="run one peer node until SIGTERM/SIGINT")
+    _common(p)
+    p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0")
+    p.add_argument("--join", metavar="HOST:PORT", action="append", default=[])
+    p.add_argument("--relay", metavar="HOST:PORT", help="forward misses to this upstream node and record what comes back")
+    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--node-id", default=None, help="node id for a new data dir (default: random)")
+    p.add_argument("--durability", choices=("sync", "fast"), default="sync")
+
+    p = sub.add_parser("realize", help="realize EVALUATOR on JSON_ARGS and print the reply as JSON")
+    _common(p)
+    p.add_argument("evaluator")
+    p.add_argument("json_args", metavar="JSON_ARGS")
+    p.add_argument("--version", dest="ev_version", default=None, help="evaluator version (default: latest registered)")
+
+    p = sub.add_parser("put", help="store FILE as an artifact and print its key")
+    _common(p)
+    p.add_argument("file")
+
+    p = sub.add_parser("get", help="fetch KEY (artifact bytes, or a reply as JSON)")
+    _common(p)
+    p.add_argument("key")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+
+    p = sub.add_parser("holders", help="list the nodes known to hold KEY")
+    _common(p)
+    p.add_argument("key")
+
+    p = sub.add_parser("stats", help="print cassette counts and fabric_* metrics")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("verify", help="scrub every record and blob; exit 1 on DATA_LOSS")
+    _common(p)
+
+    p = sub.add_parser("replay", help="seed or rebuild the cassette in --data DIR from LEDGER_FILE")
+    _common(p)
+    p.add_argument("ledger_file")
+
+    p = sub.add_parser("export", help="write the cassette's ledger to FILE (portable, replayable)")
+    _common(p)
+    p.add_argument("file")
+
+    p = sub.add_parser("bench", help="run the benchmarks and print ratios against raw floors")
+    _common(p)
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--only", action="append", default=[], help="run only benchmarks whose name contains this (repeatable)")
+    return ap
+
+
+# ------------------------------------------------------------------ helpers
+def _load(args: argparse.Namespace) -> None:
+    from fabric.registry import load_evaluators
+
+    for spec in args.evaluators:
+        load_evaluators(spec)
+
+
+def _open(args: argparse.Namespace):
+    from fabric import api
+
+    node = getattr(args, "node", None) or (None if getattr(args, "data", None) else os.environ.get("FABRIC_NODE"))
+    if node:
+        secret = api.read_secret_file(args.secret_file) if getattr(args, "secret_file", None) else api._secret_from_env()
+        if not api.is_address(node):
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"--node must be HOST:PORT, got {node!r}")
+        return api.open(node, secret=secret)
+    return api.open(Path(args.data) if args.data else api.default_home())
+
+
+def _jsonable(v: Any) -> Any:
+    import numpy as np
+
+    from cassette.keys import ContentKey
+
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, ContentKey):
+        return str(v)
+    if isinstance(v, bytes):
+        return {"bytes_hex": v.hex()}
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return repr(v)
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _progress(total: int | None, what: str):
+    """A rich progress bar on a TTY, nothing otherwise; returns (callback, close)."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from rich.progress import Progress
+
+    prog = Progress(transient=True)
+    task = prog.add_task(what, total=total)
+    prog.start()
+    return (lambda n: prog.update(task, completed=n)), prog.stop
+
+
+# ----------------------------------------------------------------- commands
+def cmd_realize(args: argparse.Namespace) -> int:
+    from fabric.request import Request
+
+    _load(args)
+    try:
+        call_args = json.loads(args.json_args)
+    except json.JSONDecodeError as exc:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"JSON_ARGS is not valid JSON: {exc.msg} at char {exc.pos}") from None
+    if not isinstance(call_args, dict):
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"JSON_ARGS must be a JSON object of keyword arguments, got {type(call_args).__name__}")
+    fab = _open(args)
+    try:
+        rep = fab.realize(Request(args.evaluator, call_args, version=args.ev_version))
+    finally:
+        fab.close()
+    print(json.dumps({"key": str(rep.key), "source": rep.source, "holder": rep.holder, "value": _jsonable(rep.value)}))
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    if not Path(args.file).is_file():
+        raise FabricError(StatusCode.NOT_FOUND, f"no such file {args.file}")
+    fab = _open(args)
+    try:
+        ref = fab.put(Path(args.file))
+    finally:
+        fab.close()
+    print(json.dumps({"key": str(ref.key), "size_bytes": ref.size_bytes, "digest": ref.digest, "chunks": ref.chunks}))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cassette.keys import ContentKey
+
+    key = ContentKey.parse(args.key)
+    fab = _open(args)
+    try:
+        value = fab.get(key)
+    finally:
+        fab.close()
+    if key.kind == "request":
+        text = json.dumps(_jsonable(value)) + "\n"
+        data = text.encode()
+    elif isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value).tobytes()
+    else:
+        data = value
+    if args.output:
+        Path(args.output).write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_holders(args: argparse.Namespace) -> int:
+    from cassette.keys import ContentKey
+
+    key = ContentKey.parse(args.key)
+    fab = _open(args)
+    try:
+        holders = fab.holders(key)
+    finally:
+        fab.close()
+    for h in holders:
+        print(h)
+    return 0 if holders else EXIT_ERROR
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    fab = _open(args)
+    try:
+        st = fab.stats()
+    finally:
+        fab.close()
+    if args.json:
+        print(json.dumps(_jsonable(st), indent=2, sort_keys=True))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fabric stats — node {st.get('node_id')}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for k, v in st.items():
+        if k != "metrics" and not isinstance(v, (dict, list)):
+            table.add_row(k, str(v))
+    for k, v in sorted(st.get("metrics", {}).items()):
+        table.add_row(k, f"{v:g}")
+    Console().print(table)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from cassette.store import Cassette
+
+    if args.node:
+        raise FabricError(StatusCode.UNIMPLEMENTED, "verify runs on the node's own data dir: run it there with --data")
+    from fabric import api
+
+    path = Path(args.data) if args.data else api.default_home()
+    fab = api.open(path)
+    try:
+        cb, stop = _progress(None, "verifying")
+        try:
+            rep = fab.cassette.verify(raise_errors=False, progress=cb)
+        finally:
+            stop()
+    finally:
+        fab.close()
+    for p in rep.problems:
+        print(f"fabric verify: {p}", file=sys.stderr)
+    print(f"verified {rep.records} ledger rows, {rep.indexed} index entries, {rep.blobs} blobs: {len(rep.problems)} problem(s)")
+    del Cassette
+    return 0 if rep.ok else EXIT_ERROR
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from cassette.store import Cassette
+    from fabric import api
+
+    if not Path(args.ledger_file).is_file():
+        raise FabricError(StatusCode.NOT_FOUND, f"no such ledger file {args.ledger_file}")
+    path = Path(args.data) if args.data else api.default_home()
+    cb, stop = _progress(None, "replaying")
+    try:
+        cas = Cassette.from_ledger(path, args.ledger_file, progress=cb)
+    finally:
+        stop()
+    rep = cas.last_replay
+    st = cas.stats()
+    cas.close()
+    print(f"replayed {rep.rows} ledger rows into {path}: {rep.indexed} keys indexed, {len(rep.corrupt_rows)} corrupt rows skipped; {st['records']} records held")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    fab = _open(args)
+    try:
+        if not hasattr(fab, "cassette"):
+            raise FabricError(StatusCode.UNIMPLEMENTED, "export runs on a node's own data dir: use --data")
+        n = fab.cassette.export(args.file)
+    finally:
+        fab.close()
+    print(f"exported {n} records to {args.file}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fabric import demo
+
+    return demo.main(args)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from fabric import node
+
+    return node.main(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fabric import bench
+
+    return bench.main(args)
+
+
+COMMANDS = {
+    "realize": cmd_realize,
+    "put": cmd_put,
+    "get": cmd_get,
+    "holders": cmd_holders,
+    "stats": cmd_stats,
+    "verify": cmd_verify,
+    "replay": cmd_replay,
+    "export": cmd_export,
+    "demo": cmd_demo,
+    "node": cmd_node,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fabric`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.cmd:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.cmd](args)
+    except FabricError as exc:
+        print(f"fabric {args.cmd}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("fabric."):
+            print(f"fabric {args.cmd}: error: UNIMPLEMENTED: {args.cmd} is not built yet", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

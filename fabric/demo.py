@@ -1,0 +1,172 @@
+"""``fabric demo``: several agent processes realize overlapping requests.
+
+Each agent is a separate Python process that draws requests from one shared
+pool of the example evaluators (seeded linear algebra, text statistics,
+hashed embeddings) and realizes them on the embedded default fabric (one
+cassette directory shared by all agents).  The table shows, per agent, how
+many replies came from the cassette and how many it computed; the fleet
+total of evaluator runs equals the number of distinct requests that were not
+already recorded, whatever the overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = "examples.evaluators"
+
+_TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "content addressed storage never computes the same thing twice",
+    "agents keep asking for the same expensive evaluations",
+    "a grow only index of who holds what needs no consensus",
+    "to be or not to be that is the question",
+    "every byte is verified against its hash before use",
+    "gossip spreads facts like rumours through a crowd",
+    "replay the ledger and the node remembers everything",
+]
+
+
+def request_pool(distinct: int, seed: int) -> list[tuple[str, dict]]:
+    """``distinct`` deterministic (evaluator, args) pairs across the example evaluators."""
+    rng = random.Random(seed)
+    pool: list[tuple[str, dict]] = []
+    i = 0
+    while len(pool) < distinct:
+        kind = i % 3
+        if kind == 0:
+            pool.append(("linalg.spectrum", {"seed": rng.randrange(1 << 30), "n": 96}))
+        elif kind == 1:
+            pool.append(("text.stats", {"text": " ".join(rng.sample(_TEXTS, 3)), "top": 3}))
+        else:
+            pool.append(("embed", {"text": rng.choice(_TEXTS) + f" #{i}", "dim": 32}))
+        i += 1
+    return pool
+
+
+def _examples_spec() -> str:
+    """``examples.evaluators`` when importable from here, else the file beside the package."""
+    if Path("examples/evaluators.py").is_file():
+        return EXAMPLES
+    beside = Path(__file__).resolve().parent.parent / "examples" / "evaluators.py"
+    if beside.is_file():
+        return str(beside)
+    from cassette.errors import FabricError, StatusCode
+
+    raise FabricError(StatusCode.FAILED_PRECONDITION, "cannot find examples/evaluators.py: run the demo from the repository root")
+
+
+def agent_main(argv: list[str]) -> int:
+    """One agent process: realize its requests and print one JSON line of counts."""
+    ap = argparse.ArgumentParser(prog="fabric-demo-agent")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--agent", type=int, required=True)
+    ap.add_argument("--requests", type=int, required=True)
+    ap.add_argument("--distinct", type=int, required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--evaluators", required=True)
+    ap.add_argument("--node", default=None)
+    ap.add_argument("--secret-file", default=None)
+    a = ap.parse_args(argv)
+
+    import fabric
+    from fabric import api
+    from fabric.registry import load_evaluators
+
+    load_evaluators(a.evaluators)
+    pool = request_pool(a.distinct, a.seed)
+    rng = random.Random(a.seed * 1000 + a.agent)
+    picks = [pool[rng.randrange(len(pool))] for _ in range(a.requests)]
+    if a.node:
+        fab = api.open(a.node, secret=api.read_secret_file(a.secret_file))
+    else:
+        fab = fabric.open(a.data)
+    counts = {"local": 0, "peer": 0, "computed": 0}
+    t0 = time.perf_counter()
+    for name, args in picks:
+        rep = fab.realize(fabric.Request(name, args))
+        counts[rep.source] += 1
+    elapsed = time.perf_counter() - t0
+    fab.close()
+    print(json.dumps({"agent": a.agent, "pid": os.getpid(), "elapsed_s": elapsed, **counts}), flush=True)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the demo described in the module docstring; prints a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cassette.errors import FabricError, StatusCode
+    from fabric import api
+
+    if args.agents < 1 or args.requests < 1 or args.distinct < 1:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, "--agents, --requests and --distinct must be positive")
+    if args.nodes:
+        raise FabricError(StatusCode.UNIMPLEMENTED, "the multi-node demo needs the fleet layer, which is not built yet; run without --nodes")
+    data = Path(args.data) if args.data else api.default_home()
+    data.mkdir(parents=True, exist_ok=True)
+    spec = _examples_spec()
+    console = Console()
+    console.print(f"[bold]evalfabric demo[/]: {args.agents} agents × {args.requests} requests over {args.distinct} distinct, embedded cassette at {data}")
+    before = _records(data)
+    procs = []
+    for i in range(args.agents):
+        cmd = [
+            sys.executable, "-m", "fabric.demo", "--data", str(data), "--agent", str(i),
+            "--requests", str(args.requests), "--distinct", str(args.distinct),
+            "--seed", str(args.seed), "--evaluators", spec,
+        ]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    rows = []
+    failed = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        if p.returncode != 0:
+            failed += 1
+            continue
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    after = _records(data)
+    table = Table(title="per-agent results")
+    for col in ("agent", "pid", "requests", "hits (local)", "computed", "seconds"):
+        table.add_column(col, justify="right")
+    for r in sorted(rows, key=lambda r: r["agent"]):
+        table.add_row(str(r["agent"]), str(r["pid"]), str(r["local"] + r["peer"] + r["computed"]), str(r["local"] + r["peer"]), str(r["computed"]), f"{r['elapsed_s']:.2f}")
+    console.print(table)
+    runs = sum(r["computed"] for r in rows)
+    total = sum(r["local"] + r["peer"] + r["computed"] for r in rows)
+    console.print(
+        f"requests: {total}   evaluator runs: {runs}   new records: {after - before}   "
+        f"hit rate: {(total - runs) / max(total, 1):.0%}   (distinct requests in pool: {args.distinct})"
+    )
+    if runs != after - before:
+        console.print("[red]evaluator runs differ from new ledger records: compute-once was violated[/]")
+        return 1
+    return 1 if failed else 0
+
+
+def _records(path: Path) -> int:
+    from cassette.store import Cassette
+
+    if not (path / "data.mdb").exists():
+        return 0
+    from fabric.local import open_cassette, release_cassette
+
+    entry = open_cassette(path)
+    try:
+        cas: Cassette = entry[0]
+        return cas.stats()["records"]
+    finally:
+        release_cassette(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(agent_main(sys.argv[1:]))
