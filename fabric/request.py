@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from cassette.errors import FabricError, StatusCode
-from cassette.keys import ContentKey
+from cassette.codec import encode_request as _encode_request
+from cassette.keys import CONTEXTS, ContentKey, _blake3
 from fabric import registry
+
+_new_key = bytes.__new__
+_PREFIX = b"\x01"  # the request kind byte (cassette.keys)
+_CTX = CONTEXTS["request"]
 
 __all__ = ["Request", "Reply", "SOURCES"]
 
@@ -36,7 +41,12 @@ class Request:
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"args: must be a dict of keyword arguments, got {type(args).__name__}")
         self.evaluator = evaluator
         self.args = args
-        self.version = registry.latest_version(evaluator) if version is None else registry._norm_version(version)
+        if version is None:
+            self.version = registry.latest_version(evaluator)
+        elif type(version) is str and version:
+            self.version = version
+        else:
+            self.version = registry._norm_version(version)
         self._key: ContentKey | None = None
 
     @property
@@ -46,7 +56,7 @@ class Request:
         if k is None:
             if self.version is None:
                 registry.lookup(self.evaluator)  # raises NOT_FOUND listing what is registered
-            k = self._key = ContentKey.for_request(self.evaluator, self.version, self.args)
+            k = self._key = _new_key(ContentKey, _PREFIX + _blake3(_encode_request(self.evaluator, self.version, self.args), derive_key_context=_CTX).digest())
         return k
 
     def to_wire(self) -> dict:
