@@ -671,7 +671,7 @@ class Cassette:
                     seen.setdefault(bytes(rec.key), seq)
                 except FabricError as exc:
                     key = record_key(v)
-                    rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"ledger row {seq}: {exc.message}", key=key))
+                    rep.problems.append(FabricError(StatusCode.DATA_LOSS, exc.message, key=key))
                 if progress is not None and rep.records % 4096 == 0:
                     progress(rep.records)
             for k, v in txn.cursor(db=self._index):
