@@ -114,16 +114,28 @@ _ORDER_CACHE_MAX = 4096
 
 def _key_order(keys: tuple) -> tuple:
     """Keys in canonical order (UTF-8 length, then bytes); cached per key tuple."""
+    for k in keys:  # checked on every call: a str subclass equals its str in the cache
+        if type(k) is not str:
+            raise _Unencodable(f"map key {k!r} ({type(k).__name__}) is not a str")
     order = _ORDER_CACHE.get(keys)
     if order is None:
-        for k in keys:
-            if type(k) is not str:
-                raise _Unencodable(f"map key {k!r} ({type(k).__name__}) is not a str")
-        order = tuple(sorted(keys, key=_key_sort))
+        try:
+            order = tuple(sorted(keys, key=_key_sort))
+        except UnicodeEncodeError:
+            bad = next(k for k in keys if not _is_text(k))
+            raise _Unencodable(f"map key {bad!r} is not valid Unicode text") from None
         if len(_ORDER_CACHE) >= _ORDER_CACHE_MAX:
             _ORDER_CACHE.clear()
         _ORDER_CACHE[keys] = order
     return order
+
+
+def _is_text(k: str) -> bool:
+    try:
+        k.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _norm_dict(v: dict) -> dict:
@@ -150,7 +162,7 @@ def _key_segment(k: str) -> str:
 
 
 def _bigint_bytes(v: int) -> bytes:
-    n = (v.bit_length() + 8) // 8  # room for the sign bit
+    n = ((v if v >= 0 else ~v).bit_length() + 8) // 8  # minimal two's complement, sign bit included
     return v.to_bytes(n, "big", signed=True)
 
 

@@ -32,7 +32,10 @@ _HEXDIGITS = frozenset("0123456789abcdef")
 
 def derive(kind: str, material: bytes) -> bytes:
     """The 32-byte BLAKE3 derive_key of ``material`` under ``kind``'s context."""
-    return blake3.blake3(material, derive_key_context=CONTEXTS[kind]).digest()
+    ctx = CONTEXTS.get(kind)
+    if ctx is None:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"content key kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return blake3.blake3(material, derive_key_context=ctx).digest()
 
 
 class ContentKey(bytes):
@@ -64,7 +67,8 @@ class ContentKey(bytes):
     @classmethod
     def of(cls, kind: str, material: bytes) -> "ContentKey":
         """Key of ``material`` (already canonical bytes) under ``kind``."""
-        return _new(cls, _PREFIX[_CODE[kind]] + derive(kind, material))
+        digest = derive(kind, material)  # validates kind
+        return _new(cls, _PREFIX[_CODE[kind]] + digest)
 
     @classmethod
     def for_request(cls, evaluator: str, version: str, args: Any) -> "ContentKey":
