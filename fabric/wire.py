@@ -14,11 +14,11 @@ as explicit ``now`` arguments (:meth:`~WireConnection.check_timeouts`).
 In one paragraph: frames are a 4-byte big-endian length and a canonical msgpack
 body; the length is checked against the limit before any body byte is kept.  A
 connection opens with a mutual shared-secret handshake (``hello`` both ways, then
-keyed-BLAKE3 proofs over the transcript, client first, so a peer without the
+keyed-BLAKE3 proofs over the transcript, client first, so a client without the
 secret never receives a proof or a content byte).  After it, every frame is an
 envelope ``[seq, msg, mac]`` whose MAC binds direction, sequence number and
 message, so a replayed, reordered, dropped or altered frame closes the connection
-with DATA_LOSS.  Requests carry ids and pipeline; streams use credit-based flow
+with UNAUTHENTICATED.  Requests carry ids and pipeline; streams use credit-based flow
 control.  Any limit a peer exceeds closes the connection with RESOURCE_EXHAUSTED
 after a ``fault`` frame tells the (authenticated) peer why.
 
@@ -100,8 +100,10 @@ MAX_OP_BYTES = 64
 MAX_CREDIT = 2**31 - 1
 #: Largest request id.
 MAX_REQUEST_ID = 2**63 - 1
-#: Longest error message carried in a ``fault`` frame (characters).
-MAX_FAULT_MESSAGE = 1024
+#: Longest error message carried in a ``fault`` frame (UTF-8 bytes; longer ones are cut).
+MAX_FAULT_MESSAGE = 512
+#: Longest error key text carried in a ``fault`` frame (UTF-8 bytes; longer ones are cut).
+MAX_FAULT_KEY = 200
 
 #: BLAKE3 derive_key context for the handshake proof key (published in specs/wire.md).
 PROOF_KEY_CONTEXT = "evalfabric 2026-11-23 wire handshake proof key v1"
@@ -557,7 +559,7 @@ def _error_field(m: dict, where: str) -> FabricError:
     if e["key"] is not None and type(e["key"]) is not str:
         raise _bad(where, "`str` or nil", e["key"], "error.key")
     return FabricError.from_wire(
-        {"code": code, "message": e["message"][:MAX_FAULT_MESSAGE], "retryable": e["retryable"], "key": e["key"]}
+        {"code": code, "message": _cut(e["message"], MAX_FAULT_MESSAGE), "retryable": e["retryable"], "key": e["key"]}
     )
 
 
@@ -569,9 +571,17 @@ def _decode(raw: bytes, where: str) -> Any:
         raise _Violation(StatusCode.INVALID_ARGUMENT, f"{where}: {exc.message}") from None
 
 
+def _cut(text: str, max_bytes: int) -> str:
+    raw = text.encode("utf-8", "replace")
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "ignore")
+
+
 def _error_to_wire(err: FabricError) -> dict:
+    """The error map of a ``fault``, cut so that any fault fits a MIN_FRAME_BYTES frame."""
     w = err.to_wire()
-    w["message"] = w["message"][:MAX_FAULT_MESSAGE]
+    w["message"] = _cut(w["message"], MAX_FAULT_MESSAGE)
+    if w["key"] is not None:
+        w["key"] = _cut(w["key"], MAX_FAULT_KEY)
     return w
 
 
@@ -680,7 +690,6 @@ class WireConnection:
         self._skey = b""
         self._transcript = b""
         self._hello_ours = codec.encode({"t": "hello", "v": PROTOCOL_VERSION, "role": role, "nonce": self._nonce})
-        self._hello_peer = b""
         self._phase = _PH_HELLO
         self._rbuf = bytearray()
         self._out = bytearray()
@@ -695,7 +704,6 @@ class WireConnection:
         self._started = float(now)
         self._last_activity = float(now)
         self._counters = {"frames_sent": 0, "frames_received": 0, "bytes_sent": 0, "bytes_received": 0}
-        self._sent_proof = False
         if role == "client":
             self._queue_plain(self._hello_ours)
 
@@ -728,6 +736,11 @@ class WireConnection:
         """How many ``push`` frames this side may send on ``req_id`` now (0 if not live)."""
         s = self._streams.get(req_id)
         return 0 if s is None else s.send_credit
+
+    def receive_credit(self, req_id: int) -> int:
+        """How many ``push`` frames the peer may still send on ``req_id`` (credit this side granted)."""
+        s = self._streams.get(req_id)
+        return 0 if s is None else s.recv_credit
 
     def new_request_id(self) -> int:
         """Reserve the next request id (client only); send its Request before reserving another."""
@@ -1180,14 +1193,12 @@ class WireConnection:
                     StatusCode.UNAUTHENTICATED, f"peer's hello claims role {str(m['role'])[:16]!r}, expected {self._peer_role!r}"
                 )
             nonce = _bin_field(m, "nonce", NONCE_BYTES, where)
-            self._hello_peer = body
             if self.role == "server":
                 self._queue_plain(self._hello_ours)
                 self._transcript = transcript_hash(body, self._hello_ours)
             else:
                 self._transcript = transcript_hash(self._hello_ours, body)
                 self._queue_plain(self._auth_body())
-                self._sent_proof = True
             self._phase = _PH_AUTH
             self._events.append(Hello(self._peer_role, v, nonce))
             return
@@ -1236,12 +1247,12 @@ class WireConnection:
         if not hmac.compare_digest(mac, expected):
             if claimed != seq:
                 raise _Violation(
-                    StatusCode.DATA_LOSS,
+                    StatusCode.UNAUTHENTICATED,
                     f"frame out of sequence: got seq {claimed}, expected {seq} (replayed, reordered or dropped frame)",
                 )
-            raise _Violation(StatusCode.DATA_LOSS, f"frame MAC mismatch at seq {seq} (altered frame)")
+            raise _Violation(StatusCode.UNAUTHENTICATED, f"frame MAC mismatch at seq {seq} (altered frame)")
         if claimed != seq:
-            raise _Violation(StatusCode.DATA_LOSS, f"frame seq field altered at seq {seq}")
+            raise _Violation(StatusCode.UNAUTHENTICATED, f"frame seq field altered at seq {seq}")
         self._recv_seq += 1
         where = f"frame seq {seq}"
         m = _decode(raw, where)

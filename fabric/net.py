@@ -1,0 +1,967 @@
+"""The thin trio adapter that drives :class:`fabric.wire.WireConnection` over TCP.
+
+Two entry points:
+
+* :func:`serve` listens, runs one task per connection inside a nursery, and
+  calls an async ``handler(call)`` per request in its own task (so requests on
+  one connection run concurrently).  A handler returns the reply, raises
+  ``FabricError`` for a ``fault``, may stream with ``call.send`` and read an
+  upload with ``async for item in call``.  A client's ``cancel`` cancels the
+  handler's task; a request's ``timeout`` becomes a cancel scope deadline.
+* :func:`open_connection` dials, completes the handshake and returns a
+  :class:`WireClient` that pipelines many concurrent requests on one
+  connection.  It has no background task: whichever request task is waiting
+  reads the socket and hands each event to its request (leader/follower), so
+  it needs no nursery.  Cancelling a request's task sends ``cancel``; the
+  caller's effective trio deadline travels as the request's ``timeout``.
+
+Every connection-level failure of an established client connection reaches
+the waiting requests as ``FabricError(UNAVAILABLE, retryable=True)`` (a
+RESOURCE_EXHAUSTED fault from the server stays RESOURCE_EXHAUSTED).  Logging
+uses the ``fabric.net`` logger, one line per closed or refused connection; it
+names peers, request ids and op names, never payloads or secrets.
+
+Runner convention (``specs/wire.md``, "Server runner"): right after its
+``auth`` frame a server sends either a connection-level ``metadata`` frame
+``{"welcome": {...}}`` (accepted) or a connection ``fault`` (refused, e.g. at
+``max_connections``); :func:`open_connection` waits for one of the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from typing import Any, Awaitable, Callable, Mapping, NamedTuple
+
+import trio
+
+from cassette.errors import FabricError, StatusCode
+from fabric.wire import (
+    NEED_DATA,
+    AdvertisedLimits,
+    Authenticated,
+    Cancel,
+    Closed,
+    ConnectionState,
+    Credit,
+    EndOfStream,
+    Fault,
+    Metadata,
+    Request,
+    Response,
+    Stats,
+    StreamData,
+    StreamFrameLimits,
+    WireConnection,
+)
+
+__all__ = [
+    "Listening",
+    "ServerCall",
+    "WireClient",
+    "ClientCall",
+    "Handler",
+    "serve",
+    "open_connection",
+    "READ_BYTES",
+    "UPLOAD_WINDOW",
+    "DEFAULT_CREDIT",
+]
+
+log = logging.getLogger("fabric.net")
+
+#: Most bytes read from a socket at once.
+READ_BYTES = 256 * 1024
+#: Push credits a server handler keeps outstanding while it reads an upload.
+UPLOAD_WINDOW = 8
+#: Push credits a client grants a download stream at open (then one per item consumed).
+DEFAULT_CREDIT = 8
+
+_NET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class Listening(NamedTuple):
+    """Where :func:`serve` listens (passed to ``task_status.started``)."""
+
+    host: str
+    port: int
+
+
+class _Signal:
+    """A level-free wakeup: ``fire()`` wakes every current ``wait()``er."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class _Link:
+    """A TCP stream plus its WireConnection, with ordered, cancel-safe writes.
+
+    ``queue(event)`` is synchronous, so bytes enter the buffer in sequence
+    order; ``flush()`` writes everything queued under a lock inside a shielded,
+    time-bounded scope, so a cancelled caller never leaves a half-written
+    frame (which the peer would read as an altered one).
+    """
+
+    def __init__(self, stream: trio.SocketStream, conn: WireConnection, write_timeout: float) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.broken: str | None = None
+        self._pending = bytearray()
+        self._lock = trio.Lock()
+        self._write_timeout = write_timeout
+
+    def queue(self, event: Any) -> None:
+        self._pending += self.conn.send(event, now=trio.current_time())
+
+    async def flush(self) -> None:
+        self._pending += self.conn.data_to_send()
+        if not self._pending:
+            return
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                if not self._pending:
+                    return
+                data = bytes(self._pending)
+                self._pending.clear()
+                if self.broken is not None:
+                    return
+                with trio.move_on_after(self._write_timeout) as scope:
+                    try:
+                        await self.stream.send_all(data)
+                    except _NET_ERRORS as exc:
+                        self.broken = f"write failed ({type(exc).__name__})"
+                if scope.cancelled_caught:
+                    self.broken = f"write stalled for {self._write_timeout:g} s"
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.stream.aclose()
+            except _NET_ERRORS:
+                pass
+
+
+def _write_timeout(limits: StreamFrameLimits) -> float:
+    return max(limits.handshake_timeout_s, limits.idle_timeout_s)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, ValueError, TypeError):
+        return "?"
+
+
+def _remaining_s() -> float | None:
+    deadline = trio.current_effective_deadline()
+    if math.isinf(deadline):
+        return None
+    return max(0.0, deadline - trio.current_time())
+
+
+# =========================================================================== server
+
+#: A request handler: ``async def handler(call: ServerCall) -> reply``.
+Handler = Callable[["ServerCall"], Awaitable[Any]]
+
+
+class ServerCall:
+    """One request as a :func:`serve` handler sees it.
+
+    Attributes: ``req_id``, ``op`` (the op name), ``body`` (the decoded open
+    body), ``upload`` (the client will push items), ``timeout_s`` (the
+    client's remaining deadline, already applied as this task's cancel scope
+    deadline), ``peer`` (address) and ``peer_node_id``, and ``metadata`` (the
+    bodies of ``metadata`` frames the client sent so far).
+
+    ``async for item in call`` reads the upload (granting credit as it goes;
+    ends at the client's end of stream).  ``await call.send(item)`` pushes one
+    item, waiting for the client's credit.  ``await call.send_metadata(body)``
+    sends side information.  The handler's return value is the reply; a
+    ``FabricError`` it raises becomes a ``fault`` with that status; any other
+    exception becomes INTERNAL naming its type and message.
+    """
+
+    def __init__(self, conn: "_ServerConnection", req: Request) -> None:
+        self._c = conn
+        self.req_id: int = req.req_id
+        self.op: str = req.op
+        self.body: Any = req.body
+        self.upload: bool = not req.end_stream
+        self.timeout_s: float | None = req.timeout_s
+        self.peer: str = conn.peer
+        self.peer_node_id: str | None = conn.link.conn.peer_node_id
+        self.metadata: list[Any] = []
+        self._inbox: deque = deque()
+        self._ended = not self.upload
+        self._granted = False
+        self._signal = _Signal()
+        self._cancelled_by_peer = False
+        deadline = math.inf if req.timeout_s is None else trio.current_time() + req.timeout_s
+        self._scope = trio.CancelScope(deadline=deadline)
+
+    def __repr__(self) -> str:
+        return f"<ServerCall {self.req_id} op={self.op!r} from {self.peer}>"
+
+    def __aiter__(self) -> "ServerCall":
+        return self
+
+    async def __anext__(self) -> Any:
+        """The next uploaded item; ``StopAsyncIteration`` at the client's end of stream."""
+        if not self.upload:
+            raise StopAsyncIteration
+        if not self._granted:
+            self._granted = True
+            await self._grant(UPLOAD_WINDOW)
+        while not self._inbox:
+            if self._ended or not self._c.link.conn.is_live(self.req_id):
+                raise StopAsyncIteration
+            await self._signal.wait()
+        item = self._inbox.popleft()
+        await self._grant(1)
+        return item
+
+    async def _grant(self, n: int) -> None:
+        link = self._c.link
+        if self._ended or not link.conn.is_live(self.req_id):
+            return
+        try:
+            link.queue(Credit(self.req_id, n))
+        except FabricError:
+            return  # the client ended its upload (event not yet dispatched) or the connection closed
+        await link.flush()
+
+    async def send(self, data: Any) -> None:
+        """Push one item to the client, waiting for its credit.
+
+        Raises ``FabricError``: ABORTED when the request is no longer live,
+        INVALID_ARGUMENT / RESOURCE_EXHAUSTED when the item cannot be encoded
+        or exceeds the client's frame or stream limits.
+        """
+        link = self._c.link
+        while True:
+            if not link.conn.is_live(self.req_id):
+                raise FabricError(StatusCode.ABORTED, f"request {self.req_id} is no longer live", retryable=False)
+            if link.conn.send_credit(self.req_id) > 0:
+                link.queue(StreamData(self.req_id, data))
+                await link.flush()
+                return
+            await self._signal.wait()
+
+    async def send_metadata(self, body: Any) -> None:
+        """Send a ``metadata`` frame on this request (not flow-controlled)."""
+        link = self._c.link
+        link.queue(Metadata(self.req_id, body))
+        await link.flush()
+
+
+class _ServerState:
+    def __init__(self, secret: bytes, handler: Handler, limits: StreamFrameLimits, node_id: str,
+                 stats: Callable[[], Any] | None, welcome: Mapping[str, Any] | None) -> None:
+        self.secret = secret
+        self.handler = handler
+        self.limits = limits
+        self.node_id = node_id
+        self.stats = stats
+        self.welcome = dict(welcome or {})
+        self.live = 0  # connection tasks (handshaking or authenticated)
+        self.authenticated = 0
+
+
+class _ServerConnection:
+    """One accepted connection: a read loop plus one task per request."""
+
+    def __init__(self, stream: trio.SocketStream, server: _ServerState) -> None:
+        self.server = server
+        self.peer = _peer_name(stream)
+        conn = WireConnection("server", server.secret, server.limits, node_id=server.node_id,
+                              now=trio.current_time())
+        self.link = _Link(stream, conn, _write_timeout(server.limits))
+        self.calls: dict[int, ServerCall] = {}
+        self.counted = False
+        self.refused = False
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        reason: FabricError | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                reason = await self._read_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.counted:
+                self.server.authenticated -= 1
+            self.server.live -= 1
+            if self.link.conn.state is ConnectionState.OPEN:  # shutting down: say goodbye
+                try:
+                    self.link.queue(Closed(None))
+                except FabricError:
+                    pass
+            await self.link.flush()
+            await self.link.aclose()
+        self._log_close(reason)
+
+    def _log_close(self, reason: FabricError | None) -> None:
+        if self.refused:
+            return  # logged when refused
+        if reason is None:
+            log.debug("connection from %s closed cleanly", self.peer)
+        elif reason.status_code == StatusCode.DEADLINE_EXCEEDED and self.link.conn.peer_node_id is not None:
+            log.info("closing idle connection from %s: %s", self.peer, reason)
+        elif reason.status_code == StatusCode.UNAVAILABLE:
+            log.info("connection from %s lost: %s", self.peer, reason)
+        else:
+            log.warning("closing connection from %s: %s", self.peer, reason)
+
+    async def _read_loop(self) -> FabricError | None:
+        link, conn = self.link, self.link.conn
+        while True:
+            ev = conn.next_event()
+            if ev is NEED_DATA:
+                await link.flush()
+                if link.broken is not None:
+                    return FabricError(StatusCode.UNAVAILABLE, link.broken, retryable=True)
+                deadline = conn.next_deadline()
+                with trio.move_on_at(math.inf if deadline is None else deadline) as scope:
+                    try:
+                        data = await link.stream.receive_some(READ_BYTES)
+                    except _NET_ERRORS:
+                        data = b""
+                if scope.cancelled_caught:
+                    conn.check_timeouts(trio.current_time())
+                else:
+                    conn.receive_data(data, now=trio.current_time())
+                continue
+            if isinstance(ev, Closed):
+                await link.flush()
+                return ev.reason
+            self._dispatch(ev)
+
+    def _dispatch(self, ev: Any) -> None:
+        link = self.link
+        if isinstance(ev, Authenticated):
+            srv = self.server
+            if srv.authenticated >= srv.limits.max_connections:
+                self.refused = True
+                err = FabricError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"server at its connection limit ({srv.limits.max_connections}); try another node or later",
+                )
+                log.warning("refused connection from %s node=%s: %s", self.peer, ev.peer_node_id, err)
+                link.queue(Closed(err))
+                return
+            srv.authenticated += 1
+            self.counted = True
+            log.debug("authenticated %s node=%s", self.peer, ev.peer_node_id)
+            link.queue(Metadata(0, {"welcome": srv.welcome}))
+        elif isinstance(ev, Request):
+            call = ServerCall(self, ev)
+            self.calls[ev.req_id] = call
+            assert self.nursery is not None
+            self.nursery.start_soon(self._run_call, call)
+        elif isinstance(ev, Stats):
+            self._answer_stats(ev.req_id)
+        elif isinstance(ev, Metadata):
+            call = self.calls.get(ev.req_id)
+            if call is not None:
+                call.metadata.append(ev.body)
+                call._signal.fire()
+        elif isinstance(ev, StreamData):
+            call = self.calls.get(ev.req_id)
+            if call is not None:
+                call._inbox.append(ev.data)
+                call._signal.fire()
+        elif isinstance(ev, EndOfStream):
+            call = self.calls.get(ev.req_id)
+            if call is not None:
+                call._ended = True
+                call._signal.fire()
+        elif isinstance(ev, Credit):
+            call = self.calls.get(ev.req_id)
+            if call is not None:
+                call._signal.fire()
+        elif isinstance(ev, Cancel):
+            call = self.calls.get(ev.req_id)
+            if call is not None:
+                call._cancelled_by_peer = True
+                call._scope.cancel()
+                call._signal.fire()
+
+    def _answer_stats(self, req_id: int) -> None:
+        srv = self.server
+        try:
+            node = srv.stats() if srv.stats is not None else None
+            body = {
+                "wire": self.link.conn.stats(),
+                "server": {"connections": srv.authenticated, "requests": len(self.calls)},
+                "node": node,
+            }
+            self.link.queue(Stats(req_id, body))
+        except FabricError as exc:
+            self.link.queue(Fault(req_id, exc))
+        except Exception as exc:  # noqa: BLE001 - a stats provider's bug must not kill the connection
+            log.warning("stats provider raised %s", type(exc).__name__)
+            self.link.queue(Fault(req_id, FabricError(StatusCode.INTERNAL, f"stats failed: {type(exc).__name__}")))
+
+    async def _run_call(self, call: ServerCall) -> None:
+        rid, op = call.req_id, call.op
+        reply: Any = None
+        with call._scope:
+            try:
+                result = await self.server.handler(call)
+            except FabricError as exc:
+                reply = Fault(rid, exc)
+            except Exception as exc:  # noqa: BLE001 - the handler's bug becomes an INTERNAL fault
+                log.warning("handler for op %r (request %d from %s) raised %s", op, rid, self.peer,
+                            type(exc).__name__)
+                reply = Fault(rid, FabricError(StatusCode.INTERNAL,
+                                               f"handler for {op!r} failed: {type(exc).__name__}: {exc}"))
+            else:
+                reply = Response(rid, result)
+        self.calls.pop(rid, None)
+        if call._cancelled_by_peer:
+            return  # the client cancelled; it expects nothing more
+        if reply is None:  # our deadline scope fired
+            reply = Fault(rid, FabricError(
+                StatusCode.DEADLINE_EXCEEDED, f"request {rid} ({op}) ran past its {call.timeout_s:g} s deadline"
+            ))
+        link = self.link
+        if not link.conn.is_live(rid):
+            return
+        try:
+            link.queue(reply)
+        except FabricError as exc:  # reply not encodable, or too large for the client's limits
+            log.warning("reply to op %r (request %d from %s) not sendable: %s", op, rid, self.peer,
+                        exc.status_code.name)
+            # a fault always fits (messages are cut to fit the smallest frame limit)
+            link.queue(Fault(rid, FabricError(exc.status_code, f"reply to {op!r} not sendable: {exc.message}")))
+        await link.flush()
+
+
+async def serve(
+    host: str,
+    port: int,
+    secret: bytes,
+    handler: Handler,
+    limits: StreamFrameLimits | None = None,
+    *,
+    node_id: str = "",
+    stats: Callable[[], Any] | None = None,
+    welcome: Mapping[str, Any] | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``host:port`` and serve wire connections until cancelled.
+
+    ``task_status.started(Listening(host, port))`` reports the bound address
+    (``port=0`` picks a free one), so ``await nursery.start(serve, ...)``
+    returns it.  Each connection gets its own task; each request its own task
+    running ``await handler(call)`` (see :class:`ServerCall`).  ``stats`` (a
+    sync callable) supplies the ``node`` part of ``stats`` answers;
+    ``welcome`` is the map sent in the welcome frame (for example
+    capabilities).
+
+    Limits: beyond ``limits.max_connections`` authenticated connections a new
+    one is refused with a RESOURCE_EXHAUSTED fault right after its handshake
+    (so only peers that know the secret learn why); beyond twice that many
+    connection tasks a new socket is closed at once, unread.  A connection that
+    fails the handshake, breaks the protocol, exceeds a limit or idles past
+    ``idle_timeout_s`` is closed with one log line, and only that connection.
+    """
+    if limits is None:
+        limits = StreamFrameLimits()
+    # validate arguments once, up front (a bad secret or node id fails here, not per connection)
+    WireConnection("server", secret, limits, node_id=node_id)
+    state = _ServerState(bytes(secret), handler, limits, node_id, stats, welcome)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, state, nursery)
+        log.info("wire server listening on %s:%d node=%s", bound[0], bound[1], node_id)
+        task_status.started(Listening(str(bound[0]), int(bound[1])))
+
+
+async def _accept_loop(listener: trio.SocketListener, state: _ServerState, nursery: trio.Nursery) -> None:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # e.g. out of file descriptors: back off, keep serving
+                log.warning("accept failed: %s", exc.strerror or type(exc).__name__)
+                await trio.sleep(0.1)
+                continue
+            if state.live >= 2 * state.limits.max_connections:
+                log.warning("refused connection from %s: %d connection tasks already (limit %d)",
+                            _peer_name(stream), state.live, state.limits.max_connections)
+                with trio.CancelScope(shield=True):
+                    try:
+                        await stream.aclose()
+                    except _NET_ERRORS:
+                        pass
+                continue
+            state.live += 1
+            nursery.start_soon(_run_connection, stream, state)
+
+
+async def _run_connection(stream: trio.SocketStream, state: _ServerState) -> None:
+    try:
+        connection = _ServerConnection(stream, state)
+    except BaseException:
+        state.live -= 1
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    await connection.run()
+
+
+# =========================================================================== client
+
+
+class _Slot:
+    """What a waiting request has received so far."""
+
+    __slots__ = ("items", "final")
+
+    def __init__(self) -> None:
+        self.items: deque = deque()  # Metadata / StreamData events, in order
+        self.final: Response | Fault | Stats | None = None
+
+
+class WireClient:
+    """An authenticated client connection that pipelines requests.
+
+    Made by :func:`open_connection`.  Many tasks may call :meth:`request`,
+    :meth:`stats` and :meth:`stream` concurrently; each request gets its own id
+    and the replies are matched back by id.  At most the server's advertised
+    ``max_inflight_requests`` are in flight at once (more wait for a slot, not
+    fail), and at most ``max_streams`` upload streams.  ``async with client:``
+    closes it on exit.
+
+    Attributes: ``address`` (``"host:port"``), ``peer_node_id``,
+    ``peer_limits`` (:class:`~fabric.wire.AdvertisedLimits`), ``welcome`` (the
+    server's welcome map), ``closed``.
+    """
+
+    def __init__(self, link: _Link, address: str, welcome: Any) -> None:
+        self._link = link
+        self._conn = link.conn
+        self.address = address
+        self.peer_node_id: str | None = link.conn.peer_node_id
+        limits: AdvertisedLimits = link.conn.peer_limits  # type: ignore[assignment]
+        self.peer_limits = limits
+        self.welcome = welcome
+        self._inflight = trio.Semaphore(limits.max_inflight_requests)
+        self._uploads = trio.Semaphore(limits.max_streams)
+        self._slots: dict[int, _Slot] = {}
+        self._signal = _Signal()
+        self._reading = False
+        self._failure: FabricError | None = None
+        self.peer_metadata: Any = None
+
+    def __repr__(self) -> str:
+        return f"<WireClient {self.address} node={self.peer_node_id} {'closed' if self.closed else 'open'}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is over (locally closed, lost or refused)."""
+        return self._failure is not None
+
+    async def __aenter__(self) -> "WireClient":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    # ---------------------------------------------------------------- public API
+
+    async def request(self, op: str, body: Any = None) -> Any:
+        """Send a unary request and return the server's reply body.
+
+        The caller's effective trio deadline (if any) is sent as the request's
+        timeout.  Raises the server's ``FabricError`` for a fault,
+        ``FabricError(UNAVAILABLE, retryable=True)`` if the connection breaks,
+        and INVALID_ARGUMENT / RESOURCE_EXHAUSTED when ``body`` cannot be
+        encoded or sent.  Cancelling the calling task sends ``cancel``.
+        """
+        final = await self._unary(lambda rid: Request(rid, op, body, True, 0, _remaining_s()))
+        if isinstance(final, Fault):
+            raise final.error
+        return final.body
+
+    async def stats(self, body: Any = None) -> Any:
+        """Ask the server for its counters (``{"wire": ..., "server": ..., "node": ...}``)."""
+        final = await self._unary(lambda rid: Stats(rid, body))
+        if isinstance(final, Fault):
+            raise final.error
+        return final.body
+
+    def stream(self, op: str, body: Any = None, *, upload: bool = False, credit: int = DEFAULT_CREDIT) -> "ClientCall":
+        """A streaming request, used as ``async with client.stream(op, body) as call:``.
+
+        ``upload=True`` lets the client push items (``call.send``) until
+        ``call.end()``; ``credit`` is how many items the server may push before
+        the client consumes some (the client grants one more per item read).
+        Leaving the block before the final reply cancels the request.
+        """
+        return ClientCall(self, op, body, upload, credit)
+
+    async def wait_closed(self) -> FabricError:
+        """Read until the connection ends; return why (as a request would see it)."""
+        try:
+            await self._wait(lambda: False)
+        except FabricError as exc:
+            return exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        """Say goodbye and close the socket; waiting requests get UNAVAILABLE. Idempotent."""
+        if self._conn.state == ConnectionState.OPEN:
+            try:
+                self._link.queue(Closed(None))
+            except FabricError:
+                pass
+            await self._link.flush()
+        self._set_failure(FabricError(StatusCode.UNAVAILABLE, f"connection to {self.address} closed locally",
+                                      retryable=True))
+        await self._link.aclose()
+        self._signal.fire()
+
+    # ---------------------------------------------------------------- internals
+
+    def _set_failure(self, err: FabricError) -> None:
+        if self._failure is None:
+            self._failure = err
+
+    def _connection_error(self, reason: FabricError | None) -> FabricError:
+        if reason is not None and reason.status_code == StatusCode.RESOURCE_EXHAUSTED:
+            return FabricError(StatusCode.RESOURCE_EXHAUSTED, f"connection to {self.address}: {reason.message}")
+        why = "closed by peer" if reason is None else str(reason)
+        return FabricError(StatusCode.UNAVAILABLE, f"connection to {self.address} lost: {why}", retryable=True)
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _send(self, event: Any) -> None:
+        self._link.queue(event)
+        await self._link.flush()
+        if self._link.broken is not None:
+            self._set_failure(self._connection_error(
+                FabricError(StatusCode.UNAVAILABLE, self._link.broken, retryable=True)))
+            await self._link.aclose()
+            self._signal.fire()
+
+    def _drain(self) -> None:
+        """Hand every parsed event to its request's slot."""
+        while True:
+            ev = self._conn.next_event()
+            if ev is NEED_DATA:
+                break
+            if isinstance(ev, Closed):
+                self._set_failure(self._connection_error(ev.reason))
+                break
+            rid = getattr(ev, "req_id", None)
+            if rid == 0 and isinstance(ev, Metadata):
+                self.peer_metadata = ev.body
+                continue
+            slot = self._slots.get(rid) if rid is not None else None
+            if slot is None:
+                continue
+            if isinstance(ev, (Response, Fault, Stats)):
+                slot.final = ev
+            elif isinstance(ev, (Metadata, StreamData)):
+                slot.items.append(ev)
+            # Credit: the machine tracks it; waiters re-check send_credit
+        self._signal.fire()
+
+    async def _wait(self, cond: Callable[[], bool]) -> None:
+        """Until ``cond()``: read (as leader) or wait for the reader (as follower)."""
+        while not cond():
+            if self._failure is not None:
+                raise self._failure
+            if self._reading:
+                await self._signal.wait()
+                continue
+            self._reading = True
+            try:
+                try:
+                    data = await self._link.stream.receive_some(READ_BYTES)
+                except _NET_ERRORS:
+                    data = b""
+            finally:
+                self._reading = False
+                self._signal.fire()  # a follower takes over if we were cancelled
+            self._conn.receive_data(data, now=trio.current_time())
+            self._drain()
+            await self._link.flush()  # e.g. the fault the machine queued on a violation
+            if self._failure is not None:
+                await self._link.aclose()
+
+    async def _open_slot(self, make: Callable[[int], Any]) -> tuple[int, _Slot]:
+        self._check_usable()
+        rid = self._conn.new_request_id()
+        slot = _Slot()
+        self._slots[rid] = slot
+        try:
+            await self._send(make(rid))
+        except BaseException:
+            await self._abandon(rid)
+            raise
+        return rid, slot
+
+    async def _abandon(self, rid: int) -> None:
+        """Cancel ``rid`` at the server if it is still live (safe inside a cancelled scope)."""
+        self._slots.pop(rid, None)
+        if self._failure is None and self._conn.is_live(rid):
+            try:
+                self._link.queue(Cancel(rid))
+            except FabricError:
+                return
+            await self._link.flush()
+
+    async def _unary(self, make: Callable[[int], Any]) -> Response | Fault | Stats:
+        self._check_usable()
+        async with self._inflight:
+            rid, slot = await self._open_slot(make)
+            try:
+                await self._wait(lambda: slot.final is not None)
+            except BaseException:
+                await self._abandon(rid)
+                raise
+            self._slots.pop(rid, None)
+            assert slot.final is not None
+            return slot.final
+
+
+class ClientCall:
+    """A streaming request on a :class:`WireClient` (see :meth:`WireClient.stream`).
+
+    ``await call.send(item)`` pushes an upload item (waits for the server's
+    credit); ``await call.send_metadata(body)``; ``await call.end()`` ends the
+    upload.  ``await call.receive()`` returns the next :class:`~fabric.wire.Metadata`,
+    :class:`~fabric.wire.StreamData` or the final :class:`~fabric.wire.Response`
+    in arrival order (a fault raises its ``FabricError``).  ``async for item
+    in call`` yields pushed data items (metadata bodies collect in
+    ``call.metadata``) and stops at the final reply, kept as ``call.response``.
+    ``await call.result()`` returns the final reply body, discarding unread
+    pushes.  Leaving ``async with`` before the final reply sends ``cancel``.
+    """
+
+    def __init__(self, client: WireClient, op: str, body: Any, upload: bool, credit: int) -> None:
+        self._client = client
+        self.op = op
+        self._body = body
+        self.upload = upload
+        self._credit = credit
+        self.req_id: int | None = None
+        self._slot: _Slot | None = None
+        self._held: list[trio.Semaphore] = []
+        self.metadata: list[Any] = []
+        self.response: Any = None
+        self._done = False
+
+    async def __aenter__(self) -> "ClientCall":
+        client = self._client
+        client._check_usable()
+        await client._inflight.acquire()
+        self._held.append(client._inflight)
+        if self.upload:
+            try:
+                await client._uploads.acquire()
+            except BaseException:
+                self._release()
+                raise
+            self._held.append(client._uploads)
+        try:
+            self.req_id, self._slot = await client._open_slot(
+                lambda rid: Request(rid, self.op, self._body, not self.upload, self._credit, _remaining_s())
+            )
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            if not self._done and self.req_id is not None:
+                await self._client._abandon(self.req_id)
+                self._done = True
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._held:
+            self._held.pop().release()
+
+    def _require_open(self) -> tuple[int, _Slot]:
+        if self.req_id is None or self._slot is None:
+            raise FabricError(StatusCode.FAILED_PRECONDITION, "use the call inside `async with client.stream(...)`")
+        return self.req_id, self._slot
+
+    async def send(self, data: Any) -> None:
+        """Push one upload item, waiting for the server's credit.
+
+        Raises the server's error if it already failed the request, and
+        FAILED_PRECONDITION if it already replied or the call is not an
+        upload.
+        """
+        rid, slot = self._require_open()
+        if not self.upload:
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"request {rid} ({self.op}) is not an upload")
+        client = self._client
+        await client._wait(lambda: slot.final is not None or client._conn.send_credit(rid) > 0)
+        if slot.final is not None:
+            if isinstance(slot.final, Fault):
+                raise slot.final.error
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"server answered request {rid} before the upload ended")
+        await client._send(StreamData(rid, data))
+
+    async def send_metadata(self, body: Any) -> None:
+        """Send a ``metadata`` frame on this request."""
+        rid, _ = self._require_open()
+        await self._client._send(Metadata(rid, body))
+
+    async def end(self) -> None:
+        """End the upload (the server's ``async for`` then stops)."""
+        rid, slot = self._require_open()
+        if slot.final is None and self._client._conn.is_live(rid):
+            await self._client._send(EndOfStream(rid))
+
+    async def receive(self) -> Metadata | StreamData | Response:
+        """The next event of this request in arrival order; a fault raises its error.
+
+        After the final :class:`~fabric.wire.Response` was returned, raises
+        FAILED_PRECONDITION.
+        """
+        rid, slot = self._require_open()
+        if self._done:
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"request {rid} already finished")
+        client = self._client
+        await client._wait(lambda: bool(slot.items) or slot.final is not None)
+        if slot.items:
+            ev = slot.items.popleft()
+            if isinstance(ev, StreamData) and client._conn.is_live(rid):
+                await client._send(Credit(rid, 1))
+            return ev
+        self._done = True
+        client._slots.pop(rid, None)
+        final = slot.final
+        if isinstance(final, Fault):
+            raise final.error
+        assert isinstance(final, Response)
+        self.response = final.body
+        return final
+
+    def __aiter__(self) -> "ClientCall":
+        return self
+
+    async def __anext__(self) -> Any:
+        """The next pushed data item; metadata is collected into ``metadata``."""
+        while True:
+            if self._done:
+                raise StopAsyncIteration
+            ev = await self.receive()
+            if isinstance(ev, StreamData):
+                return ev.data
+            if isinstance(ev, Metadata):
+                self.metadata.append(ev.body)
+                continue
+            raise StopAsyncIteration
+
+    async def result(self) -> Any:
+        """Wait for the final reply and return its body (unread pushes are discarded)."""
+        while not self._done:
+            ev = await self.receive()
+            if isinstance(ev, Metadata):
+                self.metadata.append(ev.body)
+        return self.response
+
+    async def cancel(self) -> None:
+        """Abandon the request: the server's handler is cancelled; nothing more arrives."""
+        if self.req_id is not None and not self._done:
+            self._done = True
+            await self._client._abandon(self.req_id)
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    secret: bytes,
+    limits: StreamFrameLimits | None = None,
+    *,
+    node_id: str = "",
+) -> WireClient:
+    """Dial ``host:port``, run the handshake, and return a :class:`WireClient`.
+
+    The whole dial + handshake + welcome runs under ``limits.handshake_timeout_s``.
+    Raises ``FabricError``: UNAUTHENTICATED (wrong secret or a non-fabric
+    peer), RESOURCE_EXHAUSTED (the server is at its connection limit),
+    DEADLINE_EXCEEDED (handshake too slow), UNAVAILABLE (cannot connect, or
+    the peer hung up), INVALID_ARGUMENT (bad secret, limits or node id).
+    """
+    if limits is None:
+        limits = StreamFrameLimits()
+    address = f"{host}:{port}"
+    conn = WireConnection("client", secret, limits, node_id=node_id, now=trio.current_time())
+    link: _Link | None = None
+    welcome: Any = None
+    try:
+        with trio.move_on_after(limits.handshake_timeout_s) as scope:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError as exc:
+                raise FabricError(StatusCode.UNAVAILABLE, f"cannot connect to {address}: {exc.strerror or exc}",
+                                  retryable=True) from None
+            link = _Link(stream, conn, _write_timeout(limits))
+            welcome = await _client_handshake(link, address)
+        if scope.cancelled_caught:
+            raise FabricError(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"handshake with {address} did not complete within {limits.handshake_timeout_s:g} s",
+                retryable=True,
+            )
+    except BaseException:
+        if link is not None:
+            await link.aclose()
+        raise
+    assert link is not None
+    return WireClient(link, address, welcome)
+
+
+async def _client_handshake(link: _Link, address: str) -> Any:
+    conn = link.conn
+    authenticated = False
+    while True:
+        ev = conn.next_event()
+        if ev is NEED_DATA:
+            await link.flush()
+            if link.broken is not None:
+                raise FabricError(StatusCode.UNAVAILABLE, f"connection to {address}: {link.broken}", retryable=True)
+            try:
+                data = await link.stream.receive_some(READ_BYTES)
+            except _NET_ERRORS:
+                data = b""
+            conn.receive_data(data, now=trio.current_time())
+            continue
+        if isinstance(ev, Closed):
+            err = ev.reason
+            if err is None:
+                err = FabricError(StatusCode.UNAVAILABLE, "server said goodbye before its welcome", retryable=True)
+            raise FabricError(err.status_code, f"connection to {address}: {err.message}", err.retryable)
+        if isinstance(ev, Authenticated):
+            authenticated = True
+        elif authenticated and isinstance(ev, Metadata) and ev.req_id == 0:
+            body = ev.body
+            if type(body) is dict and "welcome" in body:
+                return body["welcome"]

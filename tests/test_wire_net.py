@@ -1,0 +1,432 @@
+"""fabric.net over real TCP on 127.0.0.1 (port 0 only), under pytest-trio.
+
+Every test runs inside ``trio.fail_after`` so a hang fails instead of stalling
+the suite; nothing asserts on timing.  Pipelining is proven with a barrier
+(all 64 handlers must be running at once, or the test times out), and
+cancellation with events the handler sets from its ``finally``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+import trio
+
+from cassette.errors import FabricError, StatusCode
+from cassette.keys import ContentKey
+from fabric import net
+from fabric.wire import NEED_DATA, Authenticated, Closed, Fault, Request, StreamFrameLimits, WireConnection
+
+SECRET = b"net test secret"
+HOST = "127.0.0.1"
+TIME_LIMIT = 15
+
+
+@asynccontextmanager
+async def running(handler, limits=None, **kwargs):
+    """A server on 127.0.0.1:0 for the duration of the block; yields its address."""
+    async with trio.open_nursery() as nursery:
+        addr = await nursery.start(lambda task_status: net.serve(
+            HOST, 0, SECRET, handler, limits, task_status=task_status, **kwargs))
+        try:
+            yield addr
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def echo(call):
+    return call.body
+
+
+def _net_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fabric.net"]
+
+
+# --------------------------------------------------------------------------- basics
+
+
+@pytest.mark.trio
+async def test_echo_values_stats_and_welcome():
+    values = [None, 1, "text", b"\x00\xff" * 10, {"a": [1, 2.5, {"b": None}]},
+              ContentKey.of("blob", b"x"), np.arange(6, dtype=np.float32).reshape(2, 3)]
+    with trio.fail_after(TIME_LIMIT):
+        async with running(echo, node_id="srv-1", welcome={"caps": ["serve"]}) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET, node_id="cli-1") as client:
+                assert client.peer_node_id == "srv-1" and client.welcome == {"caps": ["serve"]}
+                for v in values:
+                    got = await client.request("echo", v)
+                    if isinstance(v, np.ndarray):
+                        assert got.dtype == v.dtype and np.array_equal(got, v)
+                    else:
+                        assert got == v and type(got) is type(v)
+                stats = await client.stats()
+                assert stats["wire"]["frames_received"] >= len(values) and stats["server"]["connections"] == 1
+            assert client.closed
+            with pytest.raises(FabricError) as ei:
+                await client.request("echo", 1)
+            assert ei.value.status_code is StatusCode.UNAVAILABLE
+
+
+@pytest.mark.trio
+async def test_64_concurrent_pipelined_requests_on_one_connection():
+    n = 64
+    arrived = 0
+    all_in = trio.Event()
+
+    async def barrier(call):
+        nonlocal arrived
+        arrived += 1
+        if arrived == n:
+            all_in.set()
+        await all_in.wait()  # only returns if all 64 are in flight at once
+        return {"i": call.body, "req": call.req_id}
+
+    results: dict[int, dict] = {}
+    with trio.fail_after(TIME_LIMIT):
+        async with running(barrier) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET) as client:
+                async def one(i):
+                    results[i] = await client.request("barrier", i)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(n):
+                        nursery.start_soon(one, i)
+    assert sorted(results) == list(range(n))
+    assert all(r["i"] == i for i, r in results.items())
+    assert len({r["req"] for r in results.values()}) == n  # one id each, one connection
+
+
+@pytest.mark.trio
+async def test_streaming_download_and_upload():
+    async def handler(call):
+        if call.op == "count":
+            await call.send_metadata({"n": call.body})
+            for i in range(call.body):
+                await call.send(b"%d" % i)
+            return "done"
+        if call.op == "sum":
+            total = 0
+            async for item in call:
+                total += item
+            return {"total": total, "meta": call.metadata}
+        raise FabricError(StatusCode.UNIMPLEMENTED, f"no op {call.op}")
+
+    with trio.fail_after(TIME_LIMIT):
+        async with running(handler) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET) as client:
+                async with client.stream("count", 50, credit=2) as call:  # 50 items through a window of 2
+                    items = [x async for x in call]
+                assert items == [b"%d" % i for i in range(50)]
+                assert call.metadata == [{"n": 50}] and call.response == "done"
+                async with client.stream("sum", None, upload=True) as call:
+                    await call.send_metadata("hello")
+                    for i in range(100):  # more than the server's upload window
+                        await call.send(i)
+                    await call.end()
+                    assert await call.result() == {"total": sum(range(100)), "meta": ["hello"]}
+
+
+@pytest.mark.trio
+async def test_handler_errors_become_faults_and_the_connection_survives(caplog):
+    caplog.set_level(logging.DEBUG, logger="fabric.net")
+    async def handler(call):
+        if call.op == "missing":
+            raise FabricError(StatusCode.NOT_FOUND, "key not held", key="blob:" + "0" * 64)
+        if call.op == "bug":
+            raise ValueError("boom")
+        if call.op == "huge":
+            return b"x" * 10_000  # over the client's frame limit
+        return "ok"
+
+    small = StreamFrameLimits(max_frame_bytes=4096)
+    with trio.fail_after(TIME_LIMIT):
+        async with running(handler) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET, small) as client:
+                with pytest.raises(FabricError) as ei:
+                    await client.request("missing")
+                assert ei.value.status_code is StatusCode.NOT_FOUND and ei.value.key == "blob:" + "0" * 64
+                with pytest.raises(FabricError) as ei:
+                    await client.request("bug")
+                assert ei.value.status_code is StatusCode.INTERNAL and "ValueError: boom" in ei.value.message
+                with pytest.raises(FabricError) as ei:
+                    await client.request("huge")
+                assert ei.value.status_code is StatusCode.RESOURCE_EXHAUSTED
+                with pytest.raises(FabricError) as ei:  # refused locally, nothing sent
+                    await client.request("echo", b"y" * 10_000_000)
+                assert ei.value.status_code is StatusCode.RESOURCE_EXHAUSTED
+                assert await client.request("fine") == "ok"
+    lines = _net_lines(caplog)
+    assert any("'bug'" in line and "ValueError" in line for line in lines)
+    assert not any("boom" in line for line in lines), "exception messages (may hold payloads) are not logged"
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+@pytest.mark.trio
+async def test_wrong_secret_is_unauthenticated_and_the_server_keeps_serving(caplog):
+    caplog.set_level(logging.DEBUG, logger="fabric.net")
+    with trio.fail_after(TIME_LIMIT):
+        async with running(echo) as addr:
+            good = await net.open_connection(addr.host, addr.port, SECRET)
+            with pytest.raises(FabricError) as ei:
+                await net.open_connection(addr.host, addr.port, b"guessed-password-123")
+            assert ei.value.status_code is StatusCode.UNAUTHENTICATED and not ei.value.retryable
+            assert await good.request("echo", "still here") == "still here"
+            async with await net.open_connection(addr.host, addr.port, SECRET) as again:
+                assert await again.request("echo", 2) == 2
+            await good.aclose()
+    lines = _net_lines(caplog)
+    rejected = [line for line in lines if "UNAUTHENTICATED" in line]
+    assert len(rejected) == 1 and "proof does not verify" in rejected[0]
+    assert not any("guessed-password" in line or SECRET.decode() in line for line in lines)
+
+
+async def _raw_handshake(port: int, secret: bytes):
+    """Dial with a bare WireConnection; return (stream, conn, every byte the server sent)."""
+    stream = await trio.open_tcp_stream(HOST, port)
+    conn = WireConnection("client", secret)
+    received = bytearray()
+    await stream.send_all(conn.data_to_send())
+    while True:
+        data = await stream.receive_some(65536)
+        received += data
+        conn.receive_data(data)
+        out = conn.data_to_send()
+        if out:
+            await stream.send_all(out)
+        events = []
+        while (ev := conn.next_event()) is not NEED_DATA:
+            events.append(ev)
+            if isinstance(ev, Closed):
+                break
+        if any(isinstance(e, (Authenticated, Closed)) for e in events) or not data:
+            return stream, conn, bytes(received), events
+
+
+@pytest.mark.trio
+async def test_an_unauthenticated_peer_receives_nothing_but_the_server_hello():
+    with trio.fail_after(TIME_LIMIT):
+        async with running(echo, welcome={"caps": ["secret capability"]}) as addr:
+            stream, conn, received, events = await _raw_handshake(addr.port, b"guess")
+            # read until the server hangs up: every byte it ever sent us
+            while data := await stream.receive_some(65536):
+                received += data
+            await stream.aclose()
+    n = int.from_bytes(received[:4], "big")
+    assert len(received) == 4 + n, "the server sent more than one frame"
+    assert b"hello" in received and b"capability" not in received and b"auth" not in received
+
+
+@pytest.mark.trio
+async def test_malformed_frame_after_auth_closes_only_that_connection(caplog):
+    caplog.set_level(logging.INFO, logger="fabric.net")
+    with trio.fail_after(TIME_LIMIT):
+        async with running(echo) as addr:
+            bystander = await net.open_connection(addr.host, addr.port, SECRET)
+            stream, conn, _, events = await _raw_handshake(addr.port, SECRET)
+            assert any(isinstance(e, Authenticated) for e in events)
+            await stream.send_all(b"\x00\x00\x00\x03abc")  # not an envelope
+            while data := await stream.receive_some(65536):
+                conn.receive_data(data)
+            reasons = []
+            while not isinstance(ev := conn.next_event(), Closed):
+                reasons.append(ev)
+            assert ev.reason.status_code is StatusCode.INVALID_ARGUMENT  # the server's fault tells us why
+            await stream.aclose()
+            assert await bystander.request("echo", "unaffected") == "unaffected"
+            await bystander.aclose()
+    assert any("INVALID_ARGUMENT" in line and "envelope" in line for line in _net_lines(caplog))
+
+
+@pytest.mark.trio
+async def test_handshake_timeout_closes_a_silent_socket(caplog):
+    caplog.set_level(logging.INFO, logger="fabric.net")
+    limits = StreamFrameLimits(handshake_timeout_s=0.2)
+    with trio.fail_after(TIME_LIMIT):
+        async with running(echo, limits) as addr:
+            stream = await trio.open_tcp_stream(HOST, addr.port)
+            assert await stream.receive_some(100) == b""  # closed by the server, nothing sent
+            await stream.aclose()
+    assert any("DEADLINE_EXCEEDED" in line and "handshake" in line for line in _net_lines(caplog))
+
+
+# --------------------------------------------------------------------------- cancellation, deadlines, idle
+
+
+@pytest.mark.trio
+async def test_cancel_propagates_to_the_server_handler():
+    started = trio.Event()
+    cancelled = trio.Event()
+
+    async def handler(call):
+        if call.op == "forever":
+            started.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancelled.set()
+        return call.body
+
+    with trio.fail_after(TIME_LIMIT):
+        async with running(handler) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET) as client:
+                async with trio.open_nursery() as nursery:
+                    async def ask():
+                        await client.request("forever")
+                    nursery.start_soon(ask)
+                    await started.wait()
+                    nursery.cancel_scope.cancel()
+                await cancelled.wait()  # the server's handler task was cancelled
+                assert await client.request("echo", "after") == "after"
+                # a cancelled stream behaves the same way
+                started, cancelled = trio.Event(), trio.Event()
+                async with client.stream("forever") as call:
+                    await started.wait()
+                    await call.cancel()
+                await cancelled.wait()
+
+
+@pytest.mark.trio
+async def test_caller_deadline_travels_as_the_request_timeout():
+    seen = []
+
+    async def handler(call):
+        seen.append(call.timeout_s)
+        return "ok"
+
+    with trio.fail_after(TIME_LIMIT):
+        async with running(handler) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET) as client:
+                assert await client.request("a") == "ok"  # under the test's fail_after
+                with trio.move_on_after(3):
+                    assert await client.request("b") == "ok"
+    assert 3 < seen[0] <= TIME_LIMIT and 0 < seen[1] <= 3
+
+
+@pytest.mark.trio
+async def test_server_applies_the_request_timeout():
+    async def handler(call):
+        await trio.sleep_forever()
+
+    with trio.fail_after(TIME_LIMIT):
+        async with running(handler) as addr:
+            stream, conn, _, events = await _raw_handshake(addr.port, SECRET)
+            assert any(isinstance(e, Authenticated) for e in events)
+            # a bare client that does not cancel by itself: the server's deadline must fire
+            await stream.send_all(conn.send(Request(1, "wait", None, True, 0, 0.05)))
+            fault = None
+            while fault is None:
+                data = await stream.receive_some(65536)
+                assert data, "server hung up instead of faulting the request"
+                conn.receive_data(data)
+                while (ev := conn.next_event()) is not NEED_DATA:
+                    assert not isinstance(ev, Closed), ev.reason
+                    if isinstance(ev, Fault):
+                        fault = ev
+            assert fault.req_id == 1 and fault.error.status_code is StatusCode.DEADLINE_EXCEEDED
+            await stream.aclose()
+
+
+@pytest.mark.trio
+async def test_idle_timeout_closes_the_connection(caplog):
+    caplog.set_level(logging.INFO, logger="fabric.net")
+    limits = StreamFrameLimits(idle_timeout_s=0.2)
+    with trio.fail_after(TIME_LIMIT):
+        async with running(echo, limits) as addr:
+            client = await net.open_connection(addr.host, addr.port, SECRET)
+            assert await client.request("echo", 1) == 1
+            err = await client.wait_closed()
+            assert err.status_code is StatusCode.UNAVAILABLE and err.retryable
+            with pytest.raises(FabricError) as ei:
+                await client.request("echo", 2)
+            assert ei.value.status_code is StatusCode.UNAVAILABLE and ei.value.retryable
+            await client.aclose()
+    assert any("idle" in line for line in _net_lines(caplog))
+
+
+@pytest.mark.trio
+async def test_a_long_request_is_not_idle():
+    limits = StreamFrameLimits(idle_timeout_s=0.1)
+
+    async def slow(call):
+        await trio.sleep(0.5)  # several idle periods with a live request
+        return "finished"
+
+    with trio.fail_after(TIME_LIMIT):
+        async with running(slow, limits) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET) as client:
+                assert await client.request("slow") == "finished"
+
+
+# --------------------------------------------------------------------------- limits and failures
+
+
+@pytest.mark.trio
+async def test_max_connections():
+    limits = StreamFrameLimits(max_connections=1)
+    with trio.fail_after(TIME_LIMIT):
+        async with running(echo, limits) as addr:
+            first = await net.open_connection(addr.host, addr.port, SECRET)
+            with pytest.raises(FabricError) as ei:
+                await net.open_connection(addr.host, addr.port, SECRET)
+            assert ei.value.status_code is StatusCode.RESOURCE_EXHAUSTED and "connection limit" in ei.value.message
+            assert await first.request("echo", "first still served") == "first still served"
+            await first.aclose()
+            while True:  # the server frees the slot once it has seen the goodbye
+                try:
+                    second = await net.open_connection(addr.host, addr.port, SECRET)
+                    break
+                except FabricError as exc:
+                    assert exc.status_code is StatusCode.RESOURCE_EXHAUSTED
+                    await trio.sleep(0.01)
+            assert await second.request("echo", 2) == 2
+            await second.aclose()
+
+
+@pytest.mark.trio
+async def test_server_going_away_is_unavailable_and_retryable():
+    started = trio.Event()
+
+    async def handler(call):
+        started.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(TIME_LIMIT):
+        async with trio.open_nursery() as outer:
+            server_scope = trio.CancelScope()
+
+            async def run_server(task_status):
+                with server_scope:
+                    await net.serve(HOST, 0, SECRET, handler, task_status=task_status)
+
+            addr = await outer.start(run_server)
+            client = await net.open_connection(addr.host, addr.port, SECRET)
+            errors = []
+
+            async def ask():
+                try:
+                    await client.request("hang")
+                except FabricError as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                await started.wait()
+                server_scope.cancel()  # the whole server goes away mid-request
+    assert len(errors) == 1
+    assert errors[0].status_code is StatusCode.UNAVAILABLE and errors[0].retryable
+
+
+@pytest.mark.trio
+async def test_nothing_listening_is_unavailable():
+    listener = (await trio.open_tcp_listeners(0, host=HOST))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()
+    with trio.fail_after(TIME_LIMIT):
+        with pytest.raises(FabricError) as ei:
+            await net.open_connection(HOST, port, SECRET)
+    assert ei.value.status_code is StatusCode.UNAVAILABLE and ei.value.retryable
