@@ -1,0 +1,105 @@
+"""``fabric node``: one peer node process.
+
+``fabric node --data DIR --listen HOST:PORT --secret-file F [--evaluators M ...]
+[--relay HOST:PORT] [--metrics-port N]`` serves the wire ops of
+:mod:`fabric.serve` until SIGTERM or SIGINT.  Its first line on stdout is
+``listening on HOST:PORT node=NODE_ID``.  Shutdown: stop accepting, let
+in-flight computations finish and their records commit (bounded by
+``--drain-s``), close LMDB, exit 0.
+
+Logs (stderr, logger names ``fabric.*``) carry one line per connection event
+and name keys, never payloads or secrets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from cassette.errors import FabricError, StatusCode
+
+__all__ = ["main", "run_node"]
+
+log = logging.getLogger("fabric.node")
+DRAIN_S = 30.0
+
+
+async def run_node(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    from fabric import api, metrics
+    from fabric.local import Fabric
+    from fabric.net import serve
+    from fabric.registry import load_evaluators, registered
+    from fabric.remote import RemoteFabric, parse_address
+    from fabric.serve import NodeService
+
+    if not args.secret_file and not api._secret_from_env():
+        raise FabricError(StatusCode.INVALID_ARGUMENT, "a node needs --secret-file F (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
+    secret = api.read_secret_file(args.secret_file) if args.secret_file else api._secret_from_env()
+    assert secret is not None
+    host, port = parse_address(args.listen, listen=True)
+    for spec in args.evaluators:
+        load_evaluators(spec)
+    data = Path(args.data) if args.data else api.default_home()
+    fab = Fabric(data, durability=args.durability, node_id=args.node_id)
+    relay = RemoteFabric(args.relay, secret) if args.relay else None
+    service = NodeService(fab, relay=relay)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=host)
+    caps = ["serve", "compute"] + [f"eval:{n}@{v}" for n, v in registered()]
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                listening = await nursery.start(
+                    lambda task_status: serve(
+                        host, port, secret, service.handle, node_id=fab.node_id,
+                        stats=lambda: _node_stats(fab, service), welcome={"node": fab.node_id, "capabilities": caps},
+                        task_status=task_status,
+                    )
+                )
+                print(f"listening on {listening.host}:{listening.port} node={fab.node_id}", flush=True)
+                log.info("node %s serving %s on %s:%d (relay=%s)", fab.node_id, data, listening.host, listening.port, args.relay)
+                async for signum in signals:
+                    log.info("node %s: %s received, shutting down", fab.node_id, signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()
+        # in-flight computations finish and their records commit before LMDB closes
+        with trio.move_on_after(args.drain_s):
+            await service.idle.wait()
+        if service.active_computations:
+            log.warning("node %s: %d computations still running after %.0f s; closing anyway", fab.node_id, service.active_computations, args.drain_s)
+    finally:
+        if relay is not None:
+            relay.close()
+        fab.close()
+        metrics.CONNECTIONS.set(0)
+    log.info("node %s stopped cleanly", fab.node_id)
+    return 0
+
+
+def _node_stats(fab, service) -> dict:
+    st = fab.cassette.stats()
+    return {
+        "node_id": fab.node_id,
+        "records": st["records"],
+        "ledger_rows": st["ledger_rows"],
+        "blobs": st["blobs"],
+        "ledger_bytes": st["ledger_bytes"],
+        "local_hits": fab.local_hits,
+        "active_computations": service.active_computations,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point for ``fabric node`` (argparse namespace from :mod:`fabric.cli`)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not hasattr(args, "drain_s"):
+        args.drain_s = DRAIN_S
+    return trio.run(run_node, args)

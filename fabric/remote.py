@@ -1,0 +1,359 @@
+"""RemoteFabric: the client side of a running ``fabric node``.
+
+``fabric.open("host:port", secret=...)`` (or ``FABRIC_NODE`` + ``FABRIC_SECRET``)
+returns one.  The node looks up or computes and records; this client verifies
+every record it receives (CRC, BLAKE3 digest, and that it is the record of the
+key asked for, recomputed here from the evaluator, version and args) before
+decoding it — a mismatch is DATA_LOSS and the bytes are discarded.
+
+Sync calls run on one background trio thread that owns one reused, pipelined
+connection; async calls (``arealize``) use one connection per trio run of the
+caller.  Either way a broken connection is re-dialled by the retry helper on
+UNAVAILABLE within the operation's deadline, and a caller's trio deadline or
+cancellation travels to the node as the request's timeout / ``cancel``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import trio
+
+from cassette import codec
+from cassette.errors import FabricError, StatusCode
+from cassette.keys import ContentKey
+from cassette.record import Record
+from fabric.errors import aretry_call
+from fabric.net import WireClient, open_connection
+from fabric.request import Reply, Request
+from fabric.serve import EVALUATOR_ERROR, verify_record
+from fabric.wire import StreamFrameLimits
+
+__all__ = ["RemoteFabric", "parse_address"]
+
+
+def parse_address(address: str, *, listen: bool = False) -> tuple[str, int]:
+    """``"host:port"`` → ``(host, port)``; INVALID_ARGUMENT otherwise (port 0 only when ``listen``)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not (0 if listen else 1) <= int(port) < 65536:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"address must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _raise_fault(exc: FabricError) -> None:
+    """Re-raise an evaluator's own error with its builtin type where possible."""
+    msg = exc.message
+    if exc.status_code is StatusCode.INTERNAL and msg.startswith(EVALUATOR_ERROR):
+        tname, _, text = msg[len(EVALUATOR_ERROR) :].partition(": ")
+        import builtins
+
+        etype = getattr(builtins, tname, None)
+        if isinstance(etype, type) and issubclass(etype, Exception) and not issubclass(etype, FabricError):
+            try:
+                err = etype(text)
+            except Exception:  # noqa: BLE001 - odd constructors fall through to the FabricError
+                err = None
+            if err is not None:
+                raise err from exc
+    raise exc
+
+
+class _Conns:
+    """One connection per trio run, re-dialled after it breaks."""
+
+    def __init__(self, owner: "RemoteFabric") -> None:
+        self.owner = owner
+        self.client: WireClient | None = None
+        self.lock = trio.Lock()
+
+    async def get(self) -> WireClient:
+        c = self.client
+        if c is not None and not c.closed:
+            return c
+        async with self.lock:
+            if self.client is None or self.client.closed:
+                o = self.owner
+                self.client = await open_connection(o.host, o.port, o.secret, o.limits)
+            return self.client
+
+    def drop(self, client: WireClient) -> None:
+        if self.client is client:
+            self.client = None
+
+
+_RUNVAR: trio.lowlevel.RunVar = trio.lowlevel.RunVar("fabric_remote_conns")
+
+
+class RemoteFabric:
+    """A fabric whose node is a running ``fabric node`` at ``address`` (see module docstring)."""
+
+    def __init__(self, address: str, secret: bytes, *, limits: StreamFrameLimits | None = None) -> None:
+        self.address = address
+        self.host, self.port = parse_address(address)
+        if not secret:
+            raise FabricError(StatusCode.UNAUTHENTICATED, "a shared secret is required to talk to a node")
+        self.secret = bytes(secret)
+        self.limits = limits
+        self.node_id: str | None = None
+        self._portal_token: trio.lowlevel.TrioToken | None = None
+        self._portal_thread: threading.Thread | None = None
+        self._portal_stop: trio.Event | None = None
+        self._portal_lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------ connections
+    def _conns(self) -> _Conns:
+        try:
+            table = _RUNVAR.get()
+        except LookupError:
+            table = {}
+            _RUNVAR.set(table)
+        c = table.get(id(self))
+        if c is None:
+            c = table[id(self)] = _Conns(self)
+        return c
+
+    async def _call(self, op: str, fn) -> Any:
+        """Run ``fn(client)`` with retries: a broken connection is re-dialled on UNAVAILABLE."""
+        conns = self._conns()
+
+        async def attempt():
+            client = await conns.get()
+            self.node_id = client.peer_node_id
+            try:
+                return await fn(client)
+            except FabricError as exc:
+                if exc.status_code is StatusCode.UNAVAILABLE:
+                    conns.drop(client)
+                raise
+
+        return await aretry_call(attempt, op=op)
+
+    # ---------------------------------------------------------------- realize
+    async def arealize_record(self, req: Request) -> tuple[Record, str, str]:
+        """``(verified record, source, holder)`` for ``req`` from the node.
+
+        The record must be the one of ``req``'s key (recomputed here from the
+        evaluator, the version the node used, and the args) or DATA_LOSS.
+        """
+        body = {"evaluator": req.evaluator, "version": req.version, "args": req.args}
+
+        async def go(client: WireClient):
+            return await _stream_record(client, "realize", body)
+
+        try:
+            reply, raw = await self._call("realize", go)
+        except FabricError as exc:
+            _raise_fault(exc)
+        key = reply.get("key")
+        if type(key) is not ContentKey:
+            raise FabricError(StatusCode.DATA_LOSS, "node answered realize without a content key")
+        rec = verify_record(raw, key)
+        expect = req.key if req.version is not None else ContentKey.for_request(req.evaluator, rec.version, req.args)
+        if key != expect or rec.evaluator != req.evaluator:
+            raise FabricError(StatusCode.DATA_LOSS, "node answered with the record of another request", key=expect)
+        source = reply.get("source")
+        if source not in ("local", "peer", "computed"):
+            raise FabricError(StatusCode.DATA_LOSS, f"node answered with an unknown source {source!r}", key=key)
+        return rec, source, str(reply.get("holder", ""))
+
+    async def arealize(self, req: Request, *, timeout: float | None = None) -> Reply:
+        """Realize ``req`` on the node (trio); ``timeout`` bounds the whole call (DEADLINE_EXCEEDED)."""
+        try:
+            with trio.fail_after(timeout if timeout is not None else float("inf")):
+                rec, source, holder = await self.arealize_record(req)
+        except trio.TooSlowError:
+            raise FabricError(StatusCode.DEADLINE_EXCEEDED, f"realize did not finish within {timeout:g} s", retryable=False) from None
+        return Reply(rec.key, codec.decode(rec.payload), source, holder)
+
+    def realize(self, req: Request, *, timeout: float | None = None) -> Reply:
+        """Realize ``req`` on the node (sync; runs on this client's portal thread)."""
+        return self._portal(self._arealize_kw, req, timeout)
+
+    async def _arealize_kw(self, req: Request, timeout: float | None) -> Reply:
+        return await self.arealize(req, timeout=timeout)
+
+    # ---------------------------------------------------------------- reading
+    async def afetch(self, key: ContentKey, expected_digest: bytes | None = None) -> Record:
+        """The verified record of ``key`` from the node's ContentServeFabric (NOT_FOUND if not held)."""
+
+        async def go(client: WireClient):
+            return await _stream_record(client, "fetch", {"key": key})
+
+        reply, raw = await self._call("get", go)
+        return verify_record(raw, key, expected_digest)
+
+    async def aget(self, key: ContentKey | str) -> Any:
+        """An artifact (bytes / numpy) or a reply value from the node, every chunk verified."""
+        key = ContentKey.parse(key)
+
+        async def go(client: WireClient):
+            async with client.stream("get", {"key": key}) as call:
+                items = [item async for item in call]
+                return call.response, items
+
+        reply, items = await self._call("get", go)
+        if key.kind == "blob":
+            data = items[0] if items else b""
+            if ContentKey.of("blob", data) != key:
+                raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=key)
+            return data
+        raw, items = _take_record(reply, items)
+        rec = verify_record(raw, key)
+        if key.kind == "request":
+            return codec.decode(rec.payload)
+        manifest = codec.decode(rec.payload)
+        return _assemble(key, manifest, items)
+
+    def get(self, key: ContentKey | str) -> Any:
+        """Sync :meth:`aget`."""
+        return self._portal(self.aget, key)
+
+    def get_into(self, key: ContentKey | str, out: Any) -> Any:
+        """Fetch an artifact and copy it into the preallocated numpy array ``out``."""
+        value = self.get(key)
+        if not isinstance(out, np.ndarray):
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out must be a numpy array, got {type(out).__name__}")
+        src = np.frombuffer(value, dtype=np.uint8) if isinstance(value, bytes) else value
+        if src.nbytes != out.nbytes:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out has {out.nbytes} bytes, artifact has {src.nbytes}")
+        out[...] = src.reshape(out.shape) if src.dtype == out.dtype else src.view(out.dtype).reshape(out.shape)
+        return out
+
+    def put(self, data: Any, **kw: Any) -> Any:
+        """Uploading artifacts through a node is not built yet."""
+        raise FabricError(StatusCode.UNIMPLEMENTED, "put through a node is not built yet; put on the node's data dir")
+
+    async def aholders(self, key: ContentKey | str) -> list[str]:
+        """Node ids the node knows to hold ``key``."""
+        key = ContentKey.parse(key)
+
+        async def go(client: WireClient):
+            return await client.request("holders", {"key": key})
+
+        return list(await self._call("get", go))
+
+    def holders(self, key: ContentKey | str) -> list[str]:
+        """Sync :meth:`aholders`."""
+        return self._portal(self.aholders, key)
+
+    async def astats(self) -> dict:
+        """The node's stats answer."""
+
+        async def go(client: WireClient):
+            return await client.stats()
+
+        return await self._call("get", go)
+
+    def stats(self) -> dict:
+        """Sync :meth:`astats`."""
+        return self._portal(self.astats)
+
+    # ----------------------------------------------------------------- portal
+    def _portal(self, afn, *args: Any) -> Any:
+        if self._closed:
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed")
+        token = self._ensure_portal()
+        return trio.from_thread.run(afn, *args, trio_token=token)
+
+    def _ensure_portal(self) -> trio.lowlevel.TrioToken:
+        with self._portal_lock:
+            if self._portal_token is not None:
+                return self._portal_token
+            ready = threading.Event()
+
+            async def main():
+                self._portal_token = trio.lowlevel.current_trio_token()
+                self._portal_stop = trio.Event()
+                ready.set()
+                await self._portal_stop.wait()
+                c = self._conns().client
+                if c is not None:
+                    with trio.move_on_after(2):
+                        await c.aclose()
+
+            t = threading.Thread(target=trio.run, args=(main,), name=f"fabric-remote:{self.address}", daemon=True)
+            t.start()
+            ready.wait(10)
+            self._portal_thread = t
+            assert self._portal_token is not None
+            return self._portal_token
+
+    def close(self) -> None:
+        """Close the connection and stop the portal thread.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._portal_token is not None and self._portal_stop is not None:
+            try:
+                trio.from_thread.run_sync(self._portal_stop.set, trio_token=self._portal_token)
+            except trio.RunFinishedError:
+                pass
+            if self._portal_thread is not None:
+                self._portal_thread.join(5)
+
+    def __enter__(self) -> "RemoteFabric":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<RemoteFabric {self.address} node={self.node_id}>"
+
+
+async def _stream_record(client: WireClient, op: str, body: Any) -> tuple[dict, bytes]:
+    """Open a streaming ``op`` and return ``(reply, raw record)``, joining pushed pieces."""
+    async with client.stream(op, body) as call:
+        items = [item async for item in call]
+        reply = call.response
+    raw, _ = _take_record(reply, items)
+    return reply, raw
+
+
+def _take_record(reply: Any, items: list) -> tuple[bytes, list]:
+    if not isinstance(reply, dict):
+        raise FabricError(StatusCode.DATA_LOSS, f"malformed reply from node: {type(reply).__name__}")
+    if "record" in reply:
+        raw = reply["record"]
+        if type(raw) is not bytes:
+            raise FabricError(StatusCode.DATA_LOSS, "malformed reply from node: record is not bytes")
+        return raw, items
+    size = reply.get("record_size")
+    if type(size) is not int or size < 0:
+        raise FabricError(StatusCode.DATA_LOSS, "malformed reply from node: no record")
+    parts, got = [], 0
+    while got < size:
+        if not items:
+            raise FabricError(StatusCode.DATA_LOSS, f"node sent {got} of {size} record bytes")
+        piece = items.pop(0)
+        if type(piece) is not bytes:
+            raise FabricError(StatusCode.DATA_LOSS, "malformed record piece from node")
+        parts.append(piece)
+        got += len(piece)
+    if got != size:
+        raise FabricError(StatusCode.DATA_LOSS, f"node sent {got} record bytes, announced {size}")
+    return b"".join(parts), items
+
+
+def _assemble(key: ContentKey, manifest: dict, chunks: list) -> Any:
+    import blake3
+
+    if len(chunks) != len(manifest["chunks"]):
+        raise FabricError(StatusCode.DATA_LOSS, f"node sent {len(chunks)} chunks, manifest lists {len(manifest['chunks'])}", key=key)
+    buf = bytearray(manifest["size"])
+    h = blake3.blake3()
+    off = 0
+    for ck, data in zip(manifest["chunks"], chunks):
+        if type(data) is not bytes or ContentKey.of("blob", data) != ck:
+            raise FabricError(StatusCode.DATA_LOSS, f"chunk {ck.short()} does not match its key", key=key)
+        buf[off : off + len(data)] = data
+        h.update(data)
+        off += len(data)
+    if off != manifest["size"] or h.digest() != manifest["digest"]:
+        raise FabricError(StatusCode.DATA_LOSS, "artifact content does not match its digest", key=key)
+    if manifest["dtype"] is None:
+        return bytes(buf)
+    return np.frombuffer(buf, dtype=np.dtype(manifest["dtype"])).reshape(manifest["shape"])

@@ -1,0 +1,219 @@
+"""What a node answers over the wire: ContentServeFabric and the node's op handlers.
+
+Ops (normative: ``specs/wire.md`` section 13):
+
+* ``realize`` ``{"evaluator", "version" | None, "args"}``: look up or compute on
+  this node (or, for a relay, fetch from upstream), record, answer the record.
+* ``fetch`` ``{"key"}``: :class:`ContentServeFabric` — the record of a key this
+  node holds, NOT_FOUND otherwise; it never computes.
+* ``get`` ``{"key"}``: a reply's record, or an artifact's manifest record
+  followed by its chunks.
+* ``holders`` ``{"key"}``: node ids known to hold the key.
+
+A record travels as its raw ledger value (``cassette.record`` layout) so the
+receiver verifies it exactly as the cassette does: CRC, BLAKE3 digest of the
+payload, and that the record's key is the key asked for.  A record larger than
+:data:`INLINE_MAX` is pushed in chunks after the reply's ``record_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+import trio
+
+from cassette.errors import FabricError, StatusCode
+from cassette.keys import ContentKey
+from cassette.record import Record, unpack_record
+from cassette.store import Cassette
+
+if TYPE_CHECKING:
+    from fabric.local import Fabric
+    from fabric.net import ServerCall
+
+__all__ = ["ContentServeFabric", "NodeService", "INLINE_MAX", "RECORD_CHUNK", "verify_record", "EVALUATOR_ERROR"]
+
+log = logging.getLogger("fabric.node")
+
+#: Records up to this size travel inside the reply; larger ones are pushed in chunks.
+INLINE_MAX = 1 << 20
+#: Chunk size for pushed records and artifact chunks.
+RECORD_CHUNK = 1 << 20
+#: Message prefix marking an evaluator's own exception carried in a fault.
+EVALUATOR_ERROR = "evaluator raised "
+
+
+def verify_record(raw: bytes, key: ContentKey, expected_digest: bytes | None = None) -> Record:
+    """Check a record received from elsewhere: its CRC, its BLAKE3 digest, that it is
+    the record of ``key`` and (when known) that its digest is ``expected_digest``.
+    Any mismatch is DATA_LOSS naming the key; the bytes must then be discarded."""
+    try:
+        rec = unpack_record(raw)
+    except FabricError as exc:
+        raise FabricError(StatusCode.DATA_LOSS, f"received record fails verification: {exc.message}", key=key) from None
+    if rec.key != key:
+        raise FabricError(StatusCode.DATA_LOSS, f"received the record of {rec.key.short()} instead", key=key)
+    if expected_digest is not None and rec.digest != expected_digest:
+        raise FabricError(StatusCode.DATA_LOSS, "received record's digest differs from the holder's announced digest", key=key)
+    return rec
+
+
+class ContentServeFabric:
+    """The read side a node exposes to peers: answers only keys it holds, never computes."""
+
+    def __init__(self, cassette: Cassette) -> None:
+        self.cassette = cassette
+
+    def fetch(self, key: ContentKey) -> bytes:
+        """The raw, verified ledger value of a held key; NOT_FOUND if not held (or corrupt here)."""
+        raw = self.cassette.get_raw(key)
+        if raw is None:
+            raise FabricError(StatusCode.NOT_FOUND, "not held by this node", key=key)
+        return raw
+
+    def fetch_blob(self, key: ContentKey) -> bytes:
+        """A held blob's bytes (verified against its key); NOT_FOUND otherwise."""
+        data = self.cassette.get_blob(key)
+        if data is None:
+            raise FabricError(StatusCode.NOT_FOUND, "blob not held by this node", key=key)
+        return data
+
+
+def _key_field(body: Any) -> ContentKey:
+    if not isinstance(body, dict):
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"body: expected a map, got {type(body).__name__}")
+    k = body.get("key")
+    if isinstance(k, str):
+        return ContentKey.parse(k)
+    if type(k) is ContentKey:
+        return k
+    raise FabricError(StatusCode.INVALID_ARGUMENT, "body.key: expected a ContentKey")
+
+
+async def send_record(call: "ServerCall", raw: bytes, reply: dict) -> dict:
+    """Put ``raw`` inline in ``reply``, or push it in chunks and announce its size."""
+    if len(raw) <= INLINE_MAX:
+        reply["record"] = raw
+        return reply
+    for off in range(0, len(raw), RECORD_CHUNK):
+        await call.send(raw[off : off + RECORD_CHUNK])
+    reply["record_size"] = len(raw)
+    return reply
+
+
+class NodeService:
+    """The op handlers of a ``fabric node`` over its embedded :class:`~fabric.local.Fabric`.
+
+    ``relay``: an optional upstream :class:`fabric.remote.RemoteFabric`; misses
+    are forwarded to it and what comes back (verified) is recorded here, so this
+    node becomes a holder (LedgeredRelayFabric).
+    """
+
+    def __init__(self, fab: "Fabric", *, relay: Any = None, holders: Callable[[ContentKey], list[str]] | None = None) -> None:
+        self.fab = fab
+        self.node_id = fab.node_id
+        self.serve = ContentServeFabric(fab.cassette)
+        self.relay = relay
+        self._holders = holders
+        self.active_computations = 0
+        self.idle = trio.Event()
+        self.idle.set()
+
+    async def handle(self, call: "ServerCall") -> Any:
+        """Dispatch one wire request by op name."""
+        op = call.op
+        if op == "realize":
+            return await self.realize(call)
+        if op == "fetch":
+            key = _key_field(call.body)
+            return await send_record(call, self.serve.fetch(key), {"key": key, "holder": self.node_id})
+        if op == "get":
+            return await self.get(call)
+        if op == "holders":
+            return self.holders(_key_field(call.body))
+        raise FabricError(StatusCode.UNIMPLEMENTED, f"unknown op {op!r}")
+
+    def holders(self, key: ContentKey) -> list[str]:
+        """Node ids known to hold ``key`` (this node, plus what the fleet index knows)."""
+        if self._holders is not None:
+            return self._holders(key)
+        return [self.node_id] if self.fab.cassette.contains(key) else []
+
+    async def realize(self, call: "ServerCall") -> dict:
+        """Look up, relay or compute; answer ``{"key", "source", "holder", "record"}``."""
+        from fabric.request import Request
+
+        body = call.body
+        if not isinstance(body, dict) or not isinstance(body.get("evaluator"), str):
+            raise FabricError(StatusCode.INVALID_ARGUMENT, "body: expected {'evaluator': str, 'version': str|None, 'args': map}")
+        args = body.get("args", {})
+        if type(args) is not dict:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"body.args: expected a map, got {type(args).__name__}")
+        req = Request(body["evaluator"], args, version=body.get("version"))
+        if req.version is None and self.relay is None:
+            from fabric import registry
+
+            registry.lookup(req.evaluator)  # NOT_FOUND listing what this node has
+        if req.version is not None:
+            key = req.key
+            raw = self.fab.cassette.get_raw(key)
+            if raw is not None:
+                self.fab.local_hits += 1
+                return await send_record(call, raw, {"key": key, "source": "local", "holder": self.node_id})
+        if self.relay is not None:
+            return await self._relay(call, req)
+        self._begin()
+        try:
+            rep = await self.fab.arealize(req)
+        except FabricError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the evaluator's own error, carried to the caller
+            raise FabricError(StatusCode.INTERNAL, f"{EVALUATOR_ERROR}{type(exc).__name__}: {exc}", retryable=False, key=req.key) from None
+        finally:
+            self._end()
+        raw = self.fab.cassette.get_raw(rep.key)
+        if raw is None:
+            raise FabricError(StatusCode.INTERNAL, "reply vanished from the cassette after recording", key=rep.key)
+        return await send_record(call, raw, {"key": rep.key, "source": rep.source, "holder": self.node_id})
+
+    async def _relay(self, call: "ServerCall", req: Any) -> dict:
+        self._begin()
+        try:
+            rec, _, holder = await self.relay.arealize_record(req)  # verified, or DATA_LOSS
+            key = rec.key
+            await self.fab.cassette.aput(rec.key, rec.payload, evaluator=rec.evaluator, version=rec.version,
+                                         compute_s=rec.compute_s, created=rec.created, node=rec.node)
+        finally:
+            self._end()
+        stored = self.fab.cassette.get_raw(key)
+        assert stored is not None
+        return await send_record(call, stored, {"key": key, "source": "peer", "holder": holder})
+
+    async def get(self, call: "ServerCall") -> dict:
+        """A reply's record, or an artifact's manifest record plus its chunks as pushes."""
+        key = _key_field(call.body)
+        if key.kind == "blob":
+            data = self.serve.fetch_blob(key)
+            await call.send(data)
+            return {"key": key, "chunks": 1}
+        raw = self.serve.fetch(key)
+        reply = await send_record(call, raw, {"key": key, "holder": self.node_id})
+        if key.kind == "artifact":
+            from cassette import codec
+
+            manifest = codec.decode(unpack_record(raw).payload)
+            for ck in manifest["chunks"]:
+                await call.send(self.serve.fetch_blob(ck))
+            reply["chunks"] = len(manifest["chunks"])
+        return reply
+
+    def _begin(self) -> None:
+        self.active_computations += 1
+        if self.idle.is_set():
+            self.idle = trio.Event()
+
+    def _end(self) -> None:
+        self.active_computations -= 1
+        if self.active_computations == 0:
+            self.idle.set()
