@@ -1,0 +1,317 @@
+"""Peer node over the authenticated wire: real `fabric node` subprocesses on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import fabric
+from cassette import codec
+from cassette.keys import ContentKey
+from cassette.record import pack_record
+from cassette.store import Cassette
+from fabric.errors import FabricError, StatusCode
+from fabric.remote import RemoteFabric
+
+ROOT = Path(__file__).resolve().parent.parent
+EVALUATORS = str(ROOT / "examples" / "evaluators.py")
+FABRIC = str(Path(sys.executable).parent / "fabric")
+SECRET = b"test-secret-0123456789abcdef-XYZ"
+
+
+@contextmanager
+def node(tmp_path: Path, name: str = "node", *extra: str, env: dict | None = None):
+    """A `fabric node` subprocess; yields (address, proc, data_dir); always stopped."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET)
+    data = tmp_path / name
+    cmd = [FABRIC, "node", "--data", str(data), "--listen", "127.0.0.1:0", "--secret-file", str(secret_file),
+           "--evaluators", EVALUATORS, "--drain-s", "10", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})), cwd=str(ROOT))
+    try:
+        line = _readline(proc, 30)
+        assert line.startswith("listening on "), line
+        addr = line.split()[2]
+        assert line.split()[3].startswith("node=")
+        yield addr, proc, data
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        proc.kill()
+        raise AssertionError(f"node did not start in {timeout}s: {proc.stderr.read() if proc.stderr else ''}")
+    return proc.stdout.readline().strip()
+
+
+def _records(data: Path) -> int:
+    with Cassette(data) as c:
+        return c.stats()["records"]
+
+
+def test_remote_realize_computed_then_local_second_client_same_bytes(tmp_path):
+    with node(tmp_path) as (addr, proc, data):
+        a = fabric.open(addr, secret=SECRET)
+        b = fabric.open(addr, secret=SECRET)
+        try:
+            req = fabric.Request("text.stats", {"text": "to be or not to be"}, version="1")
+            first = a.realize(req)
+            assert first.source == "computed"
+            second = a.realize(fabric.Request("text.stats", {"text": "to be or not to be"}, version="1"))
+            assert second.source == "local" and second.holder == first.holder
+            other = b.realize(fabric.Request("text.stats", {"text": "to be or not to be"}))  # version resolved by the node
+            assert other.source == "local" and other.key == first.key
+            assert codec.encode(other.value) == codec.encode(first.value)
+            assert first.value["words"] == 6
+        finally:
+            a.close()
+            b.close()
+
+
+def test_fabric_node_env_routes_the_default_fabric(tmp_path):
+    with node(tmp_path) as (addr, proc, data):
+        (tmp_path / "s").write_bytes(SECRET)
+        code = "import fabric; r = fabric.realize(fabric.Request('embed', {'text': 'x y', 'dim': 4}, version='1')); print(r.source, r.holder)"
+        env = dict(os.environ, FABRIC_NODE=addr, FABRIC_SECRET_FILE=str(tmp_path / "s"), FABRIC_HOME=str(tmp_path / "unused"))
+        out = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60) for _ in range(2)]
+        assert [o.returncode for o in out] == [0, 0], out[0].stderr
+        assert [o.stdout.split()[0] for o in out] == ["computed", "local"]
+        assert not (tmp_path / "unused").exists()  # nothing was computed in-process
+
+
+def test_evaluator_error_reaches_remote_caller_with_type_and_message(tmp_path):
+    with node(tmp_path) as (addr, proc, data):
+        with fabric.open(addr, secret=SECRET) as f:
+            with pytest.raises(ValueError, match="^kaput$"):
+                f.realize(fabric.Request("fail.always", {"message": "kaput"}, version="1"))
+            with pytest.raises(FabricError) as ei:
+                f.realize(fabric.Request("no.such", {}))
+            assert ei.value.status_code is StatusCode.NOT_FOUND
+        assert _records_after_stop(proc, data) == 0
+
+
+def _records_after_stop(proc, data) -> int:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    return _records(data)
+
+
+def test_wrong_secret_is_unauthenticated_and_node_keeps_serving(tmp_path):
+    with node(tmp_path) as (addr, proc, data):
+        bad = RemoteFabric(addr, b"not-the-secret-at-all-0123456789")
+        with pytest.raises(FabricError) as ei:
+            bad.realize(fabric.Request("embed", {"text": "secret stuff", "dim": 4}, version="1"))
+        bad.close()
+        assert ei.value.status_code is StatusCode.UNAUTHENTICATED
+        # garbage before any handshake, and a silent connection, while others are served
+        host, port = addr.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as garbage, socket.create_connection((host, int(port)), timeout=5) as silent:
+            garbage.sendall(b"\x00\x00\x00\x05hello" + os.urandom(64))
+            got = _recv_all(garbage, 2.0)
+            assert b"secret stuff" not in got
+            with fabric.open(addr, secret=SECRET) as good:
+                assert good.realize(fabric.Request("embed", {"text": "a b", "dim": 4}, version="1")).source == "computed"
+            assert silent.fileno() >= 0
+        assert proc.poll() is None
+        assert _records_after_stop(proc, data) == 1  # nothing from the bad peers
+        assert "UNAUTHENTICATED" in proc.stderr.read()
+
+
+def _recv_all(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    out = b""
+    try:
+        while True:
+            b = sock.recv(65536)
+            if not b:
+                return out
+            out += b
+    except (socket.timeout, ConnectionResetError):
+        return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=4))
+def test_malformed_frames_against_a_live_node_never_kill_it(live_node, chunks):
+    addr, proc = live_node
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        for c in chunks:
+            try:
+                s.sendall(c)
+            except OSError:
+                break  # the node already closed this connection: fine
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        _recv_all(s, 1.0)
+    assert proc.poll() is None
+
+
+@pytest.fixture(scope="module")
+def live_node(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("live")
+    with node(tmp) as (addr, proc, data):
+        yield addr, proc
+        with fabric.open(addr, secret=SECRET) as f:  # still serving after all the garbage
+            assert f.realize(fabric.Request("embed", {"text": "still here", "dim": 4}, version="1")).value.shape == (4,)
+        assert proc.poll() is None
+
+
+def test_oversized_frame_claim_is_refused_without_allocation(live_node):
+    addr, proc = live_node
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall((2**31 - 1).to_bytes(4, "big"))
+        assert _recv_all(s, 3.0) is not None
+    assert proc.poll() is None
+
+
+async def _evil_server(task_status=trio.TASK_STATUS_IGNORED):
+    """A peer that knows the secret but answers every realize with altered payload bytes."""
+    from fabric.net import serve
+
+    async def handler(call):
+        body = call.body
+        key = ContentKey.for_request(body["evaluator"], body["version"] or "1", body["args"])
+        raw = bytearray(pack_record(key, codec.encode("honest answer"), evaluator=body["evaluator"], version="1",
+                                    created=0.0, compute_s=0.0, node="evil"))
+        raw[-3] ^= 0x20  # alter one payload byte
+        return {"key": key, "source": "local", "holder": "evil", "record": bytes(raw)}
+
+    await serve("127.0.0.1", 0, SECRET, handler, node_id="evil", task_status=task_status)
+
+
+def test_altered_bytes_from_a_peer_are_data_loss_and_nothing_is_recorded(tmp_path):
+    async def main():
+        async with trio.open_nursery() as nursery:
+            listening = await nursery.start(_evil_server)
+            evil = f"{listening.host}:{listening.port}"
+            direct = RemoteFabric(evil, SECRET)
+            with pytest.raises(FabricError) as ei:
+                await direct.arealize(fabric.Request("text.stats", {"text": "x"}, version="1"))
+            assert ei.value.status_code is StatusCode.DATA_LOSS
+            # a relay node in front of the evil peer must not record what it got
+            def run_relay():
+                with node(tmp_path, "relay", "--relay", evil) as (addr, proc, data):
+                    with fabric.open(addr, secret=SECRET) as f:
+                        with pytest.raises(FabricError) as ej:
+                            f.realize(fabric.Request("text.stats", {"text": "x"}, version="1"))
+                        assert ej.value.status_code is StatusCode.DATA_LOSS
+                    return _records_after_stop(proc, data)
+
+            recorded = await trio.to_thread.run_sync(run_relay)
+            assert recorded == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_relay_serves_from_upstream_and_becomes_a_holder(tmp_path):
+    with node(tmp_path, "upstream") as (up, up_proc, up_data):
+        with node(tmp_path, "relay", "--relay", up) as (relay, relay_proc, relay_data):
+            with fabric.open(relay, secret=SECRET) as f:
+                first = f.realize(fabric.Request("linalg.spectrum", {"seed": 3, "n": 8}, version="1"))
+                second = f.realize(fabric.Request("linalg.spectrum", {"seed": 3, "n": 8}, version="1"))
+            assert first.source == "peer" and second.source == "local"
+            assert _records_after_stop(relay_proc, relay_data) == 1
+        with fabric.open(up, secret=SECRET) as g:
+            assert g.realize(fabric.Request("linalg.spectrum", {"seed": 3, "n": 8}, version="1")).source == "local"
+
+
+def test_64_clients_200_requests_each_distinct_request_evaluated_once(tmp_path):
+    log = tmp_path / "evals.log"
+    with node(tmp_path, env={"FABRIC_EVAL_LOG": str(log)}) as (addr, proc, data):
+        distinct = 300
+        rng = random.Random(5)
+        plans = [[rng.randrange(distinct) for _ in range(200)] for _ in range(64)]
+        bad: list = []
+
+        async def client(i: int, plan: list[int]):
+            f = RemoteFabric(addr, SECRET)
+            for x in plan:
+                rep = await f.arealize(fabric.Request("slow.square", {"x": x, "delay": 0.0}, version="1"))
+                if rep.value != x * x:
+                    bad.append((i, x, rep.value))
+
+        async def main():
+            with trio.fail_after(240):
+                async with trio.open_nursery() as nursery:
+                    for i, plan in enumerate(plans):
+                        nursery.start_soon(client, i, plan)
+
+        trio.run(main)
+        assert bad == []
+        asked = {x for plan in plans for x in plan}
+        runs = log.read_text().splitlines()
+        assert len(runs) == len(asked)
+        assert _records_after_stop(proc, data) == len(asked)
+
+
+def test_sigterm_during_a_write_burst_keeps_every_acknowledged_record(tmp_path):
+    with node(tmp_path) as (addr, proc, data):
+        acked: list[int] = []
+
+        async def main():
+            f = RemoteFabric(addr, SECRET)
+
+            async def writer(start: int):
+                for x in range(start, start + 10_000, 16):
+                    try:
+                        rep = await f.arealize(fabric.Request("slow.square", {"x": x, "delay": 0.001}, version="1"))
+                    except FabricError:
+                        return  # the node went away: stop
+                    assert rep.value == x * x
+                    acked.append(x)
+
+            with trio.fail_after(120):
+                async with trio.open_nursery() as nursery:
+                    for s in range(16):
+                        nursery.start_soon(writer, s)
+                    while len(acked) < 150:
+                        await trio.sleep(0.01)
+                    proc.send_signal(signal.SIGTERM)
+
+        trio.run(main)
+        assert proc.wait(30) == 0
+        assert len(acked) >= 150
+        with Cassette(data) as c:
+            for x in acked:
+                key = ContentKey.for_request("slow.square", "1", {"x": x, "delay": 0.001})
+                assert c.lookup_value(key) == x * x
+            assert c.verify().ok
+
+
+def test_node_cli_errors_are_one_line(tmp_path):
+    r = subprocess.run([FABRIC, "node", "--data", str(tmp_path / "d"), "--listen", "nonsense"], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([FABRIC, "node", "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "--listen" in r.stdout
