@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", default=None, help="node id for a new data dir (default: random)")
     p.add_argument("--durability", choices=("sync", "fast"), default="sync")
     p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, wait this long for in-flight computations")
+    p.add_argument("--gossip-interval", type=float, default=0.5, help="seconds between gossip rounds and probes")
 
     p = sub.add_parser("realize", help="realize EVALUATOR on JSON_ARGS and print the reply as JSON")
     _common(p)

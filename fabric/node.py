@@ -53,7 +53,9 @@ async def run_node(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=host)
-    caps = ["serve", "compute"] + [f"eval:{n}@{v}" for n, v in registered()]
+    from fabric.fleet import ContentAddressedFabric, Fleet, capability_for
+
+    caps = ["serve", "compute"] + [capability_for(n, v) for n, v in registered()]
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
@@ -64,11 +66,20 @@ async def run_node(args: argparse.Namespace) -> int:
                         task_status=task_status,
                     )
                 )
+                fleet = None
+                if not args.relay:
+                    fleet = Fleet(fab, f"{listening.host}:{listening.port}", secret, caps, interval=args.gossip_interval)
+                    facts = fleet.replay_ledger()
+                    service.fleet, service.caf = fleet, ContentAddressedFabric(fab, fleet)
+                    await nursery.start(fleet.run, list(args.join))
+                    log.info("node %s: gossip running, %d holdings replayed from the ledger, seeds=%s", fab.node_id, facts, args.join)
                 print(f"listening on {listening.host}:{listening.port} node={fab.node_id}", flush=True)
                 log.info("node %s serving %s on %s:%d (relay=%s)", fab.node_id, data, listening.host, listening.port, args.relay)
                 async for signum in signals:
                     log.info("node %s: %s received, shutting down", fab.node_id, signal.Signals(signum).name)
                     break
+                if fleet is not None:
+                    await fleet.aclose()
                 nursery.cancel_scope.cancel()
         # in-flight computations finish and their records commit before LMDB closes
         with trio.move_on_after(args.drain_s):
@@ -86,7 +97,8 @@ async def run_node(args: argparse.Namespace) -> int:
 
 def _node_stats(fab, service) -> dict:
     st = fab.cassette.stats()
-    return {
+    extra = service.fleet.stats() if service.fleet is not None else {}
+    return extra | {
         "node_id": fab.node_id,
         "records": st["records"],
         "ledger_rows": st["ledger_rows"],
@@ -102,4 +114,6 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not hasattr(args, "drain_s"):
         args.drain_s = DRAIN_S
+    if not hasattr(args, "gossip_interval"):
+        args.gossip_interval = 0.5
     return trio.run(run_node, args)

@@ -110,12 +110,14 @@ class NodeService:
     node becomes a holder (LedgeredRelayFabric).
     """
 
-    def __init__(self, fab: "Fabric", *, relay: Any = None, holders: Callable[[ContentKey], list[str]] | None = None) -> None:
+    def __init__(self, fab: "Fabric", *, relay: Any = None) -> None:
         self.fab = fab
         self.node_id = fab.node_id
         self.serve = ContentServeFabric(fab.cassette)
         self.relay = relay
-        self._holders = holders
+        #: set by the node when it runs in a fleet (:class:`fabric.fleet.Fleet`)
+        self.fleet: Any = None
+        self.caf: Any = None
         self.active_computations = 0
         self.idle = trio.Event()
         self.idle.set()
@@ -132,12 +134,16 @@ class NodeService:
             return await self.get(call)
         if op == "holders":
             return self.holders(_key_field(call.body))
+        if op == "gossip":
+            if self.fleet is None:
+                raise FabricError(StatusCode.FAILED_PRECONDITION, "this node does not run gossip")
+            return await self.fleet.handle(call)
         raise FabricError(StatusCode.UNIMPLEMENTED, f"unknown op {op!r}")
 
     def holders(self, key: ContentKey) -> list[str]:
         """Node ids known to hold ``key`` (this node, plus what the fleet index knows)."""
-        if self._holders is not None:
-            return self._holders(key)
+        if self.caf is not None:
+            return self.caf.holders(key)
         return [self.node_id] if self.fab.cassette.contains(key) else []
 
     async def realize(self, call: "ServerCall") -> dict:
@@ -155,6 +161,11 @@ class NodeService:
             from fabric import registry
 
             registry.lookup(req.evaluator)  # NOT_FOUND listing what this node has
+        if self.caf is not None:
+            from fabric import registry
+
+            registry.lookup(req.evaluator, req.version)  # this node must be able to compute it
+            return await self.caf.realize(call, req, at_home=body.get("home") is True, begin=self._begin, end=self._end)
         if req.version is not None:
             key = req.key
             raw = self.fab.cassette.get_raw(key)

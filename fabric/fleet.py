@@ -1,0 +1,348 @@
+"""The fleet: gossip over the authenticated wire, and ContentAddressedFabric.
+
+A node in a fleet runs a :class:`gossip.runner.GossipRunner` whose transport is
+the wire (op ``gossip``; payloads are gossip messages, decoded by the runner).
+Its HoldingIndex is seeded by replaying its own ledger (so a restarted node's
+holdings come back), and every record it makes afterwards is announced.
+
+:class:`ContentAddressedFabric` answers a realize in this order:
+
+1. the local cassette;
+2. peers the index says hold the key, live ones only, lowest observed latency
+   first: the record is fetched with ``fetch`` (ContentServeFabric), verified
+   against the digest the holder announced, recorded here, announced;
+3. the key's *home site*, the rendezvous hash of the key over live members
+   advertising the evaluator (``eval:NAME@VERSION``): if that is this node it
+   computes (single-flight), else the request is forwarded to the home (marked
+   ``home``, so the home never forwards again) and the verified reply recorded;
+   a home that cannot be reached falls back to computing here;
+4. record locally and announce, so this node becomes a holder.
+
+Two holders claiming different digests for one key is a determinism
+violation: it is logged and counted (``fabric_determinism_violations_total``)
+and the digest served is the one most holders claim (ties: the home's).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from cassette.errors import FabricError, StatusCode
+from cassette.keys import ContentKey
+from cassette.record import Record
+from fabric import metrics
+from fabric.net import WireClient, open_connection
+from fabric.remote import parse_address
+from fabric.serve import EVALUATOR_ERROR, send_record, verify_record
+from gossip.node import GossipConfig, GossipNode
+from gossip.runner import GossipRunner
+
+if TYPE_CHECKING:
+    from fabric.local import Fabric
+    from fabric.net import ServerCall
+
+__all__ = ["PeerPool", "WireTransport", "Fleet", "ContentAddressedFabric", "capability_for"]
+
+log = logging.getLogger("fabric.fleet")
+
+INBOX = 1024
+
+
+def capability_for(evaluator: str, version: str) -> str:
+    """The capability string a node advertises for an evaluator version."""
+    return f"eval:{evaluator}@{version}"
+
+
+class PeerPool:
+    """One reused, pipelined wire connection per peer address, with observed latency."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+        self._clients: dict[str, WireClient] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        #: exponentially weighted round-trip estimate per address (seconds)
+        self.rtt: dict[str, float] = {}
+
+    async def client(self, addr: str) -> WireClient:
+        """A connected client for ``addr`` (dialled on first use or after a break)."""
+        c = self._clients.get(addr)
+        if c is not None and not c.closed:
+            return c
+        lock = self._locks.setdefault(addr, trio.Lock())
+        async with lock:
+            c = self._clients.get(addr)
+            if c is None or c.closed:
+                host, port = parse_address(addr)
+                c = self._clients[addr] = await open_connection(host, port, self.secret)
+            return c
+
+    def drop(self, addr: str) -> None:
+        """Forget ``addr``'s connection (it broke); the next call re-dials."""
+        self._clients.pop(addr, None)
+
+    async def request(self, addr: str, op: str, body: Any) -> Any:
+        """A unary request to ``addr``; UNAVAILABLE drops the connection."""
+        t0 = time.perf_counter()
+        client = await self.client(addr)
+        try:
+            out = await client.request(op, body)
+        except FabricError as exc:
+            if exc.status_code is StatusCode.UNAVAILABLE:
+                self.drop(addr)
+            raise
+        self._observe(addr, time.perf_counter() - t0)
+        return out
+
+    async def record(self, addr: str, op: str, body: Any) -> tuple[dict, bytes]:
+        """A streaming request answered with a record (see :mod:`fabric.serve`)."""
+        from fabric.remote import _stream_record
+
+        t0 = time.perf_counter()
+        client = await self.client(addr)
+        try:
+            out = await _stream_record(client, op, body)
+        except FabricError as exc:
+            if exc.status_code is StatusCode.UNAVAILABLE:
+                self.drop(addr)
+            raise
+        self._observe(addr, time.perf_counter() - t0)
+        return out
+
+    def _observe(self, addr: str, dt: float) -> None:
+        old = self.rtt.get(addr)
+        self.rtt[addr] = dt if old is None else 0.8 * old + 0.2 * dt
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        for c in list(self._clients.values()):
+            with trio.move_on_after(1):
+                await c.aclose()
+        self._clients.clear()
+
+
+class WireTransport:
+    """The gossip :class:`~gossip.runner.Transport` over the wire: op ``gossip``."""
+
+    def __init__(self, pool: PeerPool, self_addr: str) -> None:
+        self.pool = pool
+        self.self_addr = self_addr
+
+    async def send(self, peer_addr: str, payload: bytes) -> None:
+        """Send one gossip payload to ``peer_addr`` (errors are the runner's to count)."""
+        await self.pool.request(peer_addr, "gossip", {"from": self.self_addr, "msg": payload})
+        metrics.GOSSIP_BYTES.inc(len(payload))
+
+
+class Fleet:
+    """A node's gossip membership and holding index, run under trio."""
+
+    def __init__(self, fab: "Fabric", addr: str, secret: bytes, capabilities: list[str], *, interval: float = 0.5) -> None:
+        from gossip.membership import MembershipConfig
+
+        self.fab = fab
+        self.addr = addr
+        self.pool = PeerPool(secret)
+        cfg = GossipConfig(
+            interval=interval,
+            fanout=3,
+            membership=MembershipConfig(probe_interval=interval, ping_timeout=interval * 0.6, suspicion_mult=3.0,
+                                        member_sync_interval=10 * interval, reconnect_interval=4 * interval),
+        )
+        # a restart must outrank every incarnation this node had before
+        incarnation = int(time.time() * 1000)
+        self.gossip = GossipNode(fab.node_id, addr=addr, capabilities=capabilities, config=cfg, incarnation=incarnation,
+                                 now=trio.current_time())
+        self.runner = GossipRunner(self.gossip, WireTransport(self.pool, addr))
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel(INBOX)
+        self.dropped = 0
+        self._seen_conflicts = 0
+
+    def replay_ledger(self) -> int:
+        """Seed the index with this node's own ledger, in ledger order (no announcement)."""
+        n = 0
+        for rec in self.fab.cassette.iter_ledger(verify=False):
+            self.gossip.add_local(rec.key, rec.digest, announce=False)
+            n += 1
+        return n
+
+    async def run(self, seeds: list[str], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run gossip until cancelled: the tick loop, the inbox, and joining ``seeds``."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.runner.run)
+            nursery.start_soon(self._drain_inbox)
+            nursery.start_soon(self._export_metrics)
+            if seeds:
+                await self.runner.join(seeds)
+            task_status.started()
+
+    async def handle(self, call: "ServerCall") -> None:
+        """The ``gossip`` op: queue the payload for the runner; drop it when the inbox is full."""
+        body = call.body
+        if not isinstance(body, dict) or type(body.get("msg")) is not bytes or not isinstance(body.get("from"), str):
+            raise FabricError(StatusCode.INVALID_ARGUMENT, "gossip: body must be {'from': str, 'msg': bytes}")
+        try:
+            self._inbox_send.send_nowait((body["from"], body["msg"]))
+        except trio.WouldBlock:
+            self.dropped += 1  # gossip tolerates loss; anti-entropy repairs it
+
+    async def _drain_inbox(self) -> None:
+        async for src, payload in self._inbox_recv:
+            await self.runner.deliver(src, payload)
+
+    async def _export_metrics(self) -> None:
+        last_rounds = last_new = 0
+        while True:
+            await trio.sleep(1.0)
+            st = self.gossip.stats
+            metrics.GOSSIP_ROUNDS.inc(st.rounds - last_rounds)
+            metrics.GOSSIP_FACTS.inc(st.facts_new - last_new)
+            last_rounds, last_new = st.rounds, st.facts_new
+            if st.conflicts > self._seen_conflicts:
+                metrics.DETERMINISM_VIOLATIONS.inc(st.conflicts - self._seen_conflicts)
+                log.warning("gossip: %d new determinism violation(s) (holders disagree on a digest)", st.conflicts - self._seen_conflicts)
+                self._seen_conflicts = st.conflicts
+
+    async def announce(self, rec_key: ContentKey, digest: bytes) -> None:
+        """Tell the fleet this node now holds ``rec_key``."""
+        await self.runner.add_local(rec_key, digest)
+
+    def live_holders(self, key: ContentKey) -> list[tuple[str, str, bytes]]:
+        """``(node_id, addr, digest)`` of live holders other than this node, nearest first."""
+        out = []
+        for node_id, digest in self.gossip.live_holders(key):
+            if node_id == self.fab.node_id:
+                continue
+            addr = self.gossip.membership.addr_of(node_id)
+            if addr:
+                out.append((node_id, addr, digest))
+        out.sort(key=lambda t: self.pool.rtt.get(t[1], math.inf))
+        return out
+
+    def home(self, key: ContentKey, evaluator: str, version: str) -> tuple[str | None, str | None]:
+        """``(node_id, addr)`` of the key's home among live members advertising the evaluator."""
+        node_id = self.gossip.home(key, capability_for(evaluator, version))
+        if node_id is None:
+            return None, None
+        return node_id, (self.addr if node_id == self.fab.node_id else self.gossip.membership.addr_of(node_id))
+
+    def stats(self) -> dict:
+        """Members, facts, rounds and conflicts, for ``fabric stats``."""
+        members = self.gossip.membership.members()
+        st = self.gossip.stats
+        return {
+            "members": len(members),
+            "members_live": sum(1 for m in members if m.live),
+            "facts": len(self.gossip.index),
+            "gossip_rounds": st.rounds,
+            "gossip_facts_new": st.facts_new,
+            "gossip_conflicts": st.conflicts,
+            "gossip_dropped": self.dropped,
+            "gossip_bytes_sent": self.runner.bytes_sent,
+        }
+
+    async def aclose(self) -> None:
+        """Leave gracefully and close peer connections."""
+        with trio.move_on_after(2):
+            await self.runner.leave()
+        await self.pool.aclose()
+
+
+class ContentAddressedFabric:
+    """The fleet lookup of a node (see the module docstring)."""
+
+    def __init__(self, fab: "Fabric", fleet: Fleet) -> None:
+        self.fab = fab
+        self.fleet = fleet
+
+    async def realize(self, call: "ServerCall", req: Any, *, at_home: bool, begin, end) -> dict:
+        """Answer a realize for ``req`` (version resolved) as the module docstring says."""
+        key = req.key
+        raw = self.fab.cassette.get_raw(key)
+        if raw is not None:
+            self.fab.local_hits += 1
+            return await send_record(call, raw, {"key": key, "source": "local", "holder": self.fab.node_id})
+        begin()
+        try:
+            got = await self._from_holders(key)
+            if got is not None:
+                rec, holder = got
+                return await self._record_and_answer(call, rec, "peer", holder)
+            home_id, home_addr = self.fleet.home(key, req.evaluator, req.version)
+            if not at_home and home_id is not None and home_id != self.fab.node_id and home_addr:
+                forwarded = await self._forward(home_addr, req)
+                if forwarded is not None:
+                    rec, source, holder = forwarded
+                    return await self._record_and_answer(call, rec, source, holder)
+            rep = await self.fab.arealize(req)
+        except FabricError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the evaluator's own error, carried to the caller
+            raise FabricError(StatusCode.INTERNAL, f"{EVALUATOR_ERROR}{type(exc).__name__}: {exc}", retryable=False, key=key) from None
+        finally:
+            end()
+        rec = self.fab.cassette.get_record(key)
+        if rec is None:
+            raise FabricError(StatusCode.INTERNAL, "reply vanished from the cassette after recording", key=key)
+        await self.fleet.announce(key, rec.digest)
+        raw = self.fab.cassette.get_raw(key)
+        assert raw is not None
+        return await send_record(call, raw, {"key": key, "source": rep.source, "holder": self.fab.node_id})
+
+    async def _from_holders(self, key: ContentKey) -> tuple[Record, str] | None:
+        holders = self.fleet.live_holders(key)
+        if not holders:
+            return None
+        preferred = self.fleet.gossip.preferred_digest(key)
+        if len({d for _, _, d in holders}) > 1:
+            metrics.DETERMINISM_VIOLATIONS.inc()
+            log.warning("holders of %s disagree on its digest; serving the majority's", key.short())
+        for node_id, addr, digest in holders:
+            if preferred is not None and digest != preferred:
+                continue
+            try:
+                reply, raw = await self.fleet.pool.record(addr, "fetch", {"key": key})
+                rec = verify_record(raw, key, digest)
+            except FabricError as exc:
+                if exc.status_code is StatusCode.DATA_LOSS:
+                    metrics.ERRORS.labels(op="peer_fetch", status="DATA_LOSS").inc()
+                log.info("fetch of %s from %s failed: %s; trying the next holder", key.short(), node_id, exc.status_code.name)
+                continue
+            metrics.PEER_FETCH_BYTES.inc(len(raw))
+            return rec, node_id
+        return None
+
+    async def _forward(self, addr: str, req: Any) -> tuple[Record, str, str] | None:
+        body = {"evaluator": req.evaluator, "version": req.version, "args": req.args, "home": True}
+        try:
+            reply, raw = await self.fleet.pool.record(addr, "realize", body)
+        except FabricError as exc:
+            if exc.status_code in (StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED, StatusCode.UNAUTHENTICATED):
+                log.info("home %s unreachable for %s (%s): computing here", addr, req.key.short(), exc.status_code.name)
+                return None
+            raise
+        rec = verify_record(raw, req.key)
+        source = reply.get("source") if reply.get("source") in ("local", "peer", "computed") else "peer"
+        # from here the reply came over the wire: "local" at the home is "peer" for us
+        return rec, ("computed" if source == "computed" else "peer"), str(reply.get("holder", ""))
+
+    async def _record_and_answer(self, call: "ServerCall", rec: Record, source: str, holder: str) -> dict:
+        await self.fab.cassette.aput(rec.key, rec.payload, evaluator=rec.evaluator, version=rec.version,
+                                     compute_s=rec.compute_s, created=rec.created, node=rec.node)
+        await self.fleet.announce(rec.key, rec.digest)
+        metrics.SOURCE_HITS.labels(source=source).inc()
+        raw = self.fab.cassette.get_raw(rec.key)
+        assert raw is not None
+        return await send_record(call, raw, {"key": rec.key, "source": source, "holder": holder})
+
+    def holders(self, key: ContentKey) -> list[str]:
+        """Every node the index says holds ``key`` (this node included when it does)."""
+        ids = [n for n, _ in self.fleet.gossip.holders(key)]
+        if self.fab.cassette.contains(key) and self.fab.node_id not in ids:
+            ids.insert(0, self.fab.node_id)
+        return ids
+
