@@ -81,7 +81,7 @@ def slow_square(x: int, delay: float = 0.05) -> int:
     """``x * x`` after sleeping ``delay`` seconds: an "expensive" evaluation for concurrency tests."""
     import time
 
-    _side_effect("slow.square")
+    _side_effect(f"slow.square x={x}")
     time.sleep(delay)
     return x * x
 

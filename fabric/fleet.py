@@ -147,11 +147,14 @@ class Fleet:
         self.fab = fab
         self.addr = addr
         self.pool = PeerPool(secret)
+        # Failure detection must tolerate a loaded machine: a false DEAD splits the
+        # live set, and nodes that disagree on the live set disagree on homes.
+        probe = max(1.0, interval)
         cfg = GossipConfig(
             interval=interval,
             fanout=3,
-            membership=MembershipConfig(probe_interval=interval, ping_timeout=interval * 0.6, suspicion_mult=3.0,
-                                        member_sync_interval=10 * interval, reconnect_interval=4 * interval),
+            membership=MembershipConfig(probe_interval=probe, ping_timeout=0.8 * probe, suspicion_mult=5.0,
+                                        member_sync_interval=10 * probe, reconnect_interval=4 * probe),
         )
         # a restart must outrank every incarnation this node had before
         incarnation = int(time.time() * 1000)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,50 +23,7 @@ from cassette.store import Cassette
 from fabric.errors import FabricError, StatusCode
 from fabric.remote import RemoteFabric
 
-ROOT = Path(__file__).resolve().parent.parent
-EVALUATORS = str(ROOT / "examples" / "evaluators.py")
-FABRIC = str(Path(sys.executable).parent / "fabric")
-SECRET = b"test-secret-0123456789abcdef-XYZ"
-
-
-@contextmanager
-def node(tmp_path: Path, name: str = "node", *extra: str, env: dict | None = None):
-    """A `fabric node` subprocess; yields (address, proc, data_dir); always stopped."""
-    secret_file = tmp_path / "secret"
-    secret_file.write_bytes(SECRET)
-    data = tmp_path / name
-    cmd = [FABRIC, "node", "--data", str(data), "--listen", "127.0.0.1:0", "--secret-file", str(secret_file),
-           "--evaluators", EVALUATORS, "--drain-s", "10", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})), cwd=str(ROOT))
-    try:
-        line = _readline(proc, 30)
-        assert line.startswith("listening on "), line
-        addr = line.split()[2]
-        assert line.split()[3].startswith("node=")
-        yield addr, proc, data
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        for f in (proc.stdout, proc.stderr):
-            if f:
-                f.close()
-
-
-def _readline(proc: subprocess.Popen, timeout: float) -> str:
-    import selectors
-
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(timeout):
-        proc.kill()
-        raise AssertionError(f"node did not start in {timeout}s: {proc.stderr.read() if proc.stderr else ''}")
-    return proc.stdout.readline().strip()
+from _nodes import FABRIC, ROOT, SECRET, node
 
 
 def _records(data: Path) -> int:
@@ -140,7 +96,7 @@ def test_wrong_secret_is_unauthenticated_and_node_keeps_serving(tmp_path):
             assert silent.fileno() >= 0
         assert proc.poll() is None
         assert _records_after_stop(proc, data) == 1  # nothing from the bad peers
-        assert "UNAUTHENTICATED" in proc.stderr.read()
+        assert "UNAUTHENTICATED" in proc.log_path.read_text()
 
 
 def _recv_all(sock: socket.socket, timeout: float) -> bytes:

@@ -1,0 +1,73 @@
+"""Real `fabric node` subprocesses for tests (loopback only, always stopped)."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EVALUATORS = str(ROOT / "examples" / "evaluators.py")
+FABRIC = str(Path(sys.executable).parent / "fabric")
+SECRET = b"test-secret-0123456789abcdef-XYZ"
+
+
+def start_node(tmp_path: Path, name: str = "node", *extra: str, env: dict | None = None) -> tuple[str, subprocess.Popen, Path]:
+    """Start a node; returns (address, process, data_dir) once it printed its listening line."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET)
+    data = tmp_path / name
+    cmd = [FABRIC, "node", "--data", str(data), "--listen", "127.0.0.1:0", "--secret-file", str(secret_file),
+           "--evaluators", EVALUATORS, "--drain-s", "10", *extra]
+    # logs go to a file: a pipe nobody reads would block a chatty node once full
+    log = open(tmp_path / f"{name}.log", "a")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                            env=dict(os.environ, **(env or {})), cwd=str(ROOT))
+    log.close()
+    proc.log_path = tmp_path / f"{name}.log"  # type: ignore[attr-defined]
+    try:
+        line = _readline(proc, 30)
+        assert line.startswith("listening on "), line
+        assert line.split()[3].startswith("node=")
+    except BaseException:
+        stop_node(proc)
+        raise
+    return line.split()[2], proc, data
+
+
+def stop_node(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int | None:
+    """Stop a node (SIGTERM, then SIGKILL after 20 s); returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    for f in (proc.stdout, proc.stderr):
+        if f and not f.closed:
+            f.close()
+    return proc.returncode
+
+
+@contextmanager
+def node(tmp_path: Path, name: str = "node", *extra: str, env: dict | None = None):
+    """A `fabric node` subprocess; yields (address, proc, data_dir); always stopped."""
+    addr, proc, data = start_node(tmp_path, name, *extra, env=env)
+    try:
+        yield addr, proc, data
+    finally:
+        stop_node(proc)
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        proc.kill()
+        raise AssertionError(f"node did not start in {timeout}s")
+    return proc.stdout.readline().strip()

@@ -1,0 +1,199 @@
+"""The fleet: real node processes gossiping on 127.0.0.1 (bounded, always stopped)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import fabric
+from cassette.keys import ContentKey
+from fabric.fleet import capability_for
+from gossip.node import rendezvous_home
+from _nodes import ROOT, SECRET, start_node, stop_node
+
+
+def _stats(addr: str) -> dict:
+    with fabric.open(addr, secret=SECRET) as f:
+        return f.stats()["node"]
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Fleet:
+    """N node processes, the first a seed for the rest."""
+
+    def __init__(self, tmp_path: Path, n: int, env: dict | None = None) -> None:
+        self.tmp, self.env, self.nodes = tmp_path, env, []
+        for i in range(n):
+            self.start(i, *([] if i == 0 else ["--join", self.nodes[0][0]]))
+
+    def start(self, i: int, *extra: str) -> None:
+        addr, proc, data = start_node(self.tmp, f"n{i}", "--gossip-interval", "0.3", *extra, env=self.env)
+        entry = (addr, proc, data)
+        if i < len(self.nodes):
+            self.nodes[i] = entry
+        else:
+            self.nodes.append(entry)
+
+    def addrs(self) -> list[str]:
+        return [a for a, _, _ in self.nodes]
+
+    def ids(self) -> list[str]:
+        return [_stats(a)["node_id"] for a in self.addrs()]
+
+    def converged(self, live: int, among: list[str] | None = None) -> None:
+        for a in among or self.addrs():
+            _wait(lambda a=a: _stats(a)["members_live"] == live, 30, f"{a} to see {live} live members")
+
+    def stop(self) -> list[int | None]:
+        return [stop_node(p) for _, p, _ in self.nodes]
+
+
+@pytest.fixture
+def fleet_of(tmp_path):
+    made = []
+
+    def make(n, env=None):
+        f = Fleet(tmp_path, n, env)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.stop()
+
+
+_AGENT = textwrap.dedent(
+    """
+    import json, random, sys
+    import blake3, fabric
+    from cassette import codec
+    addr, agent, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    f = fabric.open(addr, secret=sys.argv[4].encode())
+    xs = list(range(n)); random.Random(agent).shuffle(xs)
+    out = {}
+    for x in xs:
+        rep = f.realize(fabric.Request("slow.square", {"x": x, "delay": 0.0}, version="1"))
+        assert rep.value == x * x, (x, rep.value)
+        out[str(rep.key)] = blake3.blake3(codec.encode(rep.value)).hexdigest()
+    f.close()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_five_nodes_eight_agents_500_requests_evaluated_exactly_500_times(fleet_of, tmp_path):
+    log = tmp_path / "evals.log"
+    fl = fleet_of(5, env={"FABRIC_EVAL_LOG": str(log)})
+    fl.converged(5)
+    addrs = fl.addrs()
+    agents = [
+        subprocess.Popen([sys.executable, "-c", _AGENT, addrs[i % 5], str(i), "500", SECRET.decode()],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+        for i in range(8)
+    ]
+    results = []
+    try:
+        for p in agents:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-2000:]
+            results.append(json.loads(out))
+    finally:
+        for p in agents:
+            if p.poll() is None:
+                p.kill()
+    assert all(len(r) == 500 for r in results)
+    for key in results[0]:
+        assert len({r[key] for r in results}) == 1, f"agents disagree on {key}"
+    assert len(log.read_text().splitlines()) == 500  # compute-once, fleet-wide
+
+
+def test_after_a_computes_b_gets_it_from_peer_a(fleet_of):
+    fl = fleet_of(3)
+    fl.converged(3)
+    ids = fl.ids()
+    a_addr, b_addr = fl.addrs()[0], fl.addrs()[1]
+    cap = capability_for("text.stats", "1")
+    # pick a request whose home is node A, so A computes it itself
+    for i in range(1000):
+        req = fabric.Request("text.stats", {"text": f"home probe {i}"}, version="1")
+        if rendezvous_home(req.key, _members_with(ids, cap)) == ids[0]:
+            break
+    with fabric.open(a_addr, secret=SECRET) as a:
+        first = a.realize(req)
+    assert (first.source, first.holder) == ("computed", ids[0])
+    _wait(lambda: ids[0] in _holders(b_addr, req.key), 20, "B to learn that A holds the key")
+    with fabric.open(b_addr, secret=SECRET) as b:
+        second = b.realize(fabric.Request("text.stats", {"text": req.args["text"]}, version="1"))
+    assert (second.source, second.holder) == ("peer", ids[0])
+    assert second.value == first.value
+    assert _stats(fl.addrs()[1])["records"] == 1  # B recorded it and is now a holder too
+    _wait(lambda: set(_holders(fl.addrs()[2], req.key)) >= {ids[0], ids[1]}, 20, "C to learn both holders")
+
+
+def _members_with(ids, cap):
+    from gossip.membership import Member
+
+    return [Member(node_id=i, addr="-", capabilities=frozenset({cap})) for i in ids]
+
+
+def _holders(addr: str, key: ContentKey) -> list[str]:
+    with fabric.open(addr, secret=SECRET) as f:
+        return f.holders(key)
+
+
+def test_kill_9_a_holder_then_restart_it(fleet_of):
+    fl = fleet_of(3)
+    fl.converged(3)
+    ids = fl.ids()
+    cap = capability_for("text.stats", "1")
+    homed_on_a = []
+    for i in range(2000):
+        req = fabric.Request("text.stats", {"text": f"victim {i}"}, version="1")
+        if rendezvous_home(req.key, _members_with(ids, cap)) == ids[0]:
+            homed_on_a.append(req)
+        if len(homed_on_a) == 2:
+            break
+    with fabric.open(fl.addrs()[0], secret=SECRET) as a:
+        for req in homed_on_a:
+            assert a.realize(req).source == "computed"
+    for req in homed_on_a:
+        _wait(lambda req=req: ids[0] in _holders(fl.addrs()[1], req.key), 20, "B to learn A's holdings")
+
+    victim = fl.nodes[0][1]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    # its key is still answered (recomputed at the new home) within the realize deadline
+    t0 = time.monotonic()
+    with fabric.open(fl.addrs()[1], secret=SECRET) as b:
+        rep = b.realize(fabric.Request("text.stats", dict(homed_on_a[0].args), version="1"), timeout=40)
+    assert rep.source == "computed" and time.monotonic() - t0 < 40
+    fl.converged(2, among=fl.addrs()[1:])  # the dead node left the live set
+
+    # restart with the same data dir: it rejoins and its replayed holdings are served again
+    fl.start(0, "--join", fl.addrs()[1])
+    fl.converged(3)
+    assert fl.ids()[0] == ids[0]
+    other = homed_on_a[1]
+    _wait(lambda: ids[0] in _holders(fl.addrs()[2], other.key), 30, "C to see A's replayed holdings")
+    with fabric.open(fl.addrs()[2], secret=SECRET) as c:
+        again = c.realize(fabric.Request("text.stats", dict(other.args), version="1"))
+    assert (again.source, again.holder) == ("peer", ids[0])
