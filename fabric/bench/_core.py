@@ -74,8 +74,9 @@ class Ctx:
         self.quick = quick
         self.base_dir = base_dir
         self.rows: list[Row] = []
+        self.timings: dict[str, float] = {}  # seconds each benchmark took, for the JSON file
         #: seconds of timed work per measured figure (split over interleaved rounds)
-        self.budget = 0.25 if quick else 1.5
+        self.budget = 0.15 if quick else 1.0
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -244,6 +245,8 @@ def render(rows: list[Row], *, title: str, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rich.markup import escape
+
     console = console or Console()
     table = Table(title=title, show_lines=False, header_style="bold")
     table.add_column("measure", overflow="fold")
@@ -254,17 +257,27 @@ def render(rows: list[Row], *, title: str, console: Any = None) -> None:
     table.add_column("verdict")
     style = {MEETS: "green", MISSES: "red", INFO: "cyan", NOT_BUILT: "yellow", SKIPPED: "yellow", ERROR: "bold red"}
     notes: list[str] = []
+    group = None
     for r in rows:
-        measure = f"[dim]{r.bench}[/dim] {r.measure}"
+        if r.bench != group:
+            if group is not None:
+                table.add_section()
+            group = r.bench
+            measure = f"[bold]{escape(r.bench)}[/bold]: {escape(r.measure)}"
+        else:
+            measure = escape(r.measure)
         if r.note:
             notes.append(r.note)
             measure += f" [dim]({len(notes)})[/dim]"
         other = "—" if not r.other_label else (f"{r.other_label}: {_cell(r.other, r.other_unit or r.unit)}" if r.other is not None else r.other_label)
         ratio = "—" if r.ratio is None else f"{fmt_num(r.ratio)}×"
-        table.add_row(measure, _cell(r.ours, r.unit), other, ratio, r.goal_text, f"[{style.get(r.verdict, '')}]{r.verdict}[/]")
+        verdict = r.verdict
+        if verdict == SKIPPED and r.note:
+            verdict = f"{verdict}: {r.note.split(' (')[0]}"
+        table.add_row(measure, _cell(r.ours, r.unit), escape(other), ratio, r.goal_text, f"[{style.get(r.verdict, '')}]{escape(verdict)}[/]")
     console.print(table)
     for i, n in enumerate(notes, 1):
-        console.print(f"  [dim]({i}) {n}[/dim]", highlight=False)
+        console.print(f"  [dim]({i}) {escape(n)}[/dim]", highlight=False)
 
 
 def _jsonable(x: Any) -> Any:
