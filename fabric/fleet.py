@@ -11,11 +11,12 @@ holdings come back), and every record it makes afterwards is announced.
 2. peers the index says hold the key, live ones only, lowest observed latency
    first: the record is fetched with ``fetch`` (ContentServeFabric), verified
    against the digest the holder announced, recorded here, announced;
-3. the key's *home site*, the rendezvous hash of the key over live members
-   advertising the evaluator (``eval:NAME@VERSION``): if that is this node it
-   computes (single-flight), else the request is forwarded to the home (marked
-   ``home``, so the home never forwards again) and the verified reply recorded;
-   a home that cannot be reached falls back to computing here;
+3. the key's *home site*, the first member in the rendezvous order of the key
+   over members advertising the evaluator (``eval:NAME@VERSION``) that can be
+   reached: if that is this node it computes (single-flight), else the request
+   is forwarded to the home (marked ``home``, so the home never forwards again)
+   and the verified reply recorded.  A member that refuses the connection is
+   skipped for the next in order, so a dead node is never used as home;
 4. record locally and announce, so this node becomes a holder.
 
 Two holders claiming different digests for one key is a determinism
@@ -39,7 +40,8 @@ from fabric import metrics
 from fabric.net import WireClient, open_connection
 from fabric.remote import parse_address
 from fabric.serve import EVALUATOR_ERROR, send_record, verify_record
-from gossip.node import GossipConfig, GossipNode
+from gossip.membership import MemberState
+from gossip.node import GossipConfig, GossipNode, rendezvous_order
 from gossip.runner import GossipRunner
 
 if TYPE_CHECKING:
@@ -226,12 +228,20 @@ class Fleet:
         out.sort(key=lambda t: self.pool.rtt.get(t[1], math.inf))
         return out
 
-    def home(self, key: ContentKey, evaluator: str, version: str) -> tuple[str | None, str | None]:
-        """``(node_id, addr)`` of the key's home among live members advertising the evaluator."""
-        node_id = self.gossip.home(key, capability_for(evaluator, version))
-        if node_id is None:
-            return None, None
-        return node_id, (self.addr if node_id == self.fab.node_id else self.gossip.membership.addr_of(node_id))
+    def home_order(self, key: ContentKey, evaluator: str, version: str) -> list[tuple[str, str]]:
+        """``[(node_id, addr)]``: the key's home first, then its fallbacks.
+
+        The order is the rendezvous order over every known member that
+        advertises the evaluator and has not left, whatever the failure
+        detector currently thinks of it: two nodes whose detectors disagree
+        for a moment (a loaded machine) still agree on the order, so they
+        agree on the home.  A member that is really down refuses the
+        connection and the caller moves on to the next in order.
+        """
+        cap = capability_for(evaluator, version)
+        members = {m.node_id: m for m in self.gossip.membership.members() if cap in m.capabilities and m.state is not MemberState.LEFT}
+        order = rendezvous_order(key, list(members))
+        return [(n, self.addr if n == self.fab.node_id else members[n].addr) for n in order]
 
     def stats(self) -> dict:
         """Members, facts, rounds and conflicts, for ``fabric stats``."""
@@ -275,12 +285,14 @@ class ContentAddressedFabric:
             if got is not None:
                 rec, holder = got
                 return await self._record_and_answer(call, rec, "peer", holder)
-            home_id, home_addr = self.fleet.home(key, req.evaluator, req.version)
-            if not at_home and home_id is not None and home_id != self.fab.node_id and home_addr:
-                forwarded = await self._forward(home_addr, req)
-                if forwarded is not None:
-                    rec, source, holder = forwarded
-                    return await self._record_and_answer(call, rec, source, holder)
+            if not at_home:
+                for home_id, home_addr in self.fleet.home_order(key, req.evaluator, req.version):
+                    if home_id == self.fab.node_id:
+                        break  # this node is the first reachable home: compute here
+                    forwarded = await self._forward(home_addr, req)
+                    if forwarded is not None:
+                        rec, source, holder = forwarded
+                        return await self._record_and_answer(call, rec, source, holder)
             rep = await self.fab.arealize(req)
         except FabricError:
             raise
@@ -324,10 +336,10 @@ class ContentAddressedFabric:
         try:
             reply, raw = await self.fleet.pool.record(addr, "realize", body)
         except FabricError as exc:
-            if exc.status_code in (StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED, StatusCode.UNAUTHENTICATED):
-                log.info("home %s unreachable for %s (%s): computing here", addr, req.key.short(), exc.status_code.name)
+            if exc.status_code is StatusCode.UNAVAILABLE:  # down or gone: the next in order takes over
+                log.info("home %s unreachable for %s: trying the next in rendezvous order", addr, req.key.short())
                 return None
-            raise
+            raise  # a slow home is not a dead one: never compute twice because of a timeout
         rec = verify_record(raw, req.key)
         source = reply.get("source") if reply.get("source") in ("local", "peer", "computed") else "peer"
         # from here the reply came over the wire: "local" at the home is "peer" for us
