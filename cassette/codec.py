@@ -242,7 +242,7 @@ def encode(value: Any, *, root: str = "value") -> bytes:
 def encode_request(evaluator: str, version: str, args: Any) -> bytes:
     """Canonical bytes of ``[evaluator, version, args]``; errors name ``args...``."""
     try:
-        normal = _norm(args)
+        normal = _norm_dict(args) if type(args) is dict else _norm(args)
     except _Unencodable as e:
         raise _fail(e, "args") from None
     except RecursionError:

@@ -30,12 +30,19 @@ _KIND_OF_CODE = {i + 1: kind for i, kind in enumerate(KINDS)}
 _HEXDIGITS = frozenset("0123456789abcdef")
 
 
+# derive_key hashes its context string first; keep one hasher per kind with that
+# done and copy it per key (same bytes, a quarter less work for small inputs)
+_HASHERS = {kind: blake3.blake3(derive_key_context=ctx) for kind, ctx in CONTEXTS.items()}
+
+
 def derive(kind: str, material: bytes) -> bytes:
     """The 32-byte BLAKE3 derive_key of ``material`` under ``kind``'s context."""
-    ctx = CONTEXTS.get(kind)
-    if ctx is None:
+    base = _HASHERS.get(kind)
+    if base is None:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"content key kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    return blake3.blake3(material, derive_key_context=ctx).digest()
+    h = base.copy()
+    h.update(material)
+    return h.digest()
 
 
 class ContentKey(bytes):
@@ -73,7 +80,7 @@ class ContentKey(bytes):
     @classmethod
     def for_request(cls, evaluator: str, version: str, args: Any) -> "ContentKey":
         """Key of a request: derive_key(request context, canonical_encode([evaluator, version, args]))."""
-        return _new(cls, _REQUEST_PREFIX + _blake3(request_material(evaluator, version, args), derive_key_context=_REQUEST_CTX).digest())
+        return _new(cls, _REQUEST_PREFIX + derive("request", request_material(evaluator, version, args)))
 
     @classmethod
     def parse(cls, text: Any) -> "ContentKey":
@@ -152,7 +159,6 @@ _new = bytes.__new__
 _blake3 = blake3.blake3
 _PREFIX = {code: bytes((code,)) for code in _KIND_OF_CODE}
 _REQUEST_PREFIX = _PREFIX[_CODE["request"]]
-_REQUEST_CTX = CONTEXTS["request"]
 
 
 def request_material(evaluator: str, version: str, args: Any) -> bytes:

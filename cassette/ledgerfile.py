@@ -99,6 +99,7 @@ def iter_ledger_file(f: BinaryIO, *, path: str = "") -> Iterator[tuple[bytes, by
         raise FabricError(StatusCode.FAILED_PRECONDITION, f"{path}: ledger file version {version} is newer than supported ({LEDGER_FILE_VERSION})")
     h = blake3.blake3(head)
     offset = len(head)
+    records = 0
     while True:
         hdr = f.read(_ENTRY.size)
         if len(hdr) < _ENTRY.size:
@@ -108,6 +109,9 @@ def iter_ledger_file(f: BinaryIO, *, path: str = "") -> Iterator[tuple[bytes, by
             body = f.read(40)
             if length != 40 or len(body) != 40 or body[8:] != h.digest():
                 raise FabricError(StatusCode.DATA_LOSS, f"{path}: trailer check at offset {offset} does not match the file")
+            (count,) = struct.unpack(">Q", body[:8])
+            if count != records:
+                raise FabricError(StatusCode.DATA_LOSS, f"{path}: trailer at offset {offset} counts {count} records, the file holds {records}")
             if f.read(1):
                 raise FabricError(StatusCode.DATA_LOSS, f"{path}: bytes after the trailer at offset {offset + 49}")
             return
@@ -118,6 +122,7 @@ def iter_ledger_file(f: BinaryIO, *, path: str = "") -> Iterator[tuple[bytes, by
             raise FabricError(StatusCode.DATA_LOSS, f"{path}: truncated entry at offset {offset}")
         h.update(hdr)
         h.update(body)
+        records += tag == b"R"
         yield tag, body, offset
         offset += _ENTRY.size + length
 

@@ -54,6 +54,10 @@ MISS: Any = object()  # sentinel returned by lookup_value on a miss
 _decode = codec.decode
 _crc32 = zlib.crc32
 _RHDR = struct.Struct(">II")  # record header: check, meta_len (cassette.record)
+# the meta map's first entry is always "key" (canonical order), so the key's 33 bytes
+# sit at a fixed offset: 8-byte header, map header, "key", ext8 header (specs/cassette-format.md)
+_KEY_AT = 8 + 1 + 4 + 3
+_KEY_END = _KEY_AT + 33
 _SEQ = struct.Struct(">Q")
 _pack_seq = _SEQ.pack
 _unpack_seq = _SEQ.unpack
@@ -293,10 +297,10 @@ class Cassette:
             if seq is None:
                 return MISS
             value = txn.get(seq, db=self._ledger)
-            if value is not None and len(value) >= 8:
+            if value is not None and len(value) >= _KEY_END:
                 check, meta_len = _RHDR.unpack_from(value)
                 body = value[4:]
-                if _crc32(body) == check and 4 + meta_len <= len(body):
+                if _crc32(body) == check and 4 + meta_len <= len(body) and value[_KEY_AT:_KEY_END] == key:
                     return _decode(body[4 + meta_len :])
             self._corrupt(key)
             return MISS
@@ -336,7 +340,7 @@ class Cassette:
             value = None if seqb is None else txn.get(seqb, db=self._ledger)
             if value is None:
                 return None
-            if not check_ok(value):
+            if not check_ok(value) or len(value) < _KEY_END or value[_KEY_AT:_KEY_END] != key:
                 self._corrupt(key)
                 return None
             return bytes(value)
@@ -354,14 +358,19 @@ class Cassette:
             txn.abort()
             slot.active = False
 
-    def missing(self, keys: Iterable[ContentKey]) -> list[ContentKey]:
-        """Of ``keys``, those this cassette does not hold (one batched read; blobs and records)."""
+    def missing(self, keys: Iterable[ContentKey], *, verify_blobs: bool = False) -> list[ContentKey]:
+        """Of ``keys``, those this cassette does not hold (one batched read; blobs and records).
+
+        With ``verify_blobs`` a blob whose bytes no longer match its key counts as missing
+        (so storing it again repairs it).
+        """
         slot, txn = self._begin_read()
         try:
             out = []
             for k in keys:
                 db = self._blobs if k[0] == 2 else self._index
-                if txn.get(k, db=db) is None:
+                v = txn.get(k, db=db)
+                if v is None or (verify_blobs and k[0] == 2 and derive("blob", v) != k[1:]):
                     out.append(k)
             return out
         finally:
@@ -566,6 +575,8 @@ class Cassette:
         return job.result
 
     def _write_loop(self) -> None:
+        last_n, last_commit_s = 1, 0.0
+        sync = self.durability == "sync"
         while True:
             job = self._queue.get()
             if job is None:
@@ -583,7 +594,25 @@ class Cassette:
                     break
                 batch.append(nxt)
                 size += nxt.size
+            if sync and not stop and len(batch) < last_n:
+                # Writers that were in the last commit are about to come back: wait a
+                # moment (at most half a commit, 0.5 ms) so they share the next fsync.
+                deadline = time.perf_counter() + min(0.0005, last_commit_s / 2)
+                while len(batch) < last_n:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+            t0 = time.perf_counter()
             self._commit(batch)
+            last_n, last_commit_s = len(batch), time.perf_counter() - t0
             for j in batch:
                 j.finish()
             if stop:
@@ -641,7 +670,11 @@ class Cassette:
         if job.op == "blobs":
             (items,) = job.args
             for k, d in items:
-                txn.put(k, d, db=self._blobs, overwrite=False)
+                if not txn.put(k, d, db=self._blobs, overwrite=False):
+                    old = txn.get(k, db=self._blobs)
+                    if old is not None and derive("blob", old) != k[1:]:
+                        log.warning("cassette %s: repairing rotted blob %s with verified bytes", self.path, k)
+                        txn.put(k, d, db=self._blobs)  # same content, correct bytes: a repair, not a mutation
             return None
         raise FabricError(StatusCode.INTERNAL, f"unknown write op {job.op!r}")
 
@@ -716,30 +749,40 @@ class Cassette:
         self._queue.put(None)  # quiesce the writer: replay writes directly
         self._writer.join()
         try:
-            rep = ReplayReport()
-            slot = self._enter()
-            try:
-                with self._env.begin(write=True) as txn:
-                    txn.drop(self._index, delete=False)
-                    cur = txn.cursor(db=self._ledger)
-                    for k, v in cur:
-                        rep.rows += 1
-                        seq = _unpack_seq(k)[0]
-                        try:
-                            rec = unpack_record(v, seq)
-                        except FabricError:
-                            rep.corrupt_rows.append(seq)
-                            continue
-                        if txn.put(rec.key, bytes(k), db=self._index, overwrite=False):
-                            rep.indexed += 1
-                        if progress is not None and rep.rows % 4096 == 0:
-                            progress(rep.rows)
-            finally:
-                slot.active = False
-            return rep
+            while True:
+                try:
+                    return self._rebuild(progress)
+                except lmdb.MapFullError:
+                    new = self._env.info()["map_size"] * 2
+                    log.info("cassette %s: map full during replay, growing to %d bytes", self.path, new)
+                    self._resize(new)
         finally:
             self._writer = threading.Thread(target=self._write_loop, name=self._writer.name, daemon=True)
             self._writer.start()
+
+    def _rebuild(self, progress: Callable[[int], None] | None) -> ReplayReport:
+        """One attempt at :meth:`rebuild_index` in a single write transaction."""
+        rep = ReplayReport()
+        slot = self._enter()
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.drop(self._index, delete=False)
+                cur = txn.cursor(db=self._ledger)
+                for k, v in cur:
+                    rep.rows += 1
+                    seq = _unpack_seq(k)[0]
+                    try:
+                        rec = unpack_record(v, seq)
+                    except FabricError:
+                        rep.corrupt_rows.append(seq)
+                        continue
+                    if txn.put(rec.key, bytes(k), db=self._index, overwrite=False):
+                        rep.indexed += 1
+                    if progress is not None and rep.rows % 4096 == 0:
+                        progress(rep.rows)
+        finally:
+            slot.active = False
+        return rep
 
     @classmethod
     def from_ledger(
@@ -759,6 +802,12 @@ class Cassette:
         """
         cas = cls(path, **kwargs)
         try:
+            if ledger_file is not None and cas.stats()["ledger_rows"] == 0:
+                # into an empty cassette, appends in file order build exactly the index
+                # a replay would (first verifying row per key); every row was verified
+                n = cas.import_(ledger_file, progress=progress)
+                cas.last_replay = ReplayReport(rows=n, indexed=cas.stats()["records"])
+                return cas
             if ledger_file is not None:
                 cas.import_(ledger_file, progress=progress)
             cas.last_replay = cas.rebuild_index(progress=progress)

@@ -86,7 +86,7 @@ class ArtifactSession:
 
     def _store(self, chunks: list[bytes]) -> None:
         keys = [ContentKey.of("blob", c) for c in chunks]
-        missing = set(self.cassette.missing(keys))
+        missing = set(self.cassette.missing(keys, verify_blobs=True))
         todo = [(k, c) for k, c in zip(keys, chunks) if k in missing]
         if todo:
             self.cassette.put_verified_blobs(todo)

@@ -38,8 +38,35 @@ class Evaluator:
         """Whether ``fn`` is a coroutine function (run under trio)."""
         return inspect.iscoroutinefunction(self.fn)
 
+    def _arg_problem(self, args: dict) -> str | None:
+        """What is wrong with ``args`` for this function's signature, or None."""
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):
+            return None  # no introspectable signature: let the call decide
+        P = inspect.Parameter
+        named = {n: p for n, p in params.items() if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
+        takes_any = any(p.kind is P.VAR_KEYWORD for p in params.values())
+        unexpected = [k for k in args if k not in named and not takes_any]
+        missing = [n for n, p in named.items() if p.default is P.empty and n not in args]
+        if not unexpected and not missing:
+            return None
+        parts = []
+        if unexpected:
+            parts.append("unexpected " + ", ".join(repr(k) for k in unexpected))
+        if missing:
+            parts.append("missing " + ", ".join(repr(k) for k in missing))
+        return f"{'; '.join(parts)} (evaluator {self.name}@{self.version} takes {', '.join(named) or 'no arguments'})"
+
     def call(self, args: dict) -> Any:
-        """Run the evaluator on ``args`` (keyword arguments) and return its value."""
+        """Run the evaluator on ``args`` (keyword arguments) and return its value.
+
+        Arguments that do not fit the function's signature are INVALID_ARGUMENT
+        (checked before the call, so the evaluator's own TypeErrors stay its own).
+        """
+        problem = self._arg_problem(args)
+        if problem:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"args: {problem}")
         if self.is_async:
             import functools
 

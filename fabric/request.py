@@ -6,12 +6,12 @@ from typing import Any
 
 from cassette.errors import FabricError, StatusCode
 from cassette.codec import encode_request as _encode_request
-from cassette.keys import CONTEXTS, ContentKey, _blake3
+from cassette.keys import _HASHERS, ContentKey
 from fabric import registry
 
 _new_key = bytes.__new__
 _PREFIX = b"\x01"  # the request kind byte (cassette.keys)
-_CTX = CONTEXTS["request"]
+_REQUEST_HASHER = _HASHERS["request"]  # derive_key(request context), context already absorbed
 
 __all__ = ["Request", "Reply", "SOURCES"]
 
@@ -56,7 +56,9 @@ class Request:
         if k is None:
             if self.version is None:
                 registry.lookup(self.evaluator)  # raises NOT_FOUND listing what is registered
-            k = self._key = _new_key(ContentKey, _PREFIX + _blake3(_encode_request(self.evaluator, self.version, self.args), derive_key_context=_CTX).digest())
+            h = _REQUEST_HASHER.copy()
+            h.update(_encode_request(self.evaluator, self.version, self.args))
+            k = self._key = _new_key(ContentKey, _PREFIX + h.digest())
         return k
 
     def to_wire(self) -> dict:

@@ -1,0 +1,889 @@
+"""The cassette: append-only LMDB ledger on real files (specs/cassette-format.md).
+
+Every test works on real LMDB environments under ``tmp_path``; corruption is
+real bytes flipped in ``data.mdb`` with the environment closed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import blake3
+import lmdb
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import fabric
+from cassette import codec
+from cassette.errors import FabricError, StatusCode
+from cassette.keys import ContentKey
+from cassette.record import pack_record, payload_digest, unpack_record
+from cassette.store import FORMAT_VERSION, MISS, Cassette
+from conftest import ROOT, child_env, flip_in_file
+
+SPEC = ROOT / "specs" / "cassette-format.md"
+
+
+def rkey(i: int | str) -> ContentKey:
+    """A request-kind key for test item ``i``."""
+    return ContentKey.of("request", f"test_cassette item {i}".encode())
+
+
+def payload_of(i: int | str, pad: int = 0) -> bytes:
+    return codec.encode({"item": str(i), "pad": "p" * pad})
+
+
+def dump_env(path: Path) -> dict[str, dict[bytes, bytes]]:
+    """Every entry of every named DB, read with py-lmdb directly (no Cassette open on ``path``)."""
+    env = lmdb.open(str(path), max_dbs=8, subdir=True, create=False)
+    try:
+        out = {}
+        for name in (b"ledger", b"index", b"blobs", b"meta"):
+            db = env.open_db(name, create=False)
+            with env.begin(db=db) as txn:
+                out[name.decode()] = {bytes(k): bytes(v) for k, v in txn.cursor()}
+        return out
+    finally:
+        env.close()
+
+
+# ----------------------------------------------------------------- spec vectors
+def _spec_vectors() -> dict:
+    text = SPEC.read_text(encoding="utf-8")
+    for block in re.findall(r"```json\n(.*?)```", text, flags=re.S):
+        data = json.loads(block)
+        if data.get("vectors") == "evalfabric/cassette-format/v1":
+            return data
+    raise AssertionError(f"no evalfabric/cassette-format/v1 vector block in {SPEC}")
+
+
+def test_spec_record_vector_is_byte_exact():
+    vec = _spec_vectors()
+    assert vec["format_version"] == FORMAT_VERSION
+    r = vec["record"]
+    key = ContentKey.parse(r["key"])
+    req = r["request"]
+    assert ContentKey.for_request(req["evaluator"], req["version"], req["args"]) == key
+    payload = bytes.fromhex(r["payload_hex"])
+    assert payload == codec.encode({"top": [["a", 2], ["b", 1]], "words": 3})
+    created = float(r["created"])
+    compute_s = float(r["compute_s"])
+    assert struct.pack(">d", created).hex() == r["created_f64_bits"]
+    assert struct.pack(">d", compute_s).hex() == r["compute_s_f64_bits"]
+
+    value = pack_record(
+        key, payload, evaluator=r["evaluator"], version=r["version"], created=created, compute_s=compute_s, node=r["node"]
+    )
+    assert value.hex() == r["record_hex"]
+
+    # the layout, field by field, independently of pack_record
+    meta = bytes.fromhex(r["meta_hex"])
+    assert payload_digest(payload).hex() == r["digest_hex"] == blake3.blake3(payload).hexdigest()
+    assert value[:4].hex() == r["check_hex"]
+    assert struct.unpack(">I", value[:4])[0] == zlib.crc32(value[4:])
+    assert struct.unpack(">I", value[4:8])[0] == len(meta)
+    assert value[8 : 8 + len(meta)] == meta
+    assert value[8 + len(meta) :] == payload
+    assert codec.decode(meta) == {
+        "key": key,
+        "digest": bytes.fromhex(r["digest_hex"]),
+        "evaluator": r["evaluator"],
+        "version": r["version"],
+        "created": created,
+        "compute_s": compute_s,
+        "node": r["node"],
+        "size": len(payload),
+    }
+    assert codec.is_canonical(meta)
+
+    rec = unpack_record(value, 7)
+    assert (rec.key, rec.payload, rec.evaluator, rec.version, rec.created, rec.compute_s, rec.node, rec.seq) == (
+        key, payload, r["evaluator"], r["version"], created, compute_s, r["node"], 7,
+    )
+    assert rec.value() == {"top": [["a", 2], ["b", 1]], "words": 3}
+
+
+def test_spec_ledger_file_vector_is_byte_exact(tmp_path):
+    vec = _spec_vectors()
+    record = bytes.fromhex(vec["record"]["record_hex"])
+    lf = vec["ledger_file"]
+    blob = bytes.fromhex(lf["blob_hex"])
+    with Cassette(tmp_path / "src") as cas:
+        assert cas.put_raw(record).appended
+        assert str(cas.put_blob(blob)) == lf["blob_key"]
+        assert cas.export(tmp_path / "out.ledger") == 1
+    data = (tmp_path / "out.ledger").read_bytes()
+    assert data.hex() == lf["file_hex"]
+    assert data[-32:] == blake3.blake3(data[:-49]).digest()
+    # and it replays into a new cassette byte for byte
+    with Cassette.from_ledger(tmp_path / "dst", tmp_path / "out.ledger") as dst:
+        key = ContentKey.parse(vec["record"]["key"])
+        assert dst.get_raw(key) == record
+        assert dst.get_blob(ContentKey.parse(lf["blob_key"])) == blob
+
+
+# ------------------------------------------------------------ append-only rule
+def test_put_is_append_only_and_idempotent(tmp_path):
+    with Cassette(tmp_path / "c") as cas:
+        k = rkey(1)
+        first = cas.put(k, payload_of(1), evaluator="ev", version="3", compute_s=0.5)
+        assert (first.seq, first.appended, first.key) == (1, True, k)
+        assert first.digest == payload_digest(payload_of(1))
+
+        again = cas.put(k, payload_of(1))
+        assert (again.seq, again.appended, again.digest) == (1, False, first.digest)
+        # a different payload for a held key is a no-op too: the first reply stays
+        other = cas.put(k, payload_of("different"))
+        assert (other.seq, other.appended, other.digest) == (1, False, first.digest)
+
+        st_ = cas.stats()
+        assert (st_["ledger_rows"], st_["records"]) == (1, 1)
+        assert st_["ledger_bytes"] == len(cas.get_raw(k))
+        assert cas.lookup_value(k) == {"item": "1", "pad": ""}
+        rec = cas.get_record(k)
+        assert (rec.evaluator, rec.version, rec.compute_s, rec.node, rec.seq) == ("ev", "3", 0.5, cas.node_id, 1)
+
+        second = cas.put(rkey(2), payload_of(2))
+        assert (second.seq, second.appended) == (2, True)
+        assert cas.lookup_value(rkey(3)) is MISS
+        assert cas.missing([rkey(1), rkey(2), rkey(3)]) == [rkey(3)]
+        assert cas.verify().ok
+
+
+def test_put_rejects_non_key(tmp_path):
+    with Cassette(tmp_path / "c") as cas:
+        with pytest.raises(FabricError) as ei:
+            cas.put(b"\x01" + bytes(32), payload_of(1))
+        assert ei.value.status_code is StatusCode.INVALID_ARGUMENT
+        assert cas.stats()["ledger_rows"] == 0
+
+
+def test_concurrent_puts_from_many_threads_are_durable_with_distinct_seqs(tmp_path):
+    threads, per_thread = 16, 40
+    results: dict[ContentKey, int] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    with Cassette(tmp_path / "c") as cas:
+
+        def work(t: int) -> None:
+            try:
+                barrier.wait(10)
+                for i in range(per_thread):
+                    k = rkey(f"{t}/{i}")
+                    r = cas.put(k, payload_of(f"{t}/{i}"))
+                    assert r.appended and r.key == k
+                    with lock:
+                        results[k] = r.seq
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert not any(t.is_alive() for t in ts)
+        assert not errors, errors
+    n = threads * per_thread
+    assert len(results) == n
+    assert sorted(results.values()) == list(range(1, n + 1))  # distinct and contiguous
+
+    with Cassette(tmp_path / "c") as cas:  # durable: all there after close + reopen
+        st_ = cas.stats()
+        assert (st_["ledger_rows"], st_["records"]) == (n, n)
+        for k, seq in results.items():
+            rec = cas.get_record(k)
+            assert rec is not None and rec.seq == seq
+            assert rec.payload == payload_of(rec.value()["item"])
+        assert cas.verify().ok
+
+
+def test_concurrent_puts_of_one_key_append_exactly_once(tmp_path):
+    threads = 12
+    barrier = threading.Barrier(threads)
+    out: list = [None] * threads
+    with Cassette(tmp_path / "c") as cas:
+        k = rkey("contended")
+
+        def work(t: int) -> None:
+            barrier.wait(10)
+            out[t] = cas.put(k, payload_of(f"writer {t}"))
+
+        ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert all(isinstance(r, type(out[0])) for r in out)
+        winners = [i for i, r in enumerate(out) if r.appended]
+        assert len(winners) == 1
+        assert {r.seq for r in out} == {1}
+        assert {r.digest for r in out} == {payload_digest(payload_of(f"writer {winners[0]}"))}
+        assert cas.lookup_value(k)["item"] == f"writer {winners[0]}"
+        assert cas.stats()["ledger_rows"] == 1
+
+
+def test_aput_under_trio(tmp_path):
+    import trio
+
+    async def main(cas: Cassette):
+        results = []
+
+        async def one(i):
+            results.append(await cas.aput(rkey(i), payload_of(i)))
+
+        async with trio.open_nursery() as n:
+            for i in range(20):
+                n.start_soon(one, i)
+        return results
+
+    with Cassette(tmp_path / "c") as cas:
+        res = trio.run(main, cas)
+        assert sorted(r.seq for r in res) == list(range(1, 21))
+        assert all(cas.lookup_value(rkey(i)) == {"item": str(i), "pad": ""} for i in range(20))
+
+
+# ----------------------------------------------------------------- durability
+def test_durability_modes(tmp_path):
+    with pytest.raises(FabricError) as ei:
+        Cassette(tmp_path / "bad", durability="eventually")
+    assert ei.value.status_code is StatusCode.INVALID_ARGUMENT
+
+    with Cassette(tmp_path / "fast", durability="fast") as cas:
+        flags = cas._env.flags()
+        assert (flags["sync"], flags["metasync"]) == (False, False)
+        assert cas.stats()["durability"] == "fast"
+        for i in range(50):
+            assert cas.put(rkey(i), payload_of(i)).appended
+    with Cassette(tmp_path / "fast") as cas:  # committed rows are there after reopen
+        assert cas.stats()["records"] == 50
+        assert all(cas.lookup_value(rkey(i)) == {"item": str(i), "pad": ""} for i in range(50))
+        flags = cas._env.flags()
+        assert (flags["sync"], flags["metasync"]) == (True, True)
+        assert cas.stats()["durability"] == "sync"
+
+
+# ----------------------------------------------------------------- map growth
+def test_map_grows_from_one_mib_while_readers_read(tmp_path):
+    path = tmp_path / "c"
+    n, pad = 240, 16_000  # ~3.8 MB of ledger values
+    stop = threading.Event()
+    reader_errors: list[str] = []
+    reads = [0]
+
+    big = random.Random(1).randbytes(3 << 20)  # one blob bigger than the whole initial map
+    with Cassette(path, map_size=1 << 20, durability="fast") as cas:
+        assert cas.stats()["map_size"] == 1 << 20
+        cas.put(rkey(0), payload_of(0, pad))
+
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                while not stop.is_set():
+                    i = rng.randrange(n)
+                    v = cas.lookup_value(rkey(i))
+                    if v is not MISS and v != {"item": str(i), "pad": "p" * pad}:
+                        reader_errors.append(f"wrong value for {i}")
+                    reads[0] += 1
+                    # yield the GIL: more busy readers than cores starve the writer
+                    # after a resize (py-lmdb 3 serialises begin() on one lock)
+                    time.sleep(0.0002)
+            except BaseException as exc:  # noqa: BLE001
+                reader_errors.append(repr(exc))
+
+        rs = [threading.Thread(target=reader, args=(s,)) for s in range(2)]
+        for r in rs:
+            r.start()
+        try:
+            for i in range(1, n):
+                assert cas.put(rkey(i), payload_of(i, pad)).appended
+            bkey = cas.put_blob(big)
+        finally:
+            stop.set()
+            for r in rs:
+                r.join(30)
+        assert not reader_errors, reader_errors[:5]
+        assert reads[0] > 0
+        size = cas.stats()["map_size"]
+        assert size >= 8 << 20 and size & (size - 1) == 0  # doubled from 1 MiB, a power of two
+        assert cas.get_blob(bkey) == big
+        assert cas.verify().ok
+
+    with Cassette(path, map_size=1 << 20) as cas:  # reopen with the small size: LMDB keeps what is used
+        assert cas.stats()["records"] == n
+        assert all(cas.lookup_value(rkey(i))["item"] == str(i) for i in range(n))
+        assert cas.put(rkey("after reopen"), payload_of("x", pad)).appended  # grows again if it must
+        assert cas.verify().ok
+
+
+_GROW_CHILD = """
+import sys
+from cassette import codec
+from cassette.keys import ContentKey
+from cassette.store import Cassette
+with Cassette(sys.argv[1], map_size=1 << 20) as cas:
+    for i in range(200):
+        k = ContentKey.of("request", f"child {i}".encode())
+        cas.put(k, codec.encode({"i": i, "pad": "c" * 20000}))
+    print(cas.stats()["map_size"])
+"""
+
+
+def test_map_grown_by_another_process_is_adopted(tmp_path):
+    path = tmp_path / "c"
+    with Cassette(path, map_size=1 << 20) as cas:
+        cas.put(rkey("parent before"), payload_of("before"))
+        assert cas.lookup_value(rkey("parent before")) is not MISS
+        proc = subprocess.run(
+            [sys.executable, "-c", _GROW_CHILD, str(path)],
+            cwd=ROOT, env=child_env(tmp_path / "home"), capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert int(proc.stdout.strip()) > 1 << 20
+        # this process still maps 1 MiB: reads and writes must adopt the bigger map
+        for i in range(200):
+            v = cas.lookup_value(ContentKey.of("request", f"child {i}".encode()))
+            assert v == {"i": i, "pad": "c" * 20000}
+        assert cas.put(rkey("parent after"), payload_of("after", 30000)).appended
+        assert cas.stats()["records"] == 202
+        assert cas.verify().ok
+
+
+def test_replay_grows_a_full_map(tmp_path):
+    path = tmp_path / "c"
+    n = 3000
+    with Cassette(path, durability="fast") as cas:
+        for i in range(n):
+            cas.put(rkey(i), payload_of(i, 200))
+    # reopening with a small map_size leaves LMDB's map exactly as big as the data
+    cas = Cassette.from_ledger(path, map_size=1 << 20)
+    try:
+        assert cas.last_replay.indexed == n
+        assert cas.stats()["records"] == n
+    finally:
+        cas.close()
+
+
+# ------------------------------------------------------------ refusing to open
+def _set_meta(path: Path, key: bytes, value: bytes) -> None:
+    env = lmdb.open(str(path), max_dbs=8, subdir=True, create=False)
+    try:
+        meta = env.open_db(b"meta", create=False)
+        with env.begin(write=True, db=meta) as txn:
+            txn.put(key, value)
+    finally:
+        env.close()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mark", [str(FORMAT_VERSION + 1).encode(), b"99", b"one"])
+def test_newer_or_unreadable_format_mark_is_refused(tmp_path, mark):
+    path = tmp_path / "c"
+    with Cassette(path) as cas:
+        cas.put(rkey(1), payload_of(1))
+    _set_meta(path, b"format", mark)
+    before = _sha(path / "data.mdb")
+    with pytest.raises(FabricError) as ei:
+        Cassette(path)
+    err = ei.value
+    assert err.status_code is StatusCode.FAILED_PRECONDITION
+    assert mark.decode() in err.message
+    if mark.isdigit():
+        assert "newer" in err.message and str(FORMAT_VERSION) in err.message
+    assert _sha(path / "data.mdb") == before  # nothing was written
+
+
+def test_older_or_equal_format_mark_opens(tmp_path):
+    path = tmp_path / "c"
+    with Cassette(path) as cas:
+        cas.put(rkey(1), payload_of(1))
+    assert dump_env(path)["meta"][b"format"] == str(FORMAT_VERSION).encode()
+    with Cassette(path) as cas:
+        assert cas.lookup_value(rkey(1)) == {"item": "1", "pad": ""}
+
+
+def test_non_cassette_directories_are_refused(tmp_path):
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a cassette")
+    with pytest.raises(FabricError) as ei:
+        Cassette(other)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]  # untouched
+
+    a_file = tmp_path / "plain-file"
+    a_file.write_bytes(b"x")
+    with pytest.raises(FabricError) as ei:
+        Cassette(a_file)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert a_file.read_bytes() == b"x"
+
+    with pytest.raises(FabricError) as ei:
+        Cassette(tmp_path / "absent", create=False)
+    assert ei.value.status_code is StatusCode.NOT_FOUND
+    assert not (tmp_path / "absent").exists()
+
+    # an LMDB environment with data but no cassette format mark
+    foreign = tmp_path / "foreign-lmdb"
+    env = lmdb.open(str(foreign), max_dbs=8, subdir=True)
+    db = env.open_db(b"ledger")
+    with env.begin(write=True, db=db) as txn:
+        txn.put(b"\x00" * 8, b"something else")
+    env.close()
+    with pytest.raises(FabricError) as ei:
+        Cassette(foreign)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with Cassette(empty) as cas:  # an empty directory becomes a new cassette
+        assert cas.stats()["records"] == 0
+    meta = dump_env(empty)["meta"]
+    assert meta[b"format"] == b"1"
+    assert re.fullmatch(rb"n[0-9a-f]{12}", meta[b"node_id"])
+    float(meta[b"created"])
+
+
+def test_node_id_is_kept(tmp_path):
+    with Cassette(tmp_path / "c", node_id="node-a") as cas:
+        assert cas.node_id == "node-a"
+    with Cassette(tmp_path / "c", node_id="ignored-for-existing") as cas:
+        assert cas.node_id == "node-a"
+
+
+# --------------------------------------------------------------- bit rot
+_RUNS: dict[str, int] = {}
+
+
+@fabric.evaluator("tc.marker", version="1")
+def _marker(n: int) -> dict:
+    """A reply whose payload holds a long unique marker we can find in data.mdb."""
+    _RUNS["tc.marker"] = _RUNS.get("tc.marker", 0) + 1
+    return {"n": n, "marker": _marker_bytes(n)}
+
+
+def _marker_bytes(n: int) -> bytes:
+    return b"TC-MARKER-" + hashlib.sha256(f"marker {n}".encode()).digest() * 3
+
+
+def test_flipped_payload_byte_is_data_loss_never_a_wrong_value(tmp_path):
+    path = tmp_path / "node"
+    req = fabric.Request("tc.marker", {"n": 7})
+    other = fabric.Request("tc.marker", {"n": 8})
+    key = req.key
+    _RUNS.clear()
+    with fabric.open(path) as fab:
+        assert fab.realize(req).source == "computed"
+        assert fab.realize(other).source == "computed"
+        assert fab.realize(req).source == "local"
+        assert fab.verify().ok
+    assert _RUNS["tc.marker"] == 2
+
+    assert flip_in_file(path / "data.mdb", _marker_bytes(7)) >= 1
+
+    corrupt_seen: list[ContentKey] = []
+    with Cassette(path) as cas:
+        cas.on_corrupt = corrupt_seen.append
+        with pytest.raises(FabricError) as ei:
+            cas.verify()
+        assert ei.value.status_code is StatusCode.DATA_LOSS
+        assert ei.value.key == key
+        rep = cas.verify(raise_errors=False)
+        assert not rep.ok and rep.records == 2 and rep.indexed == 2
+        assert {p.key for p in rep.problems} == {key}
+        assert all(p.status_code is StatusCode.DATA_LOSS for p in rep.problems)
+        # a read never returns the bad bytes
+        assert cas.lookup_value(key) is MISS
+        assert cas.get_record(key) is None
+        assert cas.get_raw(key) is None
+        assert corrupt_seen and set(corrupt_seen) == {key}
+        # the other key is untouched
+        assert cas.lookup_value(other.key)["marker"] == _marker_bytes(8)
+        # export leaves the bad row out
+        assert cas.export(tmp_path / "x.ledger") == 1
+
+    with fabric.open(path) as fab:
+        rep1 = fab.realize(req)  # recomputes and appends a fresh row
+        assert rep1.source == "computed"
+        assert rep1.value == {"n": 7, "marker": _marker_bytes(7)}
+        assert _RUNS["tc.marker"] == 3
+        cas = fab.cassette
+        st_ = cas.stats()
+        assert (st_["ledger_rows"], st_["records"]) == (3, 2)
+        assert cas.get_record(key).seq == 3  # the index now points to the fresh row
+        rep = cas.verify(raise_errors=False)
+        assert len(rep.problems) == 1 and rep.problems[0].key == key  # the old row is still reported
+        assert "ledger row 1" in rep.problems[0].message
+        rep2 = fab.realize(req)
+        assert (rep2.source, rep2.value) == ("local", {"n": 7, "marker": _marker_bytes(7)})
+        assert _RUNS["tc.marker"] == 3
+
+
+def test_corrupt_indexed_row_then_put_appends_fresh_row(tmp_path):
+    path = tmp_path / "c"
+    payload = codec.encode({"marker": _marker_bytes(100)})
+    with Cassette(path) as cas:
+        cas.put(rkey("a"), payload)
+    flip_in_file(path / "data.mdb", _marker_bytes(100))
+    with Cassette(path) as cas:
+        r = cas.put(rkey("a"), payload)
+        assert (r.appended, r.seq) == (True, 2)
+        again = cas.put(rkey("a"), payload)
+        assert (again.appended, again.seq) == (False, 2)
+        assert cas.lookup_value(rkey("a")) == {"marker": _marker_bytes(100)}
+
+
+def test_lookup_never_serves_another_keys_row(tmp_path):
+    path = tmp_path / "c"
+    with Cassette(path) as cas:
+        assert cas.put(rkey("A"), payload_of("A")).seq == 1
+        assert cas.put(rkey("B"), payload_of("B")).seq == 2
+    # bit rot in the index value: A's seq 1 becomes 2 (B's row)
+    needle = bytes(rkey("A")) + struct.pack(">Q", 1)
+    flip_in_file(path / "data.mdb", needle, at=len(needle) - 1, xor=0x03)
+    with Cassette(path) as cas:
+        rep = cas.verify(raise_errors=False)
+        assert [p.key for p in rep.problems] == [rkey("A")]  # scrub sees it...
+        assert cas.get_record(rkey("A")) is None  # ...and so does get_record
+        assert cas.lookup_value(rkey("A")) is MISS  # but the hit path serves B's value
+
+
+# ------------------------------------------------------------------- replay
+def _index_snapshot(path: Path) -> dict[bytes, bytes]:
+    return dump_env(path)["index"]
+
+
+def _drop_index(path: Path) -> None:
+    env = lmdb.open(str(path), max_dbs=8, subdir=True, create=False)
+    try:
+        idx = env.open_db(b"index", create=False)
+        with env.begin(write=True) as txn:
+            txn.drop(idx, delete=True)
+    finally:
+        env.close()
+
+
+def test_replay_rebuilds_a_deleted_index_identically(tmp_path):
+    path = tmp_path / "c"
+    n = 300
+    with Cassette(path, durability="fast") as cas:
+        for i in range(n):
+            cas.put(rkey(i), payload_of(i, i % 50))
+        cas.put(rkey("rot"), codec.encode({"marker": _marker_bytes(5)}))
+    flip_in_file(path / "data.mdb", _marker_bytes(5))
+    with Cassette(path) as cas:  # fresh row for the rotted key, seq n+2
+        assert cas.put(rkey("rot"), codec.encode({"marker": _marker_bytes(5)})).seq == n + 2
+        for i in range(n, n + 20):
+            cas.put(rkey(i), payload_of(i))
+    before = _index_snapshot(path)
+    assert len(before) == n + 21
+    assert before[bytes(rkey("rot"))] == struct.pack(">Q", n + 2)
+
+    _drop_index(path)
+    env = lmdb.open(str(path), max_dbs=8, subdir=True, create=False)
+    with env.begin() as txn:  # the index DB is really gone
+        assert txn.get(b"index") is None
+    env.close()
+    with Cassette(path) as cas:
+        assert cas.lookup_value(rkey(0)) is MISS  # nothing indexed now
+        assert cas.stats()["ledger_rows"] == n + 22
+        # with no index, a put appends a second row that verifies for an existing key
+        assert cas.put(rkey(0), payload_of("second row")).seq == n + 23
+
+    cas = Cassette.from_ledger(path)
+    try:
+        rep = cas.last_replay
+        assert (rep.rows, rep.indexed, rep.corrupt_rows) == (n + 23, n + 21, [n + 1])
+        assert cas.lookup_value(rkey(3)) == {"item": "3", "pad": "p" * 3}
+        assert cas.lookup_value(rkey(0)) == {"item": "0", "pad": ""}  # the first verifying row wins
+    finally:
+        cas.close()
+    assert _index_snapshot(path) == before
+
+    # rebuild_index on an open cassette gives the same index again, and writes keep working
+    with Cassette(path) as cas:
+        rep = cas.rebuild_index()
+        assert rep.indexed == n + 21
+        assert cas.put(rkey("after"), payload_of("after")).seq == n + 24
+    after = _index_snapshot(path)
+    assert {k: v for k, v in after.items() if k != bytes(rkey("after"))} == before
+
+
+# ------------------------------------------------------------ export / import
+def _populate(cas: Cassette, n: int = 60) -> None:
+    from fabric import artifacts
+
+    rng = random.Random(3)
+    for i in range(n):
+        size = rng.choice([0, 10, 1000, 5000, 70_000])
+        cas.put(rkey(i), codec.encode({"i": i, "blob": rng.randbytes(size)}), evaluator="ev", version="2", compute_s=i / 10)
+    cas.put_blobs([rng.randbytes(100), rng.randbytes(9000)])
+    artifacts.put(cas, rng.randbytes(300_000), chunk_size=64 << 10)
+    artifacts.put(cas, np.arange(1000, dtype=">i4").reshape(10, 100), chunk_size=1000)
+
+
+def test_export_import_serves_every_key_with_identical_bytes(tmp_path):
+    src_path = tmp_path / "src"
+    with Cassette(src_path) as src:
+        _populate(src)
+        n = src.export(tmp_path / "all.ledger")
+        assert n == src.stats()["records"]
+    src_dump = dump_env(src_path)
+
+    with Cassette.from_ledger(tmp_path / "dst", tmp_path / "all.ledger") as dst:
+        assert dst.last_replay.indexed == n
+        assert dst.verify().ok
+        with Cassette(src_path) as src:
+            for kb, seqb in src_dump["index"].items():
+                key = ContentKey.from_bytes(kb)
+                assert dst.get_raw(key) == src_dump["ledger"][seqb]  # the value, byte for byte
+                assert dst.lookup_value(key) is not MISS
+            for kb, data in src_dump["blobs"].items():
+                assert dst.get_blob(ContentKey.from_bytes(kb)) == data
+            from fabric import artifacts
+
+            for kb in src_dump["index"]:
+                key = ContentKey.from_bytes(kb)
+                if key.kind == "artifact":
+                    a, b = artifacts.get(src, key), artifacts.get(dst, key)
+                    if isinstance(a, np.ndarray):
+                        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+                    else:
+                        assert a == b
+        st_ = dst.stats()
+        assert (st_["records"], st_["ledger_rows"], st_["blobs"]) == (n, n, len(src_dump["blobs"]))
+        # importing again is a no-op
+        assert dst.import_(tmp_path / "all.ledger") == 0
+        assert dst.stats()["ledger_rows"] == n
+
+
+def test_import_into_existing_cassette_skips_held_keys(tmp_path):
+    with Cassette(tmp_path / "a") as a:
+        for i in range(10):
+            a.put(rkey(i), payload_of(i))
+        a.export(tmp_path / "a.ledger")
+    with Cassette(tmp_path / "b") as b:
+        for i in range(5, 15):
+            b.put(rkey(i), payload_of(f"b's own {i}"))
+        assert b.import_(tmp_path / "a.ledger") == 5
+        assert b.stats()["records"] == 15
+        assert b.lookup_value(rkey(7))["item"] == "b's own 7"  # held keys keep their reply
+        assert b.lookup_value(rkey(2))["item"] == "2"
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """(ledger file bytes, target cassette path with its own data, dump of the target)."""
+    with Cassette(tmp_path / "src") as src:
+        _populate(src, 30)
+        src.export(tmp_path / "good.ledger")
+    target = tmp_path / "target"
+    with Cassette(target) as t:
+        for i in range(100, 105):
+            t.put(rkey(i), payload_of(i))
+    return (tmp_path / "good.ledger").read_bytes(), target, dump_env(target)
+
+
+def _import_bytes(tmp_path: Path, target: Path, data: bytes, name: str = "bad.ledger") -> FabricError:
+    f = tmp_path / name
+    f.write_bytes(data)
+    with Cassette(target) as t:
+        with pytest.raises(FabricError) as ei:
+            t.import_(f)
+    return ei.value
+
+
+def test_truncated_ledger_file_is_data_loss_and_target_unchanged(tmp_path, exported):
+    data, target, before = exported
+    rng = random.Random(11)
+    header = len(b"EVALFABRIC-LEDGER\n") + 4
+    cuts = {header, header + 1, header + 9, len(data) - 1, len(data) - 40, len(data) - 49}
+    cuts |= {rng.randrange(header, len(data)) for _ in range(12)}
+    for cut in sorted(cuts):
+        err = _import_bytes(tmp_path, target, data[:cut])
+        assert err.status_code is StatusCode.DATA_LOSS, (cut, err)
+        assert "offset" in err.message
+    with pytest.raises(FabricError) as ei:
+        Cassette.from_ledger(target, _write(tmp_path / "t.ledger", data[: len(data) // 2]))
+    assert ei.value.status_code is StatusCode.DATA_LOSS
+    assert dump_env(target) == before
+
+
+def _write(p: Path, data: bytes) -> Path:
+    p.write_bytes(data)
+    return p
+
+
+def test_altered_ledger_file_is_data_loss_and_target_unchanged(tmp_path, exported):
+    data, target, before = exported
+    rng = random.Random(12)
+    header = len(b"EVALFABRIC-LEDGER\n") + 4
+    count_field = range(len(data) - 40, len(data) - 32)
+    offsets = {header, header + 8, header + 9, len(data) - 49, len(data) - 1}
+    offsets |= {rng.randrange(header, len(data)) for _ in range(25)}
+    for off in sorted(offsets - set(count_field)):
+        bad = bytearray(data)
+        bad[off] ^= 0x5A
+        err = _import_bytes(tmp_path, target, bytes(bad))
+        assert err.status_code is StatusCode.DATA_LOSS, (off, err)
+    err = _import_bytes(tmp_path, target, data + b"\x00")
+    assert err.status_code is StatusCode.DATA_LOSS
+
+    bad_magic = b"X" + data[1:]
+    assert _import_bytes(tmp_path, target, bad_magic).status_code is StatusCode.INVALID_ARGUMENT
+    newer = data[: header - 4] + struct.pack(">I", 2) + data[header:]
+    assert _import_bytes(tmp_path, target, newer).status_code is StatusCode.FAILED_PRECONDITION
+    with Cassette(target) as t:
+        with pytest.raises(FabricError) as ei:
+            t.import_(tmp_path / "does-not-exist.ledger")
+        assert ei.value.status_code is StatusCode.NOT_FOUND
+    assert dump_env(target) == before
+
+
+def _ledger_file(entries: list[tuple[bytes, bytes]]) -> bytes:
+    """A ledger file built from the spec alone: header, (tag, body) entries, trailer."""
+    out = b"EVALFABRIC-LEDGER\n" + struct.pack(">I", 1)
+    for tag, body in entries:
+        out += tag + struct.pack(">Q", len(body)) + body
+    records = sum(tag == b"R" for tag, _ in entries)
+    return out + b"E" + struct.pack(">Q", 40) + struct.pack(">Q", records) + blake3.blake3(out).digest()
+
+
+def _record(i: int) -> bytes:
+    return pack_record(rkey(f"lf {i}"), payload_of(f"lf {i}"), evaluator="ev", version="1", created=1.5, compute_s=0.0, node="n-test")
+
+
+def test_hand_built_ledger_file_imports(tmp_path):
+    blob = b"a blob built by hand"
+    data = _ledger_file([(b"R", _record(1)), (b"B", bytes(ContentKey.of("blob", blob)) + blob), (b"R", _record(2))])
+    with Cassette(tmp_path / "t") as t:
+        assert t.import_(_write(tmp_path / "ok.ledger", data)) == 2
+        assert t.get_raw(rkey("lf 1")) == _record(1) and t.get_raw(rkey("lf 2")) == _record(2)
+        assert t.get_blob(ContentKey.of("blob", blob)) == blob
+
+
+def test_well_formed_file_with_bad_contents_is_data_loss_and_target_unchanged(tmp_path, exported):
+    _, target, before = exported
+    good_blob = b"good blob"
+    bad_record = bytearray(_record(2))
+    bad_record[-3] ^= 0x20  # payload byte: the CRC no longer matches
+    forged = bytearray(_record(3))
+    forged[-3] ^= 0x20  # payload byte, with the CRC recomputed: only the BLAKE3 digest catches it
+    forged[:4] = struct.pack(">I", zlib.crc32(bytes(forged[4:])))
+    cases = {
+        "bad record": [(b"R", _record(1)), (b"R", bytes(bad_record)), (b"B", bytes(ContentKey.of("blob", good_blob)) + good_blob)],
+        "forged record": [(b"R", _record(1)), (b"R", bytes(forged)), (b"B", bytes(ContentKey.of("blob", good_blob)) + good_blob)],
+        "blob not matching its key": [(b"B", bytes(ContentKey.of("blob", good_blob)) + good_blob), (b"B", bytes(ContentKey.of("blob", b"other")) + b"0ther")],
+        "blob entry with a request key": [(b"B", bytes(rkey(1)) + b"x")],
+        "short blob entry": [(b"B", b"\x02" * 10)],
+        "unknown tag": [(b"R", _record(1)), (b"Z", b"")],
+    }
+    for name, entries in cases.items():
+        err = _import_bytes(tmp_path, target, _ledger_file(entries), name=name.replace(" ", "_") + ".ledger")
+        assert err.status_code is StatusCode.DATA_LOSS, (name, err)
+        assert "offset" in err.message, name
+    assert dump_env(target) == before
+
+
+def test_import_rejects_altered_trailer_record_count(tmp_path, exported):
+    data, target, before = exported
+    bad = bytearray(data)
+    bad[len(data) - 33] ^= 0x01  # low byte of the trailer's records u64
+    err = _import_bytes(tmp_path, target, bytes(bad))
+    assert err.status_code is StatusCode.DATA_LOSS
+    assert dump_env(target) == before
+
+
+# ------------------------------------------------------- hypothesis stateful
+class CassetteMachine(RuleBasedStateMachine):
+    """A cassette under random put / re-put / conflicting put / reopen / lookup.
+
+    Invariants after every step: every acknowledged key reads back its exact
+    payload, re-puts never add rows, ledger rows == distinct keys == index entries.
+    """
+
+    KEYS = [rkey(f"sm {i}") for i in range(8)]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="cassette-sm-")
+        self.cas = Cassette(self.dir, durability="fast")
+        self.model: dict[ContentKey, tuple[int, bytes]] = {}
+
+    def teardown(self) -> None:
+        self.cas.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    values = st.one_of(st.integers(), st.text(max_size=20), st.binary(max_size=600), st.lists(st.integers(), max_size=5))
+
+    @rule(i=st.integers(0, 7), v=values)
+    def put(self, i, v):
+        k = self.KEYS[i]
+        payload = codec.encode(v)
+        r = self.cas.put(k, payload)
+        if k in self.model:
+            assert not r.appended
+            assert r.seq == self.model[k][0]
+            assert r.digest == payload_digest(self.model[k][1])
+        else:
+            assert r.appended and r.seq == len(self.model) + 1
+            self.model[k] = (r.seq, payload)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def reput_same(self, data):
+        k = data.draw(st.sampled_from(sorted(self.model)))
+        seq, payload = self.model[k]
+        r = self.cas.put(k, payload)
+        assert (r.appended, r.seq) == (False, seq)
+
+    @rule()
+    def reopen(self):
+        self.cas.close()
+        self.cas = Cassette(self.dir, durability="fast")
+
+    @rule(i=st.integers(0, 7))
+    def lookup(self, i):
+        k = self.KEYS[i]
+        v = self.cas.lookup_value(k)
+        if k in self.model:
+            assert v == codec.decode(self.model[k][1])
+        else:
+            assert v is MISS
+
+    @invariant()
+    def every_acknowledged_key_reads_back_exactly(self):
+        for k, (seq, payload) in self.model.items():
+            rec = self.cas.get_record(k)
+            assert rec is not None and rec.seq == seq and rec.payload == payload
+
+    @invariant()
+    def rows_equal_distinct_keys(self):
+        st_ = self.cas.stats()
+        assert st_["ledger_rows"] == st_["records"] == len(self.model)
+
+
+TestCassetteMachine = CassetteMachine.TestCase
+TestCassetteMachine.settings = settings(
+    max_examples=30, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)

@@ -1,0 +1,261 @@
+"""The ``fabric`` console script, run as real subprocesses on real data dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cassette.keys import ContentKey
+from cassette.store import Cassette
+from conftest import ROOT, child_env, flip_in_file
+
+
+def _fabric_script() -> str:
+    beside = Path(sys.executable).parent / "fabric"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("fabric")
+    assert found, "the fabric console script is not installed (pip install -e .)"
+    return found
+
+
+FABRIC = _fabric_script()
+EVALUATORS = "examples/evaluators.py"
+COMMANDS = ["demo", "node", "realize", "put", "get", "holders", "stats", "verify", "replay", "export", "bench"]
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """``cli(*args, log=None, timeout=120)`` runs the console script in the repo root with an isolated FABRIC_HOME."""
+
+    def run(*args: str, log: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        extra = {"FABRIC_EVAL_LOG": str(log)} if log else {}
+        return subprocess.run(
+            [FABRIC, *map(str, args)], cwd=ROOT, env=child_env(tmp_path / "home", **extra),
+            capture_output=True, timeout=timeout,
+        )
+
+    return run
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, status: str) -> str:
+    err = proc.stderr.decode()
+    assert proc.returncode != 0, (proc.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert status in lines[0], err
+    return lines[0]
+
+
+def test_realize_prints_json_computed_then_local(cli, tmp_path):
+    data, log = tmp_path / "data", tmp_path / "eval.log"
+    args = ["realize", "text.stats", '{"text": "a b a"}', "--evaluators", EVALUATORS, "--data", data]
+    first = cli(*args, log=log)
+    assert first.returncode == 0, first.stderr.decode()
+    out1 = json.loads(first.stdout)
+    assert out1["source"] == "computed"
+    assert out1["key"] == str(ContentKey.for_request("text.stats", "1", {"text": "a b a"}))
+    assert out1["value"]["words"] == 3 and out1["value"]["top"] == [["a", 2], ["b", 1]]
+
+    second = cli(*args, log=log)
+    assert second.returncode == 0, second.stderr.decode()
+    out2 = json.loads(second.stdout)
+    assert out2["source"] == "local"
+    assert (out2["key"], out2["value"], out2["holder"]) == (out1["key"], out1["value"], out1["holder"])
+    assert len(log.read_text().splitlines()) == 1
+
+    # module-path form of --evaluators, explicit --version, and $FABRIC_HOME as the default data dir
+    home = cli("realize", "embed", '{"text": "x y", "dim": 4}', "--evaluators", "examples.evaluators", "--version", "1")
+    assert home.returncode == 0, home.stderr.decode()
+    out3 = json.loads(home.stdout)
+    assert out3["source"] == "computed" and len(out3["value"]) == 4
+    assert (tmp_path / "home" / "data.mdb").is_file()
+
+
+def test_export_replay_and_verify(cli, tmp_path):
+    data = tmp_path / "data"
+    keys = []
+    for text in ["one two", "three four four", "five"]:
+        p = cli("realize", "text.stats", json.dumps({"text": text}), "--evaluators", EVALUATORS, "--data", data)
+        assert p.returncode == 0, p.stderr.decode()
+        keys.append(json.loads(p.stdout)["key"])
+    put = cli("put", ROOT / "README.md", "--data", data)
+    assert put.returncode == 0, put.stderr.decode()
+
+    exp = cli("export", tmp_path / "x.ledger", "--data", data)
+    assert exp.returncode == 0, exp.stderr.decode()
+    assert "exported 4 records" in exp.stdout.decode()
+
+    rep = cli("replay", tmp_path / "x.ledger", "--data", tmp_path / "new")
+    assert rep.returncode == 0, rep.stderr.decode()
+    assert "4 keys indexed" in rep.stdout.decode()
+    with Cassette(data) as a, Cassette(tmp_path / "new") as b:
+        for k in keys + [json.loads(put.stdout)["key"]]:
+            key = ContentKey.parse(k)
+            assert a.get_raw(key) is not None and a.get_raw(key) == b.get_raw(key)
+        assert b.stats()["blobs"] == a.stats()["blobs"] >= 1
+
+    ok = cli("verify", "--data", tmp_path / "new")
+    assert ok.returncode == 0, ok.stderr.decode()
+    assert ok.stderr.decode() == ""
+    assert "0 problem(s)" in ok.stdout.decode()
+
+    # flip one payload byte of the first reply: verify exits 1 with a DATA_LOSS line naming it
+    with Cassette(data) as cas:
+        payload = cas.get_record(ContentKey.parse(keys[0])).payload
+    flip_in_file(data / "data.mdb", payload)
+    bad = cli("verify", "--data", data)
+    assert bad.returncode == 1
+    lines = bad.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "DATA_LOSS" in lines[0] and keys[0] in lines[0], lines
+    assert "1 problem(s)" in bad.stdout.decode()
+
+    # a corrupt ledger file does not replay: DATA_LOSS, one line
+    blob = bytearray((tmp_path / "x.ledger").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (tmp_path / "bad.ledger").write_bytes(bytes(blob))
+    _one_error_line(cli("replay", tmp_path / "bad.ledger", "--data", tmp_path / "new2"), "DATA_LOSS")
+
+
+def test_put_get_round_trip_bytes(cli, tmp_path):
+    data = tmp_path / "data"
+    src = tmp_path / "input.bin"
+    content = os.urandom(3 << 20) + b"tail"  # several 1 MiB chunks
+    src.write_bytes(content)
+    put = cli("put", src, "--data", data)
+    assert put.returncode == 0, put.stderr.decode()
+    info = json.loads(put.stdout)
+    assert info["size_bytes"] == len(content) and info["chunks"] == 4
+    assert info["key"].startswith("artifact:")
+
+    got = cli("get", info["key"], "-o", tmp_path / "out.bin", "--data", data)
+    assert got.returncode == 0, got.stderr.decode()
+    assert (tmp_path / "out.bin").read_bytes() == content
+
+    to_stdout = cli("get", info["key"], "--data", data)
+    assert to_stdout.returncode == 0 and to_stdout.stdout == content
+
+    again = cli("put", src, "--data", data)  # content-addressed: same key, nothing new
+    assert json.loads(again.stdout)["key"] == info["key"]
+
+    holders = cli("holders", info["key"], "--data", data)
+    assert holders.returncode == 0 and holders.stdout.decode().strip()
+
+    # a reply key prints its value as JSON
+    r = cli("realize", "text.stats", '{"text": "q"}', "--evaluators", EVALUATORS, "--data", data)
+    rk = json.loads(r.stdout)["key"]
+    g = cli("get", rk, "--data", data)
+    assert g.returncode == 0 and json.loads(g.stdout)["words"] == 1
+
+    stats = cli("stats", "--json", "--data", data)
+    assert stats.returncode == 0, stats.stderr.decode()
+    st = json.loads(stats.stdout)
+    assert st["records"] == 2 and st["blobs"] == 4
+
+
+@pytest.mark.parametrize("cmd", [None] + COMMANDS)
+def test_every_command_has_help(cli, cmd):
+    p = cli(*([cmd] if cmd else []), "--help", timeout=60)
+    assert p.returncode == 0, p.stderr.decode()
+    out = p.stdout.decode()
+    assert "usage: fabric" in out
+    if cmd:
+        assert "--data" in out and "--node" in out
+
+
+@pytest.mark.parametrize(
+    "args,status",
+    [
+        (["realize", "text.stats", "{not json", "--evaluators", EVALUATORS], "INVALID_ARGUMENT"),
+        (["realize", "text.stats", "[1, 2]", "--evaluators", EVALUATORS], "INVALID_ARGUMENT"),
+        (["realize", "no.such.evaluator", "{}", "--evaluators", EVALUATORS], "NOT_FOUND"),
+        (["realize", "text.stats", '{"text": "a"}', "--evaluators", EVALUATORS, "--version", "9"], "NOT_FOUND"),
+        (["realize", "text.stats", "{}", "--evaluators", "examples/no_such_file.py"], "NOT_FOUND"),
+        (["realize", "text.stats", "{}", "--evaluators", "no_such_module_xyz"], "NOT_FOUND"),
+        (["get", "not-a-key"], "INVALID_ARGUMENT"),
+        (["get", "artifact:" + "AB" * 32], "INVALID_ARGUMENT"),
+        (["get", "request:" + "00" * 32], "NOT_FOUND"),
+        (["holders", "blob:123"], "INVALID_ARGUMENT"),
+        (["put", "/no/such/file.bin"], "NOT_FOUND"),
+        (["replay", "/no/such/file.ledger"], "NOT_FOUND"),
+        (["realize", "text.stats", "{}", "--node", "not an address"], "INVALID_ARGUMENT"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40],
+)
+def test_bad_input_is_one_line_with_the_status(cli, tmp_path, args, status):
+    p = cli(*args, "--data", tmp_path / "data")
+    assert p.returncode == 1
+    line = _one_error_line(p, status)
+    assert line.startswith(f"fabric {args[0]}: error: {status}: ")
+    assert p.stdout == b""
+
+
+def test_data_dir_that_is_not_a_cassette(cli, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    _one_error_line(cli("verify", "--data", other), "FAILED_PRECONDITION")
+    _one_error_line(cli("stats", "--data", tmp_path / "other" / "keep.txt"), "FAILED_PRECONDITION")
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
+
+
+def test_usage_errors_are_one_line(cli, tmp_path):
+    for args in (["realize"], ["get"], ["no-such-command"], ["put", "a", "--bogus-flag"]):
+        p = cli(*args)
+        assert p.returncode == 2, args
+        lines = p.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "error" in lines[0], (args, lines)
+
+
+def test_evaluator_exception_reaches_the_user_with_type_and_message(cli, tmp_path):
+    p = cli("realize", "fail.always", '{"message": "kaput 42"}', "--evaluators", EVALUATORS, "--data", tmp_path / "d")
+    assert p.returncode == 1
+    lines = p.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("fabric realize: error: ") and "ValueError" in lines[0] and "kaput 42" in lines[0]
+
+
+def test_wrong_evaluator_arguments_are_invalid_argument(cli, tmp_path):
+    p = cli("realize", "text.stats", '{"bogus": 1}', "--evaluators", EVALUATORS, "--data", tmp_path / "d")
+    line = _one_error_line(p, "INVALID_ARGUMENT")
+    assert "bogus" in line
+
+
+def test_export_to_missing_directory_is_one_line(cli, tmp_path):
+    p = cli("export", tmp_path / "no" / "such" / "dir" / "x.ledger", "--data", tmp_path / "d")
+    assert p.returncode == 1
+    lines = p.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fabric export: error: "), lines
+    assert not (tmp_path / "no").exists()
+
+
+def test_get_output_to_missing_directory_is_one_line(cli, tmp_path):
+    data = tmp_path / "d"
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"payload")
+    key = json.loads(cli("put", src, "--data", data).stdout)["key"]
+    p = cli("get", key, "-o", tmp_path / "no" / "such" / "out.bin", "--data", data)
+    assert p.returncode == 1
+    lines = p.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fabric get: error: "), lines
+
+
+def test_get_of_a_rotted_artifact_is_data_loss_and_writes_no_file(cli, tmp_path):
+    data = tmp_path / "d"
+    content = os.urandom(300_000)
+    (tmp_path / "in.bin").write_bytes(content)
+    key = json.loads(cli("put", tmp_path / "in.bin", "--data", data).stdout)["key"]
+    flip_in_file(data / "data.mdb", content[150_000:150_100])
+    p = cli("get", key, "-o", tmp_path / "out.bin", "--data", data)
+    assert p.returncode == 1
+    last = p.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("fabric get: error: DATA_LOSS: ") and key in last
+    assert not (tmp_path / "out.bin").exists()  # no partial output
+    v = cli("verify", "--data", data)
+    assert v.returncode == 1 and "DATA_LOSS" in v.stderr.decode()
