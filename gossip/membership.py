@@ -30,6 +30,7 @@ Randomness comes only from the injected ``random.Random``.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -37,9 +38,22 @@ from typing import Iterable, Iterator
 
 from cassette.errors import FabricError, StatusCode
 from gossip.holding import check_node_id
-from gossip.messages import Ack, Members, MemberState, MemberUpdate, Message, Ping, PingReq
+from gossip.messages import (
+    MAX_ADDR_BYTES,
+    MAX_CAPABILITIES,
+    MAX_CAPABILITY_BYTES,
+    Ack,
+    Members,
+    MemberState,
+    MemberUpdate,
+    Message,
+    Ping,
+    PingReq,
+)
 
 __all__ = ["Member", "MemberState", "MembershipConfig", "Roster", "Membership", "Outgoing"]
+
+log = logging.getLogger("evalfabric.gossip")
 
 #: What the machines return: ``(destination address, message)`` pairs.
 Outgoing = list[tuple[str, Message]]
@@ -116,6 +130,9 @@ class MembershipConfig:
     ``suspicion_timeout(n) = suspicion_mult * max(1, log10(n)) * probe_interval``;
     each update is piggy-backed ``retransmit_mult * ceil(log10(n + 1))`` times;
     ``member_sync_interval`` / ``reconnect_interval`` of None turn those off.
+    ``max_local_health`` caps the Lifeguard local-health score that stretches
+    this node's own probe period and ping timeout when it is the slow one
+    (0 disables it).
     """
 
     probe_interval: float = 1.0
@@ -126,11 +143,12 @@ class MembershipConfig:
     max_piggyback: int = 8
     member_sync_interval: float | None = 30.0
     reconnect_interval: float | None = 5.0
+    max_local_health: int = 8
 
     def __post_init__(self) -> None:
         if not 0 < self.ping_timeout < self.probe_interval:
             raise FabricError(StatusCode.INVALID_ARGUMENT, "membership: need 0 < ping_timeout < probe_interval")
-        if self.indirect_k < 0 or self.max_piggyback < 1 or self.retransmit_mult < 1 or self.suspicion_mult <= 0:
+        if self.indirect_k < 0 or self.max_piggyback < 1 or self.retransmit_mult < 1 or self.suspicion_mult <= 0 or self.max_local_health < 0:
             raise FabricError(StatusCode.INVALID_ARGUMENT, "membership: indirect_k >= 0, max_piggyback >= 1, retransmit_mult >= 1, suspicion_mult > 0")
 
     def suspicion_timeout(self, n: int) -> float:
@@ -142,6 +160,24 @@ class MembershipConfig:
         return self.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
 
 
+def _check_addr(addr: object) -> str:
+    if type(addr) is not str or not addr or len(addr.encode("utf-8")) > MAX_ADDR_BYTES:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"membership: addr must be a str of 1..{MAX_ADDR_BYTES} UTF-8 bytes, got {addr!r:.80}")
+    return addr
+
+
+def _check_capabilities(capabilities: Iterable[str]) -> frozenset:
+    if isinstance(capabilities, str):
+        raise FabricError(StatusCode.INVALID_ARGUMENT, "membership: capabilities must be a collection of str, not one str")
+    caps = frozenset(capabilities)
+    if len(caps) > MAX_CAPABILITIES:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"membership: at most {MAX_CAPABILITIES} capabilities, got {len(caps)}")
+    for c in caps:
+        if type(c) is not str or not c or len(c.encode("utf-8")) > MAX_CAPABILITY_BYTES:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"membership: capability {c!r:.60} must be a str of 1..{MAX_CAPABILITY_BYTES} UTF-8 bytes")
+    return caps
+
+
 def _next_period(due: float, period: float, now: float) -> float:
     """The next due time of a periodic timer that fired at ``now`` (always > now)."""
     nxt = due + period
@@ -149,13 +185,14 @@ def _next_period(due: float, period: float, now: float) -> float:
 
 
 class _Probe:
-    __slots__ = ("target", "addr", "seq", "start", "indirect")
+    __slots__ = ("target", "addr", "seq", "indirect_at", "fail_at", "indirect")
 
-    def __init__(self, target: str, addr: str, seq: int, start: float) -> None:
+    def __init__(self, target: str, addr: str, seq: int, indirect_at: float, fail_at: float) -> None:
         self.target = target
         self.addr = addr
         self.seq = seq
-        self.start = start
+        self.indirect_at = indirect_at  # no ack by then: ask others to probe
+        self.fail_at = fail_at  # no ack by then: suspect the target
         self.indirect = False
 
 
@@ -182,13 +219,17 @@ class Membership:
         now: float = 0.0,
     ) -> None:
         check_node_id(node_id)
+        addr = _check_addr(addr or node_id)
+        capabilities = _check_capabilities(capabilities)
         self.node_id = node_id
         self.config = cfg = config or MembershipConfig()
         self._rng = rng if rng is not None else random.Random(node_id)
         self._roster = roster if roster is not None else Roster(())
         self._local: dict[str, _Rec] = {}
         self._extra_ids: list[str] = []  # ids in _local that the roster lacks
-        self._me = _Rec(node_id, addr or node_id, int(incarnation), _ALIVE, frozenset(capabilities))
+        if type(incarnation) is not int or incarnation < 0:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"membership: incarnation must be an int >= 0, got {incarnation!r}")
+        self._me = _Rec(node_id, addr, incarnation, _ALIVE, capabilities)
         self._put(self._me)
         self._queue: dict[str, list] = {}  # node_id -> [update, transmits left]
         self._timers: list[tuple[float, str, int]] = []  # suspicion deadlines
@@ -197,6 +238,8 @@ class Membership:
         self._relays: dict[int, tuple[str, int, float]] = {}  # our seq -> (requester addr, its seq, expiry)
         self._dead: dict[str, None] = {}  # DEAD (not LEFT) members, for reconnects
         self._leaving = False
+        self._health = 0  # Lifeguard local health: 0 = healthy
+        self._ticked = False
         r = self._rng.random
         self._next_probe = now + r() * cfg.probe_interval
         self._next_sync = None if cfg.member_sync_interval is None else now + r() * cfg.member_sync_interval
@@ -219,6 +262,14 @@ class Membership:
     def capabilities(self) -> frozenset:
         """What this node advertises."""
         return self._me.capabilities
+
+    @property
+    def local_health(self) -> int:
+        """Lifeguard local-health score: 0 when healthy; each point stretches this
+        node's probe period and ping timeout by one more base length.  Raised by
+        failed probes, by refuting rumours about itself and by stalls; lowered by
+        each successful probe."""
+        return self._health
 
     def __len__(self) -> int:
         """Number of members known (any state, self included)."""
@@ -354,6 +405,8 @@ class Membership:
             p = self._probe
             if p is not None and msg.seq == p.seq:
                 self._probe = None
+                if self._health:
+                    self._health -= 1
             else:
                 relay = self._relays.pop(msg.seq, None)
                 if relay is not None:
@@ -380,14 +433,20 @@ class Membership:
             return []
         cfg = self.config
         out: Outgoing = []
+        late = now - self._wake  # how long after it asked to run this node runs
+        if late > cfg.probe_interval and self._ticked:
+            self._stalled(late)
+        self._ticked = True
+        scale = 1 + self._health
         p = self._probe
         if p is not None:
-            if not p.indirect and now >= p.start + cfg.ping_timeout:
+            if not p.indirect and now >= p.indirect_at:
                 p.indirect = True
                 for _nid, addr in self.random_live_peers(cfg.indirect_k, exclude=(p.target,)):
                     out.append((addr, PingReq(self.node_id, p.seq, p.target, p.addr, self.piggyback())))
-            if now >= p.start + cfg.probe_interval:
+            if now >= p.fail_at:
                 self._probe = None
+                self._health = min(cfg.max_local_health, self._health + 1)
                 self._suspect(p.target, now)
         timers = self._timers
         while timers and timers[0][0] <= now:
@@ -400,12 +459,12 @@ class Membership:
             for seq in [s for s, v in self._relays.items() if v[2] <= now]:
                 del self._relays[seq]
         if now >= self._next_probe:
-            self._next_probe = _next_period(self._next_probe, cfg.probe_interval, now)
-            peers = [] if self._leaving else self.random_live_peers(1)
+            self._next_probe = _next_period(self._next_probe, cfg.probe_interval * scale, now)
+            peers = [] if self._leaving or self._probe is not None else self.random_live_peers(1)
             if peers:
                 nid, addr = peers[0]
                 self._seq += 1
-                self._probe = _Probe(nid, addr, self._seq, now)
+                self._probe = _Probe(nid, addr, self._seq, now + cfg.ping_timeout * scale, now + cfg.probe_interval * scale)
                 out.append((addr, Ping(self.node_id, self._seq, nid, self.piggyback())))
         if self._next_reconnect is not None and now >= self._next_reconnect:
             self._next_reconnect = _next_period(self._next_reconnect, cfg.reconnect_interval, now)
@@ -442,7 +501,7 @@ class Membership:
 
     def set_capabilities(self, capabilities: Iterable[str]) -> None:
         """Change what this node advertises: bumps the incarnation and gossips ALIVE."""
-        self._me.capabilities = frozenset(capabilities)
+        self._me.capabilities = _check_capabilities(capabilities)
         self._me.incarnation += 1
         self._enqueue(self._self_update())
 
@@ -478,6 +537,10 @@ class Membership:
         self._queue[u.node_id] = [u, self.config.retransmit_limit(len(self))]
 
     def _set_state(self, r: _Rec, state: MemberState) -> None:
+        if state != r.state:
+            # state changes are rare and operators need them: suspicion, death, return
+            log.info("gossip %s: member %s is now %s (incarnation %d, was %s)",
+                     self.node_id, r.node_id, state.name, r.incarnation, MemberState(r.state).name)
         r.state = state
         if state == _DEAD:
             self._dead[r.node_id] = None
@@ -503,6 +566,7 @@ class Membership:
         self._enqueue(MemberUpdate(node_id, r.incarnation, _SUSPECT, r.addr, r.capabilities))
 
     def _refute(self, inc: int) -> None:
+        self._health = min(self.config.max_local_health, self._health + 1)
         me = self._me
         if inc >= me.incarnation:
             me.incarnation = inc + 1
@@ -538,22 +602,43 @@ class Membership:
         if not accept:
             return False
         r = self._mut(nid)
-        r.incarnation = inc
-        if state == _ALIVE:
+        if state == _ALIVE or inc > ci:
+            # a newer incarnation is a newer life: it may listen elsewhere (a
+            # restart on a fresh port) and advertise other capabilities
             r.addr = u.addr
             r.capabilities = u.capabilities
+        r.incarnation = inc
         self._set_state(r, state)
         if state == _SUSPECT:
             self._start_timer(r, now)
         self._enqueue(MemberUpdate(nid, inc, state, r.addr, r.capabilities))
         return True
 
+    def _stalled(self, gap: float) -> None:
+        """This node did not run for ``gap`` (a paused process, a starved event loop).
+
+        Time we did not observe must not count against others: acks and
+        refutations may be waiting unread.  Every running deadline (the probe,
+        suspicion timers, relays) moves ``gap`` later, and local health worsens.
+        """
+        log.info("gossip %s: no tick for %.2fs; deadlines moved, peers not blamed for it", self.node_id, gap)
+        self._health = min(self.config.max_local_health, self._health + 1)
+        self._next_probe += gap
+        p = self._probe
+        if p is not None:
+            p.indirect_at += gap
+            p.fail_at += gap
+        if self._timers:
+            self._timers = [(d + gap, nid, inc) for d, nid, inc in self._timers]
+            heapq.heapify(self._timers)
+        if self._relays:
+            self._relays = {s: (a, q, e + gap) for s, (a, q, e) in self._relays.items()}
+
     def _rewake(self) -> None:
-        cfg = self.config
         w = self._next_probe
         p = self._probe
         if p is not None:
-            w = min(w, p.start + (cfg.probe_interval if p.indirect else cfg.ping_timeout))
+            w = min(w, p.fail_at if p.indirect else p.indirect_at)
         if self._timers:
             w = min(w, self._timers[0][0])
         if self._next_sync is not None:

@@ -17,8 +17,9 @@ transport can implement it:
   address the peer can be reached at (gossip replies go there).
 
 Structured concurrency only: :meth:`GossipRunner.run` is one task that the
-caller starts in its nursery (``await nursery.start(runner.run)``); it spawns
-nothing, so cancelling the caller's scope stops everything.
+caller starts in its nursery (``await nursery.start(runner.run)``); the
+per-destination sender tasks it needs are children of its own nursery, so
+cancelling the caller's scope stops everything and nothing outlives ``run``.
 """
 
 from __future__ import annotations
@@ -53,51 +54,81 @@ class Transport(Protocol):
 class GossipRunner:
     """Drives one :class:`GossipNode` under trio.
 
-    ``GossipRunner(node, transport, *, max_sleep=None, send_timeout=5.0)``.  Time
-    is ``trio.current_time()`` (so ``trio.testing.MockClock`` makes tests
-    instant).  The tick loop sleeps until the node's next deadline, at most
-    ``max_sleep`` (default: a quarter of the gossip interval), and wakes early
-    when new local facts are waiting to be pushed.
+    ``GossipRunner(node, transport, *, max_sleep=None, send_timeout=5.0,
+    queue_size=256, idle_timeout=60.0)``.  Time is ``trio.current_time()`` (so
+    ``trio.testing.MockClock`` makes tests instant).  The tick loop sleeps until
+    the node's next deadline, at most ``max_sleep`` (default: a quarter of the
+    gossip interval), and wakes early when new facts are waiting to be pushed.
+
+    While :meth:`run` runs, outgoing messages never block the machine: each is
+    queued for its destination (at most ``queue_size`` per peer; a full queue
+    drops, as a lossy network would) and one sender task per destination, a
+    child of :meth:`run`'s nursery that retires after ``idle_timeout`` seconds
+    without traffic, awaits the transport.  A slow or dead peer therefore
+    delays nobody else's pings and acks.  Outside :meth:`run` (and for
+    :meth:`leave`) messages are sent inline.
     """
 
-    def __init__(self, node: GossipNode, transport: Transport, *, max_sleep: float | None = None, send_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        node: GossipNode,
+        transport: Transport,
+        *,
+        max_sleep: float | None = None,
+        send_timeout: float = 5.0,
+        queue_size: int = 256,
+        idle_timeout: float = 60.0,
+    ) -> None:
         self.node = node
         self.transport = transport
         self.max_sleep = max_sleep if max_sleep is not None else node.config.interval / 4
         self.send_timeout = send_timeout
+        self.queue_size = queue_size
+        self.idle_timeout = idle_timeout
         #: Inbound payloads dropped because they did not decode (a peer's garbage).
         self.malformed = 0
         #: Outbound sends that failed or timed out.
         self.send_failures = 0
+        #: Outbound messages dropped because their peer's queue was full.
+        self.dropped_outbound = 0
         #: Bytes sent / received (payload bytes, for ``fabric_gossip_bytes``).
         self.bytes_sent = 0
         self.bytes_received = 0
         self._wake = trio.Event()
         self._running = False
+        self._nursery: trio.Nursery | None = None
+        self._outbox: dict[str, trio.MemorySendChannel] = {}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Tick the node forever (until cancelled).  Signals ``task_status.started()`` at once."""
+        """Tick the node and send its messages until cancelled; ``task_status.started()`` at once."""
         if self._running:
             raise FabricError(StatusCode.FAILED_PRECONDITION, "gossip runner: already running")
         self._running = True
         try:
-            task_status.started()
-            while True:
-                await self._send_all(self.node.tick(trio.current_time()))
-                deadline = self.node.next_deadline()
-                if deadline == -math.inf:  # pushes queued while we were sending
-                    await trio.lowlevel.checkpoint()
-                    continue
-                # never spin: even a deadline already due waits a millisecond
-                delay = min(self.max_sleep, max(_MIN_SLEEP, deadline - trio.current_time()))
-                with trio.move_on_after(delay):
-                    await self._wake.wait()
-                self._wake = trio.Event()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._tick_loop()
         finally:
+            self._nursery = None
+            self._outbox.clear()
             self._running = False
 
+    async def _tick_loop(self) -> None:
+        while True:
+            await self._send_all(self.node.tick(trio.current_time()))
+            deadline = self.node.next_deadline()
+            if deadline == -math.inf:  # pushes queued while we were sending
+                await trio.lowlevel.checkpoint()
+                continue
+            # never spin: even a deadline already due waits a millisecond
+            delay = min(self.max_sleep, max(_MIN_SLEEP, deadline - trio.current_time()))
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
     async def deliver(self, src_addr: str, payload: bytes) -> None:
-        """Handle one inbound payload from ``src_addr`` and send the node's replies.
+        """Handle one inbound payload from ``src_addr`` and send (queue) the node's replies.
 
         A payload that does not decode is logged (sender and reason, never the
         bytes) and dropped; it never raises.
@@ -131,21 +162,57 @@ class GossipRunner:
         await self._send_all(self.node.join(list(seed_addrs), trio.current_time()))
 
     async def leave(self) -> None:
-        """Announce a graceful leave to a few peers (call before cancelling :meth:`run`)."""
-        await self._send_all(self.node.leave(trio.current_time()))
+        """Announce a graceful leave to a few peers, inline (call before cancelling :meth:`run`)."""
+        for addr, msg in self.node.leave(trio.current_time()):
+            await self._send_one(addr, encode_message(msg))
 
     async def _send_all(self, out: list) -> None:
+        nursery = self._nursery
         for addr, msg in out:
             payload = encode_message(msg)
+            if nursery is None:
+                await self._send_one(addr, payload)
+                continue
+            ch = self._outbox.get(addr)
+            if ch is None:
+                ch, receive = trio.open_memory_channel(self.queue_size)
+                self._outbox[addr] = ch
+                nursery.start_soon(self._sender, addr, receive)
             try:
-                with trio.move_on_after(self.send_timeout) as scope:
-                    await self.transport.send(addr, payload)
-                if scope.cancelled_caught:
-                    raise TimeoutError(f"send took more than {self.send_timeout}s")
-                self.bytes_sent += len(payload)
-            except (OSError, FabricError, TimeoutError) as e:
-                self.send_failures += 1
-                log.debug("gossip: send to %s failed: %s", addr, e)
+                ch.send_nowait(payload)
+            except trio.WouldBlock:
+                self.dropped_outbound += 1
+        await trio.lowlevel.checkpoint()
+
+    async def _sender(self, addr: str, receive: trio.MemoryReceiveChannel) -> None:
+        """Send ``addr``'s queue in order; retire after ``idle_timeout`` without traffic."""
+        while True:
+            payload = None
+            with trio.move_on_after(self.idle_timeout):
+                payload = await receive.receive()
+            if payload is not None:
+                await self._send_one(addr, payload)
+                continue
+            # idle: unregister first, so new traffic starts a fresh sender, then drain
+            if self._outbox.get(addr) is not None:
+                del self._outbox[addr]
+            while True:
+                try:
+                    payload = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    return
+                await self._send_one(addr, payload)
+
+    async def _send_one(self, addr: str, payload: bytes) -> None:
+        try:
+            with trio.move_on_after(self.send_timeout) as scope:
+                await self.transport.send(addr, payload)
+            if scope.cancelled_caught:
+                raise TimeoutError(f"send took more than {self.send_timeout}s")
+            self.bytes_sent += len(payload)
+        except (OSError, FabricError, TimeoutError) as e:
+            self.send_failures += 1
+            log.debug("gossip: send to %s failed: %s", addr, e)
 
 
 class MemoryNetwork:

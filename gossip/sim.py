@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
-from gossip.holding import FactRun, HeldContent, HoldingIndex, RECORD_SIZE
+from gossip.holding import FactRun, HeldContent, HoldingIndex
 from gossip.membership import Member, MembershipConfig, Roster
 from gossip.messages import Ack, Facts, Members, Ping, PingReq, Summary, SyncRequest, decode_message, encode_message
 from gossip.node import GossipConfig, GossipNode
