@@ -23,6 +23,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -40,7 +41,7 @@ import lmdb
 from cassette import codec
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey, derive
-from cassette.record import Record, check_ok, pack_record, payload_digest, record_key, record_payload, unpack_record
+from cassette.record import Record, check_ok, pack_record, payload_digest, record_key, unpack_record
 
 __all__ = ["Cassette", "PutResult", "VerifyReport", "ReplayReport", "FORMAT_VERSION", "MISS"]
 
@@ -259,6 +260,16 @@ class Cassette:
                 self._resizing = False
                 self._resize_done.set()
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction (buffers=True) inside the resize gate; values are valid only inside."""
+        slot, txn = self._begin_read()
+        try:
+            yield txn
+        finally:
+            txn.abort()
+            slot.active = False
+
     def _begin_read(self):
         slot = self._enter()
         try:
@@ -291,7 +302,7 @@ class Cassette:
             txn = self._env.begin(buffers=True)
         except BaseException:
             slot.active = False
-            slot, txn = self._begin_read()
+            slot, txn = self._begin_read()  # handles MapResizedError
         try:
             seq = txn.get(key, db=self._index)
             if seq is None:
@@ -310,8 +321,7 @@ class Cassette:
 
     def get_record(self, key: ContentKey) -> Record | None:
         """The verified record for ``key``, or ``None`` if absent or corrupt."""
-        slot, txn = self._begin_read()
-        try:
+        with self._reading() as txn:
             seqb = txn.get(key, db=self._index)
             if seqb is None:
                 return None
@@ -328,14 +338,10 @@ class Cassette:
                 self._corrupt(key)
                 return None
             return rec
-        finally:
-            txn.abort()
-            slot.active = False
 
     def get_raw(self, key: ContentKey) -> bytes | None:
         """The verified ledger value bytes for ``key`` (as sent to peers), or ``None``."""
-        slot, txn = self._begin_read()
-        try:
+        with self._reading() as txn:
             seqb = txn.get(key, db=self._index)
             value = None if seqb is None else txn.get(seqb, db=self._ledger)
             if value is None:
@@ -344,19 +350,12 @@ class Cassette:
                 self._corrupt(key)
                 return None
             return bytes(value)
-        finally:
-            txn.abort()
-            slot.active = False
 
     def contains(self, key: ContentKey) -> bool:
         """Whether ``key`` is indexed (without verifying its row)."""
-        slot, txn = self._begin_read()
-        try:
+        with self._reading() as txn:
             db = self._index if key[0] != 2 else self._blobs
             return txn.get(key, db=db) is not None
-        finally:
-            txn.abort()
-            slot.active = False
 
     def missing(self, keys: Iterable[ContentKey], *, verify_blobs: bool = False) -> list[ContentKey]:
         """Of ``keys``, those this cassette does not hold (one batched read; blobs and records).
@@ -364,8 +363,7 @@ class Cassette:
         With ``verify_blobs`` a blob whose bytes no longer match its key counts as missing
         (so storing it again repairs it).
         """
-        slot, txn = self._begin_read()
-        try:
+        with self._reading() as txn:
             out = []
             for k in keys:
                 db = self._blobs if k[0] == 2 else self._index
@@ -373,21 +371,14 @@ class Cassette:
                 if v is None or (verify_blobs and k[0] == 2 and derive("blob", v) != k[1:]):
                     out.append(k)
             return out
-        finally:
-            txn.abort()
-            slot.active = False
 
     def get_blob(self, key: ContentKey) -> bytes | None:
         """The blob's bytes, verified against its key, or ``None`` (absent or corrupt)."""
-        slot, txn = self._begin_read()
-        try:
+        with self._reading() as txn:
             v = txn.get(key, db=self._blobs)
             if v is None:
                 return None
             data = bytes(v)
-        finally:
-            txn.abort()
-            slot.active = False
         if derive("blob", data) != key[1:]:
             self._corrupt(key)
             return None
@@ -405,17 +396,13 @@ class Cassette:
         seq = start
         while True:
             batch: list[tuple[int, bytes]] = []
-            slot, txn = self._begin_read()
-            try:
+            with self._reading() as txn:
                 cur = txn.cursor(db=self._ledger)
                 if cur.set_range(_pack_seq(seq)):
                     for k, v in cur:
                         batch.append((_unpack_seq(k)[0], bytes(v)))
                         if len(batch) >= 1024:
                             break
-            finally:
-                txn.abort()
-                slot.active = False
             if not batch:
                 return
             yield from batch
@@ -437,15 +424,11 @@ class Cassette:
 
     def stats(self) -> dict[str, Any]:
         """Counts and sizes: records (indexed keys), ledger_rows, blobs, bytes, map_size, node_id."""
-        slot, txn = self._begin_read()
-        try:
+        with self._reading() as txn:
             ledger_rows = txn.stat(self._ledger)["entries"]
             indexed = txn.stat(self._index)["entries"]
             blobs = txn.stat(self._blobs)["entries"]
             nbytes = txn.get(b"ledger_bytes", db=self._meta)
-        finally:
-            txn.abort()
-            slot.active = False
         return {
             "node_id": self.node_id,
             "path": str(self.path),
@@ -694,8 +677,7 @@ class Cassette:
         """
         rep = VerifyReport()
         seen: dict[bytes, int] = {}
-        slot, txn = self._begin_read()
-        try:
+        with self._reading() as txn:
             for k, v in txn.cursor(db=self._ledger):
                 seq = _unpack_seq(k)[0]
                 rep.records += 1
@@ -726,9 +708,6 @@ class Cassette:
                 rep.blobs += 1
                 if derive("blob", bytes(v)) != bytes(k)[1:]:
                     rep.problems.append(FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=ContentKey.from_bytes(bytes(k))))
-        finally:
-            txn.abort()
-            slot.active = False
         if rep.problems and raise_errors:
             first = rep.problems[0]
             err = FabricError(
@@ -832,8 +811,7 @@ class Cassette:
         after = b""
         while True:
             batch: list[tuple[bytes, bytes]] = []
-            slot, txn = self._begin_read()
-            try:
+            with self._reading() as txn:
                 cur = txn.cursor(db=self._blobs)
                 found = cur.set_range(after) if after else cur.first()
                 while found:
@@ -843,9 +821,6 @@ class Cassette:
                         if len(batch) >= 64:
                             break
                     found = cur.next()
-            finally:
-                txn.abort()
-                slot.active = False
             if not batch:
                 return
             yield from batch

@@ -87,33 +87,28 @@ class PeerPool:
         """Forget ``addr``'s connection (it broke); the next call re-dials."""
         self._clients.pop(addr, None)
 
-    async def request(self, addr: str, op: str, body: Any) -> Any:
-        """A unary request to ``addr``; UNAVAILABLE drops the connection."""
+    async def _call(self, addr: str, fn) -> Any:
+        """``await fn(client)`` on ``addr``'s connection, timing it; UNAVAILABLE drops the connection."""
         t0 = time.perf_counter()
         client = await self.client(addr)
         try:
-            out = await client.request(op, body)
+            out = await fn(client)
         except FabricError as exc:
             if exc.status_code is StatusCode.UNAVAILABLE:
                 self.drop(addr)
             raise
         self._observe(addr, time.perf_counter() - t0)
         return out
+
+    async def request(self, addr: str, op: str, body: Any) -> Any:
+        """A unary request to ``addr``."""
+        return await self._call(addr, lambda client: client.request(op, body))
 
     async def record(self, addr: str, op: str, body: Any) -> tuple[dict, bytes]:
         """A streaming request answered with a record (see :mod:`fabric.serve`)."""
         from fabric.remote import _stream_record
 
-        t0 = time.perf_counter()
-        client = await self.client(addr)
-        try:
-            out = await _stream_record(client, op, body)
-        except FabricError as exc:
-            if exc.status_code is StatusCode.UNAVAILABLE:
-                self.drop(addr)
-            raise
-        self._observe(addr, time.perf_counter() - t0)
-        return out
+        return await self._call(addr, lambda client: _stream_record(client, op, body))
 
     def _observe(self, addr: str, dt: float) -> None:
         old = self.rtt.get(addr)

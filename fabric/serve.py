@@ -19,7 +19,7 @@ payload, and that the record's key is the key asked for.  A record larger than
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from cassette.store import Cassette
 from fabric.errors import FabricError, StatusCode
 from fabric.remote import RemoteFabric
 
-from _nodes import FABRIC, ROOT, SECRET, node
+from _nodes import FABRIC, SECRET, node
 
 
 def _records(data: Path) -> int:
