@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -270,3 +271,25 @@ def test_node_cli_errors_are_one_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run([FABRIC, "node", "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "--listen" in r.stdout
+
+
+def test_cli_get_and_stats_through_a_node(tmp_path):
+    import numpy as np
+
+    data = tmp_path / "node"
+    with fabric.open(data) as f:
+        ref = f.put(np.arange(300_000, dtype=np.float64), chunk_size=1 << 20)  # 3 chunks
+    with node(tmp_path) as (addr, proc, _):
+        out = tmp_path / "got.bin"
+        r = subprocess.run([FABRIC, "get", str(ref.key), "--node", addr, "--secret-file", str(tmp_path / "secret"), "-o", str(out)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        np.testing.assert_array_equal(np.frombuffer(out.read_bytes(), dtype="<f8"), np.arange(300_000, dtype=np.float64))
+        r = subprocess.run([FABRIC, "stats", "--json", "--node", addr, "--secret-file", str(tmp_path / "secret")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        assert st["blobs"] == 3 and st["records"] == 1 and st["members"] == 1
+        r = subprocess.run([FABRIC, "get", "artifact:" + "0" * 64, "--node", addr, "--secret-file", str(tmp_path / "secret")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "NOT_FOUND" in r.stderr and len(r.stderr.strip().splitlines()) == 1
