@@ -482,22 +482,16 @@ class Cassette:
             items.append((ContentKey.of("blob", d), d))
         if not items:
             return []
-        self._wait(self._submit(_Job("blobs", (items,), sum(len(d) for _, d in items))))
+        self._wait(self._submit(_Job("blobs", (items,), sum(len(d) for _, d in items))))  # keys computed here
         return [k for k, _ in items]
-
-    async def aput_blobs(self, items: list[tuple[ContentKey, bytes]]) -> None:
-        """Store pre-keyed blobs from trio; keys are re-verified before writing."""
-        for k, d in items:
-            if derive("blob", d) != k[1:] or k[0] != 2:
-                raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=k)
-        await self._await(self._submit(_Job("blobs", (items,), sum(len(d) for _, d in items))))
 
     def put_verified_blobs(self, items: list[tuple[ContentKey, bytes]]) -> None:
         """Store pre-keyed blobs (e.g. fetched from a peer) after checking each against its key."""
-        for k, d in items:
-            if k[0] != 2 or derive("blob", d) != k[1:]:
-                raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=k)
-        self._wait(self._submit(_Job("blobs", (items,), sum(len(d) for _, d in items))))
+        self._wait(self._submit(_blob_job(items)))
+
+    async def aput_blobs(self, items: list[tuple[ContentKey, bytes]]) -> None:
+        """:meth:`put_verified_blobs` for trio."""
+        await self._await(self._submit(_blob_job(items)))
 
     def put_raw(self, value: bytes) -> PutResult:
         """Append a ledger value received from elsewhere (a peer, an export) after verifying it fully."""
@@ -844,6 +838,14 @@ class Cassette:
 
     def __repr__(self) -> str:
         return f"<Cassette {self.path} node={self.node_id} durability={self.durability}>"
+
+
+def _blob_job(items: list[tuple[ContentKey, bytes]]) -> _Job:
+    """A write job for pre-keyed blobs; any blob that does not match its key is DATA_LOSS."""
+    for k, d in items:
+        if k[0] != 2 or derive("blob", d) != k[1:]:
+            raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=k)
+    return _Job("blobs", (items,), sum(len(d) for _, d in items))
 
 
 def _existing_digest(value: bytes | memoryview) -> bytes:

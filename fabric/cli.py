@@ -163,11 +163,8 @@ def cmd_realize(args: argparse.Namespace) -> int:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"JSON_ARGS is not valid JSON: {exc.msg} at char {exc.pos}") from None
     if not isinstance(call_args, dict):
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"JSON_ARGS must be a JSON object of keyword arguments, got {type(call_args).__name__}")
-    fab = _open(args)
-    try:
+    with _open(args) as fab:
         rep = fab.realize(Request(args.evaluator, call_args, version=args.ev_version))
-    finally:
-        fab.close()
     print(json.dumps({"key": str(rep.key), "source": rep.source, "holder": rep.holder, "value": _jsonable(rep.value)}))
     return 0
 
@@ -175,11 +172,8 @@ def cmd_realize(args: argparse.Namespace) -> int:
 def cmd_put(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         raise FabricError(StatusCode.NOT_FOUND, f"no such file {args.file}")
-    fab = _open(args)
-    try:
+    with _open(args) as fab:
         ref = fab.put(Path(args.file))
-    finally:
-        fab.close()
     print(json.dumps({"key": str(ref.key), "size_bytes": ref.size_bytes, "digest": ref.digest, "chunks": ref.chunks}))
     return 0
 
@@ -190,11 +184,8 @@ def cmd_get(args: argparse.Namespace) -> int:
     from cassette.keys import ContentKey
 
     key = ContentKey.parse(args.key)
-    fab = _open(args)
-    try:
+    with _open(args) as fab:
         value = fab.get(key)
-    finally:
-        fab.close()
     if key.kind == "request":
         text = json.dumps(_jsonable(value)) + "\n"
         data = text.encode()
@@ -214,22 +205,16 @@ def cmd_holders(args: argparse.Namespace) -> int:
     from cassette.keys import ContentKey
 
     key = ContentKey.parse(args.key)
-    fab = _open(args)
-    try:
+    with _open(args) as fab:
         holders = fab.holders(key)
-    finally:
-        fab.close()
     for h in holders:
         print(h)
     return 0 if holders else EXIT_ERROR
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    fab = _open(args)
-    try:
+    with _open(args) as fab:
         st = fab.stats()
-    finally:
-        fab.close()
     if isinstance(st.get("node"), dict):  # a remote node's answer: {"node": ..., "wire": ..., "server": ...}
         flat = dict(st["node"])
         for part in ("server", "wire"):
@@ -296,13 +281,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    fab = _open(args)
-    try:
+    with _open(args) as fab:
         if not hasattr(fab, "cassette"):
             raise FabricError(StatusCode.UNIMPLEMENTED, "export runs on a node's own data dir: use --data")
         n = fab.cassette.export(args.file)
-    finally:
-        fab.close()
     print(f"exported {n} records to {args.file}")
     return 0
 
