@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 import blake3
 
+import msgpack
+
 from cassette import codec
+from cassette.codec import EXT_CONTENT_KEY, _packb
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 
@@ -32,6 +35,7 @@ _HDR = struct.Struct(">II")  # check, meta_len
 _HDR_SIZE = _HDR.size
 _blake3 = blake3.blake3
 _crc32 = zlib.crc32
+_ext_key = msgpack.ExtType
 
 
 def payload_digest(payload: bytes | memoryview) -> bytes:
@@ -72,7 +76,33 @@ def pack_record(
     """The ledger value for one record (see module docstring)."""
     if digest is None:
         digest = payload_digest(payload)
-    meta = codec.encode(
+    meta = _pack_meta(key, digest, evaluator, version, created, compute_s, node, len(payload))
+    body = struct.pack(">I", len(meta)) + meta + payload
+    return struct.pack(">I", _crc32(body)) + body
+
+
+def _pack_meta(key, digest, evaluator, version, created, compute_s, node, size) -> bytes:
+    """The canonical meta map, packed directly in canonical key order (UTF-8 length, then
+    bytes: key, node, size, digest, created, version, compute_s, evaluator).  Anything
+    unusual (a non-str field, a NaN time) goes through the general codec instead."""
+    if (
+        type(key) is ContentKey and type(evaluator) is str and type(version) is str and type(node) is str
+        and type(digest) is bytes and created == created and compute_s == compute_s
+    ):
+        try:
+            return _packb({
+                "key": _ext_key(EXT_CONTENT_KEY, bytes(key)),
+                "node": node,
+                "size": size,
+                "digest": digest,
+                "created": float(created),
+                "version": version,
+                "compute_s": float(compute_s),
+                "evaluator": evaluator,
+            })
+        except (UnicodeEncodeError, TypeError, ValueError):
+            pass
+    return codec.encode(
         {
             "key": key,
             "digest": digest,
@@ -81,12 +111,10 @@ def pack_record(
             "created": float(created),
             "compute_s": float(compute_s),
             "node": node,
-            "size": len(payload),
+            "size": size,
         },
         root="record",
     )
-    body = struct.pack(">I", len(meta)) + meta + payload
-    return struct.pack(">I", _crc32(body)) + body
 
 
 def check_ok(value: bytes | memoryview) -> bool:

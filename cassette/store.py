@@ -64,6 +64,8 @@ _pack_seq = _SEQ.pack
 _unpack_seq = _SEQ.unpack
 _MAX_BATCH = 4096
 _MAX_BATCH_BYTES = 64 << 20
+_GATHER_GAP_S = 0.0002  # a writer that has not come back within this is not coming soon
+_GATHER_MAX_S = 0.001
 _DEFAULT_MAP = 1 << 30
 
 
@@ -102,7 +104,10 @@ class ReplayReport:
 
 
 class _Job:
-    __slots__ = ("op", "args", "result", "error", "event", "callbacks", "size")
+    """One write waiting for the writer thread.  A put waits on ``lock`` (held from
+    creation until the commit finished); trio waiters register ``callbacks``."""
+
+    __slots__ = ("op", "args", "result", "error", "done", "lock", "callbacks", "size")
 
     def __init__(self, op: str, args: tuple, size: int) -> None:
         self.op = op
@@ -110,11 +115,14 @@ class _Job:
         self.size = size
         self.result: Any = None
         self.error: BaseException | None = None
-        self.event = threading.Event()
+        self.done = False
+        self.lock = threading.Lock()
+        self.lock.acquire()
         self.callbacks: list[Callable[[], None]] = []
 
     def finish(self) -> None:
-        self.event.set()
+        self.done = True
+        self.lock.release()
         for cb in self.callbacks:
             cb()
 
@@ -532,7 +540,7 @@ class Cassette:
 
     @staticmethod
     def _wait(job: _Job) -> Any:
-        job.event.wait()
+        job.lock.acquire()  # released by the writer once the job's transaction committed
         if job.error is not None:
             raise job.error
         return job.result
@@ -541,11 +549,11 @@ class Cassette:
     async def _await(job: _Job) -> Any:
         import trio
 
-        if not job.event.is_set():
+        if not job.done:
             token = trio.lowlevel.current_trio_token()
             done = trio.Event()
             job.callbacks.append(lambda: token.run_sync_soon(done.set))
-            if not job.event.is_set():  # the writer may have finished before the callback was added
+            if not job.done:  # the writer may have finished before the callback was added
                 await done.wait()
         if job.error is not None:
             raise job.error
@@ -571,22 +579,24 @@ class Cassette:
                     break
                 batch.append(nxt)
                 size += nxt.size
-            if sync and not stop and len(batch) < last_n:
-                # Writers that were in the last commit are about to come back: wait a
-                # moment (at most half a commit, 0.5 ms) so they share the next fsync.
-                deadline = time.perf_counter() + min(0.0005, last_commit_s / 2)
-                while len(batch) < last_n:
+            if sync and not stop and (last_n > 1 or len(batch) > 1):
+                # Concurrent writers: those released by the last commit are coming back.
+                # Keep collecting while they keep arriving (a gap of _GATHER_GAP_S ends
+                # it), for at most half a commit, so they share the next fsync.
+                deadline = time.perf_counter() + min(_GATHER_MAX_S, last_commit_s / 2)
+                while len(batch) < _MAX_BATCH and size < _MAX_BATCH_BYTES:
                     left = deadline - time.perf_counter()
                     if left <= 0:
                         break
                     try:
-                        nxt = self._queue.get(timeout=left)
+                        nxt = self._queue.get(timeout=min(left, _GATHER_GAP_S))
                     except queue.Empty:
                         break
                     if nxt is None:
                         stop = True
                         break
                     batch.append(nxt)
+                    size += nxt.size
             t0 = time.perf_counter()
             self._commit(batch)
             last_n, last_commit_s = len(batch), time.perf_counter() - t0
@@ -602,9 +612,11 @@ class Cassette:
             results: list[tuple[_Job, Any, BaseException | None]] = []
             try:
                 with self._env.begin(write=True) as txn:
+                    cur = txn.cursor(db=self._ledger)
+                    tail = [_unpack_seq(cur.key())[0] if cur.last() else 0]  # last seq, advanced by _apply
                     for job in batch:
                         try:
-                            results.append((job, self._apply(txn, job), None))
+                            results.append((job, self._apply(txn, job, tail), None))
                         except FabricError as exc:
                             results.append((job, None, exc))
                     self._bump_counters(txn, results)
@@ -629,7 +641,7 @@ class Cassette:
                 job.result, job.error = res, exc
             return
 
-    def _apply(self, txn: lmdb.Transaction, job: _Job) -> Any:
+    def _apply(self, txn: lmdb.Transaction, job: _Job, tail: list[int]) -> Any:
         if job.op == "raw":
             key, value, digest = job.args
             seqb = txn.get(key, db=self._index)
@@ -638,8 +650,7 @@ class Cassette:
                 if existing is not None and check_ok(existing):
                     return PutResult(key, _unpack_seq(seqb)[0], _existing_digest(existing), False)
                 log.warning("cassette %s: indexed row for %s is corrupt; appending a fresh row", self.path, key)
-            cur = txn.cursor(db=self._ledger)
-            seq = _unpack_seq(cur.key())[0] + 1 if cur.last() else 1
+            seq = tail[0] = tail[0] + 1
             seqb = _pack_seq(seq)
             txn.put(seqb, value, db=self._ledger, append=True)
             txn.put(key, seqb, db=self._index)
