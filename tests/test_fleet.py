@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import signal
 import subprocess
 import sys
@@ -195,3 +197,30 @@ def test_kill_9_a_holder_then_restart_it(fleet_of):
     with fabric.open(fl.addrs()[2], secret=SECRET) as c:
         again = c.realize(fabric.Request("text.stats", dict(other.args), version="1"))
     assert (again.source, again.holder) == ("peer", ids[0])
+
+
+def test_fleet_demo_runs_each_distinct_request_once_and_a_rerun_computes_nothing(tmp_path):
+    import re
+
+    env = dict(os.environ, FABRIC_HOME=str(tmp_path / "home"), COLUMNS="200")
+    cmd = [sys.executable, "-m", "fabric.cli", "demo", "--nodes", "2", "--agents", "3", "--requests", "10", "--distinct", "12"]
+    runs = []
+    for _ in range(2):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(ROOT))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        m = re.search(r"evaluator runs fleet-wide: (\d+)", r.stdout)
+        assert m, r.stdout[-2000:]
+        runs.append(int(m.group(1)))
+    asked = len(_distinct_asked(12, 3, 10))
+    assert runs == [asked, 0]
+
+
+def _distinct_asked(distinct: int, agents: int, requests: int, seed: int = 7) -> set:
+    from fabric.demo import request_pool
+
+    pool = request_pool(distinct, seed)
+    asked = set()
+    for a in range(agents):
+        rng = random.Random(seed * 1000 + a)
+        asked.update(rng.randrange(len(pool)) for _ in range(requests))
+    return asked
