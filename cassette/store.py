@@ -174,12 +174,16 @@ class Cassette:
             )
         except lmdb.Error as exc:
             raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot open cassette at {self.path}: {exc}") from None
-        self._env.reader_check()  # clear reader slots left by killed processes
-        self._ledger = self._env.open_db(b"ledger")
-        self._index = self._env.open_db(b"index")
-        self._blobs = self._env.open_db(b"blobs")
-        self._meta = self._env.open_db(b"meta")
-        self.node_id = self._init_meta(node_id)
+        try:
+            self._env.reader_check()  # clear reader slots left by killed processes
+            self._ledger = self._env.open_db(b"ledger")
+            self._index = self._env.open_db(b"index")
+            self._blobs = self._env.open_db(b"blobs")
+            self._meta = self._env.open_db(b"meta")
+            self.node_id = self._init_meta(node_id)
+        except BaseException:
+            self._env.close()  # a refused directory leaves nothing open
+            raise
         # resize gate: see _read / _resize
         self._local = threading.local()
         self._slots: list[_Slot] = []
