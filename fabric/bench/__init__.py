@@ -14,7 +14,9 @@ contains any of the given strings; ``--data`` puts the scratch stores under
 DIR (default: the system temp dir); every store is removed afterwards.
 
 Benchmarks (``--only`` names): ``local-hit-1k``, ``local-hit-1m``,
-``durable-write``, ``replay``, ``gossip``, ``net``, ``gpu-materialize``.
+``durable-write``, ``replay``, ``gossip``, ``net`` (the wire in one
+process), ``remote-hit`` and ``remote-fetch`` (real ``fabric node``
+subprocesses; ``--only remote`` runs both), ``gpu-materialize``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,18 @@ def _net(ctx: Ctx) -> None:
     bench_net(ctx)
 
 
+def _remote_hit(ctx: Ctx) -> None:
+    from fabric.bench._remote import bench_remote_hit
+
+    bench_remote_hit(ctx)
+
+
+def _remote_fetch(ctx: Ctx) -> None:
+    from fabric.bench._remote import bench_remote_fetch
+
+    bench_remote_fetch(ctx)
+
+
 def _gpu(ctx: Ctx) -> None:
     from fabric.bench._gpu import bench_gpu
 
@@ -82,6 +96,8 @@ BENCHMARKS: list[tuple[str, Callable[[Ctx], None]]] = [
     ("replay", _replay),
     ("gossip", _gossip),
     ("net", _net),
+    ("remote-hit", _remote_hit),
+    ("remote-fetch", _remote_fetch),
     ("gpu-materialize", _gpu),
 ]
 

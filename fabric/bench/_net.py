@@ -1,19 +1,18 @@
-"""Remote: loopback echo RTT and bulk stream over the authenticated wire, remote hits.
+"""Wire: loopback echo RTT and bulk stream over the authenticated wire vs raw trio.
 
 Ours: :func:`fabric.net.serve` + :func:`fabric.net.open_connection` (trio TCP,
 mutual handshake, MAC'd length-prefixed frames) in one trio run over
 127.0.0.1.  Floors: the same exchange over a bare trio TCP stream (a 4-byte
-length prefix, no auth, no MAC, no msgpack).  Remote realize hits and bulk
-fetch rows appear once :mod:`fabric.remote` exists: a ``fabric node``
-subprocess serves them, and the floors are the raw echo and raw stream rates.
-Rows say "not built" while a module is missing.
+length prefix, no auth, no MAC, no msgpack) served by :func:`_raw_server`,
+which :mod:`fabric.bench._remote` also runs as a subprocess for the floors of
+the remote rows (real ``fabric node`` processes).  Rows say "not built" while
+``fabric.net`` is missing.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import struct
 import time
 from typing import Any
@@ -25,6 +24,9 @@ __all__ = ["bench_net"]
 SECRET = b"evalfabric-bench-secret-0123456789"
 ECHO_BODY = {"key": b"\x01" + bytes(range(32)), "op": "realize"}
 _LEN = struct.Struct(">I")
+_RPC = struct.Struct(">II")
+#: Length-prefix values the raw server reads as commands instead of an echo length.
+RAW_BULK, RAW_RPC = 0xFFFFFFFF, 0xFFFFFFFE
 
 
 def _has(mod: str) -> bool:
@@ -62,7 +64,12 @@ async def _raw_server(stream: Any) -> None:
         while True:
             hdr = await _read_exact(stream, buf, 4)
             (n,) = _LEN.unpack(hdr)
-            if n == 0xFFFFFFFF:  # bulk: next 8 bytes say how many bytes to stream back
+            if n == RAW_RPC:  # request/reply: u32 body length, u32 reply length, body; answer a reply that long
+                body_len, reply_len = _RPC.unpack(await _read_exact(stream, buf, 8))
+                await _read_exact(stream, buf, body_len)
+                await stream.send_all(_LEN.pack(reply_len) + bytes(reply_len))
+                continue
+            if n == RAW_BULK:  # bulk: next 8 bytes say how many bytes to stream back
                 total = int.from_bytes(await _read_exact(stream, buf, 8), "big")
                 chunk = bytes(1 << 20)
                 sent = 0
@@ -130,7 +137,7 @@ async def _measure(ctx: Ctx) -> dict[str, float]:
                     raise AssertionError(f"bulk stream gave {got_bytes} bytes, expected {total}")
 
             async def raw_bulk(total: int) -> None:
-                await raw.send_all(_LEN.pack(0xFFFFFFFF) + total.to_bytes(8, "big"))
+                await raw.send_all(_LEN.pack(RAW_BULK) + total.to_bytes(8, "big"))
                 got_bytes = 0
                 while got_bytes < total:
                     data = await raw.receive_some(1 << 20)
@@ -140,20 +147,24 @@ async def _measure(ctx: Ctx) -> dict[str, float]:
 
             best = {"echo": 0.0, "raw-echo": 0.0, "bulk": 0.0, "raw-bulk": 0.0}
             spent = dict.fromkeys(best, 0.0)
+            runs = dict.fromkeys(best, 0)
             n_echo = 200
-            rounds = 0
             min_rounds = 2 if ctx.quick else 3
-            while rounds < min_rounds or min(spent.values()) < budget:
-                for name, fn, n in (("echo", ours_echo, n_echo), ("raw-echo", raw_echo, n_echo),
-                                    ("bulk", ours_bulk, bulk_total), ("raw-bulk", raw_bulk, bulk_total)):
+            # rounds interleave every contender still short of its budget; one that has had
+            # min_rounds and its budget drops out (a fast floor does not keep a slow one running)
+            for _ in range(50):
+                todo = [(name, fn, n) for name, fn, n in (("echo", ours_echo, n_echo), ("raw-echo", raw_echo, n_echo),
+                                                         ("bulk", ours_bulk, bulk_total), ("raw-bulk", raw_bulk, bulk_total))
+                        if runs[name] < min_rounds or spent[name] < budget]
+                if not todo:
+                    break
+                for name, fn, n in todo:
                     t0 = time.perf_counter()
                     await fn(n)
                     dt = time.perf_counter() - t0
                     spent[name] += dt
+                    runs[name] += 1
                     best[name] = max(best[name], n / dt)
-                rounds += 1
-                if rounds >= 50:
-                    break
             out.update(best)
         finally:
             await client.aclose()
@@ -162,96 +173,13 @@ async def _measure(ctx: Ctx) -> dict[str, float]:
     return out
 
 
-# ------------------------------------------------------------------ remote hits
-def _remote_rows(ctx: Ctx, floors: dict[str, float]) -> None:
-    """Realize hits and bulk fetch through a ``fabric node`` subprocess (needs fabric.remote).
-
-    The artifact for the bulk fetch is put straight into the node's data
-    directory from this process (LMDB is multi-process), so the row measures
-    the fetch alone.  An operation the remote side answers UNIMPLEMENTED gives
-    a "not built" row instead of a number.
-    """
-    import subprocess
-    import sys
-
-    import numpy as np
-
-    import fabric
-    from fabric.bench._local import NAME_1K, _args
-
-    bench = "net"
-    k = 32 if ctx.quick else 256
-    args = _args(k)
-    size = (16 << 20) if ctx.quick else (256 << 20)
-    with ctx.tempdir("remote") as d:
-        secret_file = os.path.join(d, "secret")
-        node_dir = os.path.join(d, "node")
-        with open(secret_file, "wb") as f:
-            f.write(SECRET)
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from fabric.cli import main; sys.exit(main())", "node", "--data", node_dir,
-             "--listen", "127.0.0.1:0", "--secret-file", secret_file, "--evaluators", "fabric.bench._local", "--durability", "fast"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
-        rf = None
-        try:
-            line = proc.stdout.readline() if proc.stdout else ""
-            if not line.startswith("listening on "):
-                raise RuntimeError(f"fabric node did not start (first line {line!r}, exit {proc.poll()})")
-            address = line.split()[2]
-            rf = fabric.open(address, secret=SECRET)
-            for a in args:  # computed once on the node, then held there
-                rf.realize(fabric.Request(NAME_1K, a, version="1"))
-            first = rf.realize(fabric.Request(NAME_1K, args[0], version="1"))
-
-            def hits(n: int) -> None:
-                for i in range(n):
-                    rf.realize(fabric.Request(NAME_1K, args[i % k], version="1")).value
-
-            best = 0.0
-            deadline = time.perf_counter() + max(ctx.budget * 2, 0.3)
-            while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                hits(k)
-                best = max(best, k / (time.perf_counter() - t0))
-            ctx.add(compare(bench, "remote realize hit, 1 KiB reply (node subprocess, loopback)", best, floors["raw-echo"],
-                            unit="ops/s", other_label="floor: raw trio echo RTT", source=first.source))
-            m = f"remote bulk fetch, {size >> 20} MiB artifact (verified chunks)"
-            data = np.random.default_rng(3).integers(0, 255, size=size, dtype=np.uint8)
-            with fabric.open(node_dir, durability="fast") as local:
-                ref = local.put(data)
-            try:
-                rf.get(ref.key)  # warm: connection, page cache
-                t0 = time.perf_counter()
-                got = rf.get(ref.key)
-                dt = time.perf_counter() - t0
-            except fabric.FabricError as exc:
-                if exc.status_code.name != "UNIMPLEMENTED":
-                    raise
-                ctx.add(Row(bench, m, other_label="floor: raw trio TCP stream", verdict=NOT_BUILT, note=f"remote get: {exc.message}"))
-                return
-            if np.asarray(got).nbytes != size:
-                raise AssertionError(f"bulk fetch returned {np.asarray(got).nbytes} bytes, expected {size}")
-            ctx.add(compare(bench, m, size / 2**30 / dt, floors["raw-bulk"] / 2**30, unit="GiB/s", other_label="floor: raw trio TCP stream"))
-        finally:
-            if rf is not None:
-                rf.close()
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def bench_net(ctx: Ctx) -> None:
-    """Echo RTT and bulk throughput over fabric.net vs raw trio; remote hits vs the raw floors."""
+    """Echo RTT and bulk throughput over fabric.net vs raw trio, in one process."""
     bench = "net"
     why = _net_usable()
     if why is not None:
         ctx.add(Row(bench, "echo round trips over loopback (authenticated frames)", other_label="floor: raw trio TCP echo", verdict=NOT_BUILT, note=why))
         ctx.add(Row(bench, "bulk stream over loopback", other_label="floor: raw trio TCP stream", verdict=NOT_BUILT))
-        ctx.add(Row(bench, "remote realize hit / bulk fetch", other_label="floor: raw trio echo / stream", verdict=NOT_BUILT))
         return
     import trio
 
@@ -260,7 +188,3 @@ def bench_net(ctx: Ctx) -> None:
                     other_label="floor: raw trio TCP echo", ours_rtt_us=1e6 / r["echo"], floor_rtt_us=1e6 / r["raw-echo"]))
     ctx.add(compare(bench, "bulk stream over loopback, 1 MiB items", r["bulk"] / 2**30, r["raw-bulk"] / 2**30, unit="GiB/s",
                     other_label="floor: raw trio TCP stream"))
-    if not _has("fabric.remote"):
-        ctx.add(Row(bench, "remote realize hit / bulk fetch", other_label="floor: raw trio echo / stream", verdict=NOT_BUILT, note="fabric.remote is not built yet"))
-        return
-    _remote_rows(ctx, r)

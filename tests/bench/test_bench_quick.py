@@ -99,6 +99,66 @@ def test_the_local_floors_and_peers_are_all_present(quick_run):
     assert ("local-hit-1m", "floor") in labels
     assert ("durable-write", "floor") in labels
     assert ("replay", "floor") in labels
+    assert ("net", "floor") in labels
+    assert ("remote-hit", "floor") in labels
+    assert ("remote-fetch", "floor") in labels
+
+
+def _rows(quick_run, bench_name: str) -> list[dict]:
+    doc = json.loads(quick_run.json_path.read_text())
+    return [r for r in doc["rows"] if r["bench"] == bench_name]
+
+
+def _one(rows: list[dict], starts: str) -> dict:
+    found = [r for r in rows if r["measure"].startswith(starts)]
+    assert len(found) == 1, (starts, [r["measure"] for r in rows])
+    return found[0]
+
+
+def _measured(r: dict) -> None:
+    assert r["verdict"] in COMPARED, r
+    for field in ("ours", "other", "ratio"):
+        assert _finite_positive(r[field]), (field, r)
+
+
+def test_remote_hit_latency_rows_sit_next_to_the_raw_rtt(quick_run):
+    rows = _rows(quick_run, "remote-hit")
+    p50, p99 = _one(rows, "hit latency p50"), _one(rows, "hit latency p99")
+    for r in (p50, p99):
+        _measured(r)
+        assert r["unit"] == "µs" and r["other_label"].startswith("floor: raw trio")
+        assert r["ratio"] == pytest.approx(r["ours"] / r["other"])  # a cost: ours / floor
+        assert r["extra"]["samples"] > 0 and r["extra"]["floor_samples"] > 0
+    assert (p50["goal_op"], p50["goal"]) == ("<=", 2.0)
+    assert p99["ours"] >= p50["ours"] and p99["other"] >= p50["other"]
+
+
+def test_remote_pipelined_rows_compare_with_sequential_on_the_same_connection(quick_run):
+    rows = [r for r in _rows(quick_run, "remote-hit") if r["measure"].startswith("pipelined hits")]
+    assert rows
+    for r in rows:
+        _measured(r)
+        assert r["other_label"] == "same connection, sequential"
+        assert (r["goal_op"], r["goal"]) == (">=", 5.0)
+        assert r["extra"]["tasks"] > 1
+        assert r["ratio"] == pytest.approx(r["ours"] / r["other"])
+
+
+def test_remote_fetch_rows_measure_1_holder_and_say_what_2_holders_can_do(quick_run):
+    rows = _rows(quick_run, "remote-fetch")
+    one = [r for r in rows if "1 holder" in r["measure"]]
+    assert one and all("16 MiB" in r["measure"] for r in one)
+    for r in one:
+        _measured(r)
+        assert r["unit"] == "GiB/s" and r["other_label"].startswith("floor: raw")
+    two = _one(rows, "verified fetch, 16 MiB artifact, 2 holders")
+    if two["verdict"] == "not built":
+        assert two["ours"] is None and two["note"]
+    else:
+        _measured(two)
+    _measured(_one(rows, "2 holders by hand"))
+    member = _one(rows, "verified fetch through a fleet member")
+    assert member["verdict"] == "not built" or _finite_positive(member["ours"])
 
 
 def test_scratch_stores_are_removed(quick_run):
@@ -108,7 +168,9 @@ def test_scratch_stores_are_removed(quick_run):
 
 # ----------------------------------------------------------------- plumbing
 def test_only_selects_by_substring_and_rejects_no_match(capsys):
-    assert [n for n, _ in bench.selected(["hit"])] == ["local-hit-1k", "local-hit-1m"]
+    assert [n for n, _ in bench.selected(["hit"])] == ["local-hit-1k", "local-hit-1m", "remote-hit"]
+    assert [n for n, _ in bench.selected(["local-hit"])] == ["local-hit-1k", "local-hit-1m"]
+    assert [n for n, _ in bench.selected(["remote"])] == ["remote-hit", "remote-fetch"]
     assert [n for n, _ in bench.selected([])] == [n for n, _ in bench.BENCHMARKS]
     rc = bench.main(SimpleNamespace(quick=True, json=None, only=["no-such-benchmark"], data=None))
     assert rc == 2

@@ -1,0 +1,516 @@
+"""Remote: a client against real ``fabric node`` subprocesses, next to raw trio floors.
+
+Every figure here crosses a process boundary over loopback, ours and the
+floor alike: the nodes are ``fabric node`` subprocesses (logs to a file in the
+scratch dir, stopped with SIGTERM), and the floors talk to a raw trio TCP
+server subprocess running :func:`fabric.bench._net._raw_server` (a 4-byte
+length prefix, no auth, no MAC, no msgpack, no verification).  The client
+side of both runs in one trio run of this process, batches interleaved, GC
+off inside a batch.
+
+``remote-hit`` (one node, 1 KiB replies already recorded on it):
+
+* latency p50 / p99 of sequential ``RemoteFabric.arealize`` hits vs the raw
+  request/reply RTT p50 / p99 (the same request body out, a reply as long as
+  the 1 KiB reply's record back).  ratio = ours / floor (a cost: lower is
+  better), goal p50 ≤ 2× (issue 4); p99 is informational.
+* pipelined hits: N (4, and 32) concurrent ``arealize`` tasks sharing one
+  ``RemoteFabric`` (one connection) vs sequential hits on the same connection.
+  ratio = pipelined / sequential, goal ≥ 5×.
+
+``remote-fetch`` (a fleet: holders joined with ``--join``; the artifact is put
+into each holder's data dir *before* the node starts, since
+``RemoteFabric.put`` is not built):
+
+* verified fetch of a 256 MiB artifact (``--quick``: 16 MiB) with ``aget``
+  through a client connected to a holder vs the raw trio stream of the same
+  bytes, and vs that stream plus one BLAKE3 pass (the least a verified fetch
+  must compute).
+* from 2 holders: the fabric has no multi-holder fetch, so that row says "not
+  built"; next to it, what today's API allows a client to do by hand — the
+  manifest from one holder, its chunks fetched as blob keys from both holders
+  at once, each chunk verified (informational).
+* through a fleet member that lacks the artifact: measured if the node pulls
+  it from a holder, "not built" while its ``get`` answers only from its own
+  cassette.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Awaitable, Callable, Iterator
+
+from fabric.bench._core import NOT_BUILT, Ctx, Row, compare
+
+__all__ = ["bench_remote_hit", "bench_remote_fetch", "raw_server_main"]
+
+#: Reply bytes the floor's request/reply sends back: a 1 KiB reply's record (payload plus record header).
+FLOOR_REPLY = 1024 + 160
+#: Concurrent tasks of the pipelined rows: a few agents, and many.
+PIPELINE_TASKS = (4, 32)
+_START_S = 30.0
+_PY = [sys.executable, "-c"]
+_NODE_MAIN = "import sys; from fabric.cli import main; sys.exit(main())"
+_RAW_MAIN = "from fabric.bench._remote import raw_server_main; raw_server_main()"
+
+
+# ------------------------------------------------------------- subprocesses
+def raw_server_main() -> None:
+    """Entry point of the floor's server subprocess: print ``listening on HOST:PORT``, serve until killed."""
+    import trio
+
+    from fabric.bench._net import _raw_server
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(lambda task_status: trio.serve_tcp(_raw_server, 0, host="127.0.0.1", task_status=task_status))
+            print(f"listening on 127.0.0.1:{listeners[0].socket.getsockname()[1]}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(main)
+
+
+class _Proc:
+    """A subprocess whose stdout and stderr go to files (never an unread pipe)."""
+
+    def __init__(self, name: str, argv: list[str], d: str) -> None:
+        self.name = name
+        self.out_path = os.path.join(d, f"{name}.out")
+        self.log_path = os.path.join(d, f"{name}.log")
+        with open(self.out_path, "wb") as out, open(self.log_path, "wb") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        self.address = ""
+        self.node_id = ""
+
+    def wait_listening(self, timeout: float = _START_S) -> "_Proc":
+        """Wait for the ``listening on HOST:PORT [node=ID]`` line; RuntimeError with the log's tail otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.out_path) as f:
+                line = f.readline()
+            if line.endswith("\n"):
+                if not line.startswith("listening on "):
+                    break
+                parts = line.split()
+                self.address = parts[2]
+                self.node_id = parts[3].partition("=")[2] if len(parts) > 3 else ""
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        with open(self.log_path, errors="replace") as f:
+            tail = f.read()[-400:].strip().replace("\n", " | ")
+        raise RuntimeError(f"{self.name} did not start (exit {self.proc.poll()}): {tail or 'no log'}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@contextlib.contextmanager
+def _procs() -> Iterator[Callable[[str, list[str], str], _Proc]]:
+    """``start(name, argv, dir)`` inside; every process started is stopped on the way out."""
+    started: list[_Proc] = []
+
+    def start(name: str, argv: list[str], d: str) -> _Proc:
+        p = _Proc(name, argv, d)
+        started.append(p)
+        return p
+
+    try:
+        yield start
+    finally:
+        for p in reversed(started):
+            p.stop()
+
+
+def _node_argv(data: str, secret_file: str, *extra: str) -> list[str]:
+    return [*_PY, _NODE_MAIN, "node", "--data", data, "--listen", "127.0.0.1:0", "--secret-file", secret_file,
+            "--evaluators", "fabric.bench._local", "--durability", "fast", "--drain-s", "5", *extra]
+
+
+def _secret_file(d: str) -> str:
+    from fabric.bench._net import SECRET
+
+    path = os.path.join(d, "secret")
+    with open(path, "wb") as f:
+        f.write(SECRET)
+    return path
+
+
+# ------------------------------------------------------------------ helpers
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``xs``, nearest rank."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+class _RawClient:
+    """The floor's client: one trio TCP stream to the raw server subprocess."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    @classmethod
+    async def connect(cls, address: str) -> "_RawClient":
+        import trio
+
+        host, port = _split(address)
+        return cls(await trio.open_tcp_stream(host, port))
+
+    async def rpc(self, msg: bytes, reply_len: int) -> None:
+        from fabric.bench._net import _read_exact
+
+        await self.stream.send_all(msg)
+        await _read_exact(self.stream, self.buf, 4 + reply_len)
+
+    async def bulk(self, total: int, on_data: Callable[[bytes], Any] | None = None) -> None:
+        from fabric.bench._net import _LEN, RAW_BULK
+
+        await self.stream.send_all(_LEN.pack(RAW_BULK) + total.to_bytes(8, "big"))
+        got = 0
+        while got < total:
+            data = await self.stream.receive_some(min(1 << 20, total - got))
+            if not data:
+                raise EOFError("raw bulk server closed")
+            if on_data is not None:
+                on_data(data)
+            got += len(data)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def _timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
+    """``(seconds, result)`` of ``await fn()`` with GC off."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        got = await fn()
+        return time.perf_counter() - t0, got
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# ---------------------------------------------------------------- remote-hit
+async def _hit_client(ctx: Ctx, node_addr: str, raw_addr: str) -> dict[str, Any]:
+    import msgpack
+    import trio
+
+    import fabric
+    from fabric.bench._local import NAME_1K, VERSION, _args
+    from fabric.bench._net import _LEN, _RPC, RAW_RPC, SECRET
+
+    k = 16 if ctx.quick else 64
+    args = _args(k)
+    reqs = [fabric.Request(NAME_1K, a, version=VERSION) for a in args]
+    rf = fabric.open(node_addr, secret=SECRET)
+    raw = await _RawClient.connect(raw_addr)
+    try:
+        for r in reqs:  # computed once on the node and recorded there; every call below is a hit
+            await rf.arealize(r)
+        rep = await rf.arealize(reqs[0])
+        if rep.source != "local" or not isinstance(rep.value, bytes) or len(rep.value) != 1024:
+            raise AssertionError(f"expected a local 1 KiB hit, got source={rep.source} value={type(rep.value).__name__}")
+        bodies = [msgpack.packb({"evaluator": NAME_1K, "version": VERSION, "args": a}, use_bin_type=True) for a in args]
+        msgs = [_LEN.pack(RAW_RPC) + _RPC.pack(len(b), FLOOR_REPLY) + b for b in bodies]
+        for m in msgs:  # warm the floor's connection as ours was warmed
+            await raw.rpc(m, FLOOR_REPLY)
+        hits_before = (await rf.astats())["node"]["local_hits"]
+
+        # -- latency: sequential calls, each timed; batches interleaved
+        lat: dict[str, list[float]] = {"ours": [], "floor": []}
+        batch = 25 if ctx.quick else 100
+
+        async def ours_batch() -> None:
+            out = lat["ours"]
+            for i in range(batch):
+                t0 = time.perf_counter()
+                await rf.arealize(reqs[i % k])
+                out.append(time.perf_counter() - t0)
+
+        async def floor_batch() -> None:
+            out = lat["floor"]
+            for i in range(batch):
+                t0 = time.perf_counter()
+                await raw.rpc(msgs[i % k], FLOOR_REPLY)
+                out.append(time.perf_counter() - t0)
+
+        budget = 0.4 if ctx.quick else 4.0  # seconds of our calls; the floor gets as many calls
+        spent = {"ours": 0.0, "floor": 0.0}
+        rounds = 0
+        while rounds < 4 or spent["ours"] < budget:
+            spent["ours"] += (await _timed(ours_batch))[0]
+            spent["floor"] += (await _timed(floor_batch))[0]
+            rounds += 1
+            if rounds >= 10_000:
+                break
+
+        # -- pipelined: N tasks on the one connection vs sequential on the same connection
+        window = 0.25 if ctx.quick else 1.0
+
+        async def sequential() -> float:
+            n = 0
+            t0 = time.perf_counter()
+            end = t0 + window
+            while time.perf_counter() < end:
+                await rf.arealize(reqs[n % k])
+                n += 1
+            return n / (time.perf_counter() - t0)
+
+        async def pipelined(tasks: int) -> float:
+            counts = [0] * tasks
+            t0 = time.perf_counter()
+            end = t0 + window
+
+            async def worker(j: int) -> None:
+                n = 0
+                while time.perf_counter() < end:
+                    await rf.arealize(reqs[(j + n) % k])
+                    n += 1
+                counts[j] = n
+
+            async with trio.open_nursery() as nursery:
+                for j in range(tasks):
+                    nursery.start_soon(worker, j)
+            return sum(counts) / (time.perf_counter() - t0)
+
+        contenders: dict[Any, Callable[[], Awaitable[float]]] = {"seq": sequential}
+        for tasks in PIPELINE_TASKS:
+            contenders[tasks] = functools.partial(pipelined, tasks)
+        rates: dict[Any, list[float]] = {name: [] for name in contenders}
+        for _ in range(2 if ctx.quick else 3):
+            for name, fn in contenders.items():
+                rates[name].append((await _timed(fn))[1])
+        hits = (await rf.astats())["node"]["local_hits"] - hits_before
+        if hits < len(lat["ours"]):
+            raise AssertionError(f"the node counted {hits} local hits for {len(lat['ours'])} timed calls: not all were hits")
+    finally:
+        await raw.aclose()
+        rf.close()
+    return {"lat": lat, "rates": rates, "keys": k, "batch": batch}
+
+
+def bench_remote_hit(ctx: Ctx) -> None:
+    """Remote 1 KiB hit latency (p50, p99) vs raw RTT; pipelined vs sequential hits on one connection."""
+    import trio
+
+    bench = "remote-hit"
+    with ctx.tempdir("remote-hit") as d, _procs() as start:
+        secret_file = _secret_file(d)
+        node = start("node", _node_argv(os.path.join(d, "node"), secret_file), d)
+        rawp = start("raw", [*_PY, _RAW_MAIN], d)
+        node.wait_listening()
+        rawp.wait_listening()
+        r = trio.run(_hit_client, ctx, node.address, rawp.address)
+    lat = r["lat"]
+    us = {name: {q: _pct(xs, q) * 1e6 for q in (0.5, 0.99)} for name, xs in lat.items()}
+    n_ours, n_floor = len(lat["ours"]), len(lat["floor"])
+    # machine state drifts (this VM's loopback RTT swings ~2x with process placement): the
+    # ratio of each ours batch's p50 to the adjacent floor batch's p50, medianed, resists that
+    b = r["batch"]
+    paired = statistics.median(_pct(lat["ours"][i : i + b], 0.5) / _pct(lat["floor"][i : i + b], 0.5) for i in range(0, min(n_ours, n_floor), b))
+    floor_label = "floor: raw trio TCP request/reply (server subprocess)"
+    m = "hit latency p50, 1 KiB reply, sequential arealize (node subprocess, loopback)"
+    ctx.add(Row(bench, m, us["ours"][0.5], "µs", us["floor"][0.5], floor_label, None, us["ours"][0.5] / us["floor"][0.5], "<=", 2.0,
+                note=f"latency rows: ratio = ours / floor (a cost: lower is better); goal from issue 4: p50 ≤ 2× the raw RTT; "
+                     f"median of per-batch ratios (adjacent batches of {b}, robust to drift in machine state): {paired:.2f}×",
+                extra={"samples": n_ours, "floor_samples": n_floor, "keys": r["keys"], "paired_batch_ratio": paired}))
+    ctx.add(Row(bench, "hit latency p99, same calls", us["ours"][0.99], "µs", us["floor"][0.99], floor_label, None,
+                us["ours"][0.99] / us["floor"][0.99], extra={"samples": n_ours, "floor_samples": n_floor}))
+    seq = max(r["rates"]["seq"])
+    for tasks in PIPELINE_TASKS:
+        ctx.add(compare(bench, f"pipelined hits, {tasks} arealize tasks sharing one RemoteFabric (one connection)", max(r["rates"][tasks]), seq,
+                        unit="ops/s", other_label="same connection, sequential", goal_op=">=", goal=5.0,
+                        seq_rates=r["rates"]["seq"], pipe_rates=r["rates"][tasks], tasks=tasks))
+
+
+# -------------------------------------------------------------- remote-fetch
+def _put_artifact(data_dir: str, data: Any) -> Any:
+    """Store ``data`` in a node's data dir before the node starts (``RemoteFabric.put`` is not built)."""
+    import fabric
+
+    with fabric.open(data_dir, durability="fast") as fab:
+        return fab.put(data)
+
+
+async def _wait_holders(rf: Any, key: Any, want: set[str], timeout: float) -> list[str]:
+    import trio
+
+    got: list[str] = []
+    with trio.move_on_after(timeout):
+        while True:
+            got = await rf.aholders(key)
+            if want <= set(got):
+                break
+            await trio.sleep(0.1)
+    return got
+
+
+async def _striped_get(rfs: list[Any], key: Any, per_holder: int = 4) -> bytes:
+    """Today's API by hand: the manifest from the first holder, the chunks from every holder at once.
+
+    Each chunk is fetched by its blob key (``aget`` verifies it against the
+    key) and the whole against the manifest's digest.
+    """
+    import blake3
+    import trio
+
+    from cassette import codec
+
+    rec = await rfs[0].afetch(key)
+    manifest = codec.decode(rec.payload)
+    chunks = manifest["chunks"]
+    offs = [0]
+    for s in manifest["sizes"]:
+        offs.append(offs[-1] + s)
+    buf = bytearray(manifest["size"])
+
+    async def lane(rf: Any, idx: list[int]) -> None:
+        async def one(i: int) -> None:
+            data = await rf.aget(chunks[i])
+            if len(data) != offs[i + 1] - offs[i]:
+                raise AssertionError(f"chunk {i} has {len(data)} bytes, the manifest says {offs[i + 1] - offs[i]}")
+            buf[offs[i] : offs[i + 1]] = data
+
+        limit = trio.CapacityLimiter(per_holder)
+
+        async def limited(i: int) -> None:
+            async with limit:
+                await one(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in idx:
+                nursery.start_soon(limited, i)
+
+    async with trio.open_nursery() as nursery:
+        for h, rf in enumerate(rfs):
+            nursery.start_soon(lane, rf, list(range(h, len(chunks), len(rfs))))
+    if blake3.blake3(buf).digest() != manifest["digest"]:
+        raise AssertionError("striped fetch does not match the manifest digest")
+    return bytes(buf) if manifest["dtype"] is None else buf
+
+
+async def _fetch_client(ctx: Ctx, size: int, key: Any, digest: str, holders: list[Any], other: Any, raw_addr: str) -> dict[str, Any]:
+    import blake3
+    import numpy as np
+
+    import fabric
+    from fabric.bench._net import SECRET
+
+    rfs = [fabric.open(h.address, secret=SECRET) for h in holders]
+    rfo = fabric.open(other.address, secret=SECRET)
+    raw = await _RawClient.connect(raw_addr)
+    out: dict[str, Any] = {}
+    try:
+        seen = await _wait_holders(rfo, key, {h.node_id for h in holders}, 15.0)
+        out["gossip_holders"] = sorted(seen)
+
+        def check(got: Any, what: str) -> None:
+            view = memoryview(np.ascontiguousarray(got)).cast("B") if not isinstance(got, (bytes, bytearray)) else memoryview(got)
+            if view.nbytes != size or blake3.blake3(view).hexdigest() != digest:
+                raise AssertionError(f"{what}: fetched bytes do not match the artifact")
+
+        # warm every path once (connections, page cache) and check the bytes
+        check(await rfs[0].aget(key), "aget from 1 holder")
+        check(await _striped_get(rfs, key), "striped get from 2 holders")
+        await raw.bulk(size)
+        try:
+            check(await rfo.aget(key), "aget through a non-holder")
+            via_other = True
+        except fabric.FabricError as exc:
+            via_other = False
+            out["other_error"] = f"{exc.status_code.name}: {exc.message}"
+
+        hasher: list[Any] = [None]
+
+        async def raw_verified() -> None:
+            h = hasher[0] = blake3.blake3()
+            await raw.bulk(size, h.update)
+
+        contenders: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("aget-1", lambda: rfs[0].aget(key)),
+            ("raw", lambda: raw.bulk(size)),
+            ("striped-2", lambda: _striped_get(rfs, key)),
+            ("raw+blake3", raw_verified),
+        ]
+        if via_other:
+            contenders.append(("aget-other", lambda: rfo.aget(key)))
+        best = {name: 0.0 for name, _ in contenders}
+        for _ in range(2 if ctx.quick else 3):
+            for name, fn in contenders:
+                dt, got = await _timed(fn)
+                del got  # freed outside the clock
+                best[name] = max(best[name], size / 2**30 / dt)
+        out["gib_s"] = best
+    finally:
+        await raw.aclose()
+        for rf in (*rfs, rfo):
+            rf.close()
+    return out
+
+
+def bench_remote_fetch(ctx: Ctx) -> None:
+    """Verified bulk fetch from 1 holder, from 2 holders (client-side striping; native: not built), via a non-holder."""
+    import numpy as np
+    import trio
+
+    bench = "remote-fetch"
+    size = (16 << 20) if ctx.quick else (256 << 20)
+    mib = size >> 20
+    with ctx.tempdir("remote-fetch") as d, _procs() as start:
+        secret_file = _secret_file(d)
+        data = np.random.default_rng(11).integers(0, 255, size=size, dtype=np.uint8)
+        refs = [_put_artifact(os.path.join(d, name), data) for name in ("holder-a", "holder-b")]
+        del data
+        if refs[0].key != refs[1].key:
+            raise AssertionError("the same bytes gave two artifact keys")
+        ref = refs[0]
+        gossip = ("--gossip-interval", "0.3")
+        rawp = start("raw", [*_PY, _RAW_MAIN], d)
+        a = start("holder-a", _node_argv(os.path.join(d, "holder-a"), secret_file, *gossip), d).wait_listening()
+        b = start("holder-b", _node_argv(os.path.join(d, "holder-b"), secret_file, *gossip, "--join", a.address), d)
+        c = start("member-c", _node_argv(os.path.join(d, "member-c"), secret_file, *gossip, "--join", a.address), d)
+        for p in (b, c, rawp):
+            p.wait_listening()
+        r = trio.run(_fetch_client, ctx, size, ref.key, ref.digest, [a, b], c, rawp.address)
+    g = r["gib_s"]
+    floor_label = "floor: raw trio TCP stream (server subprocess)"
+    ctx.add(compare(bench, f"verified fetch, {mib} MiB artifact, 1 holder (aget)", g["aget-1"], g["raw"], unit="GiB/s",
+                    other_label=floor_label, size_bytes=size, chunks=ref.chunks))
+    ctx.add(compare(bench, f"verified fetch, {mib} MiB artifact, 1 holder (aget)", g["aget-1"], g["raw+blake3"], unit="GiB/s",
+                    other_label="floor: raw stream + BLAKE3 of every byte",
+                    note="floor + hash: the raw stream plus one single-threaded BLAKE3 pass, the least a verified fetch computes; informational"))
+    ctx.add(Row(bench, f"verified fetch, {mib} MiB artifact, 2 holders in parallel (fabric)", other_label=floor_label, verdict=NOT_BUILT,
+                note="no multi-holder fetch: a node's get answers from its own cassette and RemoteFabric.aget reads one node; the next row is what a client can do by hand"))
+    ctx.add(compare(bench, f"2 holders by hand: manifest + blob gets striped over both, {mib} MiB", g["striped-2"], g["raw"], unit="GiB/s",
+                    other_label=floor_label, gossip_holders=r["gossip_holders"],
+                    note="client-side striping with today's API: afetch of the manifest, then aget of each chunk's blob key alternating between the 2 holders (4 in flight each), every chunk and the whole verified; informational"))
+    m = f"verified fetch through a fleet member that lacks the artifact, {mib} MiB"
+    if "aget-other" in g:
+        ctx.add(compare(bench, m, g["aget-other"], g["raw"], unit="GiB/s", other_label=floor_label))
+    else:
+        ctx.add(Row(bench, m, other_label=floor_label, verdict=NOT_BUILT,
+                    note=f"a fleet node's get does not pull an artifact from a holder (it answered {r.get('other_error', '?')}); "
+                         f"gossip there lists {len(r['gossip_holders'])} holder(s) of the key"))
