@@ -110,6 +110,18 @@ class PeerPool:
 
         return await self._call(addr, lambda client: _stream_record(client, op, body))
 
+    async def blob(self, addr: str, key: ContentKey) -> bytes:
+        """A blob from ``addr`` (op ``get``), verified against its key (DATA_LOSS otherwise)."""
+
+        async def go(client: WireClient) -> bytes:
+            async with client.stream("get", {"key": key}) as call:
+                items = [item async for item in call]
+            if len(items) != 1 or type(items[0]) is not bytes or ContentKey.of("blob", items[0]) != key:
+                raise FabricError(StatusCode.DATA_LOSS, "peer sent bytes that do not match the blob key", key=key)
+            return items[0]
+
+        return await self._call(addr, go)
+
     def _observe(self, addr: str, dt: float) -> None:
         old = self.rtt.get(addr)
         self.rtt[addr] = dt if old is None else 0.8 * old + 0.2 * dt
@@ -302,6 +314,39 @@ class ContentAddressedFabric:
         raw = self.fab.cassette.get_raw(key)
         assert raw is not None
         return await send_record(call, raw, {"key": key, "source": rep.source, "holder": self.fab.node_id})
+
+    async def obtain(self, key: ContentKey) -> str | None:
+        """Make this node hold ``key`` (a reply or an artifact with all its chunks) by fetching
+        it from a live holder, every byte verified before it is stored; records and
+        announces it.  Returns the holder it came from, or None when no holder could serve."""
+        if self.fab.cassette.contains(key):
+            return self.fab.node_id
+        got = await self._from_holders(key)
+        if got is None:
+            return None
+        rec, holder = got
+        if key.kind == "artifact":
+            from cassette import codec
+
+            manifest = codec.decode(rec.payload)
+            holders = [addr for node_id, addr, _ in self.fleet.live_holders(key)]
+            for ck in self.fab.cassette.missing(manifest["chunks"], verify_blobs=True):
+                for addr in holders:
+                    try:
+                        data = await self.fleet.pool.blob(addr, ck)
+                    except FabricError as exc:
+                        log.info("chunk %s from %s failed: %s; trying the next holder", ck.short(), addr, exc.status_code.name)
+                        continue
+                    await self.fab.cassette.aput_blobs([(ck, data)])
+                    metrics.PEER_FETCH_BYTES.inc(len(data))
+                    break
+                else:
+                    raise FabricError(StatusCode.UNAVAILABLE, f"no live holder could serve chunk {ck.short()}", key=key)
+        # the manifest (or reply) is recorded only once every chunk it names is held here
+        await self.fab.cassette.aput(rec.key, rec.payload, evaluator=rec.evaluator, version=rec.version,
+                                     compute_s=rec.compute_s, created=rec.created, node=rec.node)
+        await self.fleet.announce(rec.key, rec.digest)
+        return holder
 
     async def _from_holders(self, key: ContentKey) -> tuple[Record, str] | None:
         holders = self.fleet.live_holders(key)

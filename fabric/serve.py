@@ -208,8 +208,11 @@ class NodeService:
             data = self.serve.fetch_blob(key)
             await call.send(data)
             return {"key": key, "chunks": 1}
+        holder = self.node_id
+        if self.caf is not None and not self.fab.cassette.contains(key):
+            holder = await self.caf.obtain(key) or self.node_id  # from a live holder, verified, recorded here
         raw = self.serve.fetch(key)
-        reply = await send_record(call, raw, {"key": key, "holder": self.node_id})
+        reply = await send_record(call, raw, {"key": key, "holder": holder})
         if key.kind == "artifact":
             from cassette import codec
 

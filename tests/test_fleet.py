@@ -224,3 +224,27 @@ def _distinct_asked(distinct: int, agents: int, requests: int, seed: int = 7) ->
         rng = random.Random(seed * 1000 + a)
         asked.update(rng.randrange(len(pool)) for _ in range(requests))
     return asked
+
+
+def test_a_member_lacking_an_artifact_fetches_it_verified_from_a_holder(fleet_of, tmp_path):
+    import numpy as np
+
+    fl = fleet_of(2)
+    fl.converged(2)
+    b = fl.addrs()[1]
+    # artifacts cannot be uploaded through a node yet: stop A, put into its data dir, restart it
+    stop_node(fl.nodes[0][1])
+    data_a = fl.nodes[0][2]
+    arr = np.random.default_rng(3).standard_normal(300_000)
+    with fabric.open(data_a) as f:
+        ref = f.put(arr, chunk_size=1 << 18)  # 10 chunks
+    fl.start(0, "--join", b)
+    fl.converged(2)
+    a = fl.addrs()[0]
+    ids = fl.ids()
+    _wait(lambda: ids[0] in _holders(b, ref.key), 30, "B to learn that A holds the artifact")
+    with fabric.open(b, secret=SECRET) as fb:
+        got = fb.get(ref.key)
+    np.testing.assert_array_equal(got, arr)
+    assert _stats(b)["blobs"] == 10  # B now holds every chunk itself
+    _wait(lambda: ids[1] in _holders(a, ref.key), 30, "A to learn that B holds it too")
