@@ -125,14 +125,7 @@ def main(args: argparse.Namespace) -> int:
             "--seed", str(args.seed), "--evaluators", spec,
         ]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
-    rows = []
-    failed = 0
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        if p.returncode != 0:
-            failed += 1
-            continue
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    rows, failed = _collect(procs)
     after = _records(data)
     table = Table(title="per-agent results")
     for col in ("agent", "pid", "requests", "hits (local)", "computed", "seconds"):
@@ -221,13 +214,7 @@ def fleet_main(args: argparse.Namespace, data: Path) -> int:
                    "--distinct", str(args.distinct), "--seed", str(args.seed), "--evaluators", spec,
                    "--node", nodes[i % len(nodes)][0], "--secret-file", str(secret_file)]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
-        rows, failed = [], 0
-        for p in procs:
-            out, _ = p.communicate(timeout=600)
-            if p.returncode != 0:
-                failed += 1
-                continue
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+        rows, failed = _collect(procs)
         table = Table(title="per-agent results")
         for col in ("agent", "node", "requests", "local", "peer", "computed", "seconds"):
             table.add_column(col, justify="right")
@@ -266,6 +253,18 @@ def _wait_converged(addrs: list[str], secret: bytes, n: int, timeout: float = 30
 
                 raise FabricError(StatusCode.DEADLINE_EXCEEDED, f"demo fleet did not converge to {n} members in {timeout:g} s")
             time.sleep(0.2)
+
+
+def _collect(procs: list[subprocess.Popen]) -> tuple[list[dict], int]:
+    """Each agent's JSON counts line, and how many agents failed."""
+    rows, failed = [], 0
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        if p.returncode != 0:
+            failed += 1
+            continue
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows, failed
 
 
 def _records(path: Path) -> int:
