@@ -29,7 +29,7 @@ from cassette.codec import EXT_CONTENT_KEY, _packb
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 
-__all__ = ["Record", "pack_record", "unpack_record", "payload_digest", "record_payload"]
+__all__ = ["Record", "pack_record", "unpack_record", "payload_digest"]
 
 _HDR = struct.Struct(">II")  # check, meta_len
 _HDR_SIZE = _HDR.size
@@ -123,17 +123,6 @@ def check_ok(value: bytes | memoryview) -> bool:
         return False
     check, meta_len = _HDR.unpack_from(value)
     return _HDR_SIZE + meta_len <= len(value) and _crc32(value[4:]) == check
-
-
-def record_payload(value: bytes | memoryview) -> memoryview | None:
-    """The payload of a ledger value if its check verifies, else ``None`` (the hot path)."""
-    if len(value) < _HDR_SIZE:
-        return None
-    check, meta_len = _HDR.unpack_from(value)
-    mv = value[4:] if type(value) is memoryview else memoryview(value)[4:]
-    if _crc32(mv) != check or 4 + meta_len > len(mv):
-        return None
-    return mv[4 + meta_len :]
 
 
 def unpack_record(value: bytes | memoryview, seq: int = 0) -> Record:

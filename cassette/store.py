@@ -482,6 +482,12 @@ class Cassette:
         )
         return await self._await(job)
 
+    async def aput_record(self, rec: Record) -> PutResult:
+        """Record a verified :class:`Record` obtained elsewhere (a peer, an upstream node),
+        keeping its original metadata (producing node, times); from trio."""
+        return await self.aput(rec.key, rec.payload, evaluator=rec.evaluator, version=rec.version,
+                               compute_s=rec.compute_s, created=rec.created, node=rec.node)
+
     def put_blob(self, data: bytes) -> ContentKey:
         """Store a blob; returns its key (``ContentKey.of("blob", data)``) once durable."""
         return self.put_blobs([data])[0]

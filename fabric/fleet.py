@@ -39,7 +39,7 @@ from cassette.record import Record
 from fabric import metrics
 from fabric.net import WireClient, open_connection
 from fabric.remote import parse_address
-from fabric.serve import EVALUATOR_ERROR, send_record, verify_record
+from fabric.serve import answer_held, answer_if_held, evaluator_fault, verify_record
 from gossip.membership import MemberState
 from gossip.node import GossipConfig, GossipNode, rendezvous_order
 from gossip.runner import GossipRunner
@@ -282,10 +282,9 @@ class ContentAddressedFabric:
     async def realize(self, call: "ServerCall", req: Any, *, at_home: bool, begin, end) -> dict:
         """Answer a realize for ``req`` (version resolved) as the module docstring says."""
         key = req.key
-        raw = self.fab.cassette.get_raw(key)
-        if raw is not None:
-            self.fab.local_hits += 1
-            return await send_record(call, raw, {"key": key, "source": "local", "holder": self.fab.node_id})
+        hit = await answer_if_held(call, self.fab, key)
+        if hit is not None:
+            return hit
         begin()
         try:
             got = await self._from_holders(key)
@@ -304,16 +303,14 @@ class ContentAddressedFabric:
         except FabricError:
             raise
         except Exception as exc:  # noqa: BLE001 - the evaluator's own error, carried to the caller
-            raise FabricError(StatusCode.INTERNAL, f"{EVALUATOR_ERROR}{type(exc).__name__}: {exc}", retryable=False, key=key) from None
+            raise evaluator_fault(exc, key) from None
         finally:
             end()
         rec = self.fab.cassette.get_record(key)
         if rec is None:
             raise FabricError(StatusCode.INTERNAL, "reply vanished from the cassette after recording", key=key)
         await self.fleet.announce(key, rec.digest)
-        raw = self.fab.cassette.get_raw(key)
-        assert raw is not None
-        return await send_record(call, raw, {"key": key, "source": rep.source, "holder": self.fab.node_id})
+        return await answer_held(call, self.fab.cassette, key, {"key": key, "source": rep.source, "holder": self.fab.node_id})
 
     async def obtain(self, key: ContentKey) -> str | None:
         """Make this node hold ``key`` (a reply or an artifact with all its chunks) by fetching
@@ -343,8 +340,7 @@ class ContentAddressedFabric:
                 else:
                     raise FabricError(StatusCode.UNAVAILABLE, f"no live holder could serve chunk {ck.short()}", key=key)
         # the manifest (or reply) is recorded only once every chunk it names is held here
-        await self.fab.cassette.aput(rec.key, rec.payload, evaluator=rec.evaluator, version=rec.version,
-                                     compute_s=rec.compute_s, created=rec.created, node=rec.node)
+        await self.fab.cassette.aput_record(rec)
         await self.fleet.announce(rec.key, rec.digest)
         return holder
 
@@ -386,13 +382,10 @@ class ContentAddressedFabric:
         return rec, ("computed" if source == "computed" else "peer"), str(reply.get("holder", ""))
 
     async def _record_and_answer(self, call: "ServerCall", rec: Record, source: str, holder: str) -> dict:
-        await self.fab.cassette.aput(rec.key, rec.payload, evaluator=rec.evaluator, version=rec.version,
-                                     compute_s=rec.compute_s, created=rec.created, node=rec.node)
+        await self.fab.cassette.aput_record(rec)
         await self.fleet.announce(rec.key, rec.digest)
         metrics.SOURCE_HITS.labels(source=source).inc()
-        raw = self.fab.cassette.get_raw(rec.key)
-        assert raw is not None
-        return await send_record(call, raw, {"key": rec.key, "source": source, "holder": holder})
+        return await answer_held(call, self.fab.cassette, rec.key, {"key": rec.key, "source": source, "holder": holder})
 
     def holders(self, key: ContentKey) -> list[str]:
         """Every node the index says holds ``key`` (this node included when it does)."""

@@ -59,6 +59,28 @@ def verify_record(raw: bytes, key: ContentKey, expected_digest: bytes | None = N
     return rec
 
 
+def evaluator_fault(exc: Exception, key: ContentKey) -> FabricError:
+    """An evaluator's own exception as the fault that carries it to the caller."""
+    return FabricError(StatusCode.INTERNAL, f"{EVALUATOR_ERROR}{type(exc).__name__}: {exc}", retryable=False, key=key)
+
+
+async def answer_if_held(call: "ServerCall", fab: "Fabric", key: ContentKey) -> dict | None:
+    """Answer a realize from this node's cassette as ``source="local"``, or None on a miss."""
+    raw = fab.cassette.get_raw(key)
+    if raw is None:
+        return None
+    fab.local_hits += 1
+    return await send_record(call, raw, {"key": key, "source": "local", "holder": fab.node_id})
+
+
+async def answer_held(call: "ServerCall", cassette: Cassette, key: ContentKey, reply: dict) -> dict:
+    """Answer with the row this node has just recorded for ``key``."""
+    raw = cassette.get_raw(key)
+    if raw is None:
+        raise FabricError(StatusCode.INTERNAL, "reply vanished from the cassette after recording", key=key)
+    return await send_record(call, raw, reply)
+
+
 class ContentServeFabric:
     """The read side a node exposes to peers: answers only keys it holds, never computes."""
 
@@ -164,14 +186,12 @@ class NodeService:
         if self.caf is not None:
             from fabric import registry
 
-            registry.lookup(req.evaluator, req.version)  # this node must be able to compute it
+            registry.lookup(req.evaluator, req.version)  # this node must be able to compute it (NOT_FOUND otherwise)
             return await self.caf.realize(call, req, at_home=body.get("home") is True, begin=self._begin, end=self._end)
         if req.version is not None:
-            key = req.key
-            raw = self.fab.cassette.get_raw(key)
-            if raw is not None:
-                self.fab.local_hits += 1
-                return await send_record(call, raw, {"key": key, "source": "local", "holder": self.node_id})
+            hit = await answer_if_held(call, self.fab, req.key)
+            if hit is not None:
+                return hit
         if self.relay is not None:
             return await self._relay(call, req)
         self._begin()
@@ -180,26 +200,19 @@ class NodeService:
         except FabricError:
             raise
         except Exception as exc:  # noqa: BLE001 - the evaluator's own error, carried to the caller
-            raise FabricError(StatusCode.INTERNAL, f"{EVALUATOR_ERROR}{type(exc).__name__}: {exc}", retryable=False, key=req.key) from None
+            raise evaluator_fault(exc, req.key) from None
         finally:
             self._end()
-        raw = self.fab.cassette.get_raw(rep.key)
-        if raw is None:
-            raise FabricError(StatusCode.INTERNAL, "reply vanished from the cassette after recording", key=rep.key)
-        return await send_record(call, raw, {"key": rep.key, "source": rep.source, "holder": self.node_id})
+        return await answer_held(call, self.fab.cassette, rep.key, {"key": rep.key, "source": rep.source, "holder": self.node_id})
 
     async def _relay(self, call: "ServerCall", req: Any) -> dict:
         self._begin()
         try:
             rec, _, holder = await self.relay.arealize_record(req)  # verified, or DATA_LOSS
-            key = rec.key
-            await self.fab.cassette.aput(rec.key, rec.payload, evaluator=rec.evaluator, version=rec.version,
-                                         compute_s=rec.compute_s, created=rec.created, node=rec.node)
+            await self.fab.cassette.aput_record(rec)
         finally:
             self._end()
-        stored = self.fab.cassette.get_raw(key)
-        assert stored is not None
-        return await send_record(call, stored, {"key": key, "source": "peer", "holder": holder})
+        return await answer_held(call, self.fab.cassette, rec.key, {"key": rec.key, "source": "peer", "holder": holder})
 
     async def get(self, call: "ServerCall") -> dict:
         """A reply's record, or an artifact's manifest record plus its chunks as pushes."""
