@@ -35,6 +35,7 @@ from cassette.keys import ContentKey
 
 __all__ = [
     "encode",
+    "pack",
     "decode",
     "encode_request",
     "is_canonical",
@@ -237,6 +238,63 @@ def encode(value: Any, *, root: str = "value") -> bytes:
         if located is not None:
             raise located from None
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"{root}: not encodable ({exc})") from None
+
+
+def _pack_default(v: Any) -> Any:
+    """msgpack's ``default`` for :func:`pack`: the codec's non-msgpack types, nothing else."""
+    t = type(v)
+    if t is ContentKey:
+        return msgpack.ExtType(EXT_CONTENT_KEY, bytes(v))
+    if t is tuple:
+        return list(v)
+    if t is np.ndarray:
+        try:
+            return msgpack.ExtType(EXT_NDARRAY, _array_payload(v))
+        except _Unencodable:
+            raise TypeError("unencodable array") from None
+    if t is bytearray or t is memoryview:
+        return bytes(v)
+    if isinstance(v, (np.bool_, np.integer, np.floating)):
+        return v.item()
+    raise TypeError(f"{t.__name__} is not encodable")
+
+
+def pack(value: Any, *, root: str = "value") -> bytes:
+    """Bytes of ``value`` that :func:`decode` turns back into an equal value — **not** canonical.
+
+    The same data model and ext types as :func:`encode`, but maps keep their
+    insertion order and NaN payloads are not normalised, so two equal values
+    may pack differently: never hash or compare these bytes (use
+    :func:`encode` for anything content-addressed).  For messages whose bytes
+    are authenticated rather than named, e.g. wire frames (``specs/wire.md``).
+    A value :func:`encode` refuses raises the same located INVALID_ARGUMENT.
+    """
+    try:
+        out = msgpack.packb(value, use_bin_type=True, strict_types=True, default=_pack_default)
+    except Exception:  # noqa: BLE001 - big ints, non-str keys, bad text...: the canonical path decides
+        return encode(value, root=root)
+    if _has_bad_map_key(value):
+        return encode(value, root=root)  # raises: map keys must be str
+    return out
+
+
+def _has_bad_map_key(v: Any) -> bool:
+    """Whether a map anywhere in ``v`` has a key that is not exactly ``str``."""
+    t = type(v)
+    if t is dict:
+        for k, x in v.items():
+            if type(k) is not str:
+                return True
+            tx = type(x)
+            if (tx is dict or tx is list or tx is tuple) and _has_bad_map_key(x):
+                return True
+        return False
+    if t is list or t is tuple:
+        for x in v:
+            tx = type(x)
+            if (tx is dict or tx is list or tx is tuple) and _has_bad_map_key(x):
+                return True
+    return False
 
 
 def encode_request(evaluator: str, version: str, args: Any) -> bytes:

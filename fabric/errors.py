@@ -32,6 +32,9 @@ __all__ = [
 
 T = TypeVar("T")
 
+#: The jitter source when a caller passes no ``rng`` (jitter needs no per-call seed).
+_JITTER = random.Random()
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -97,7 +100,7 @@ def retry_call(
     deadline.  ``clock``/``sleep``/``rng`` are injectable for tests.
     """
     pol = policy_for(op, policy)
-    rng = rng or random.Random()
+    rng = rng or _JITTER
     deadline = clock() + pol.deadline_s
     delays = pol.backoffs(rng)
     while True:
@@ -131,7 +134,7 @@ async def aretry_call(
     import trio
 
     pol = policy_for(op, policy)
-    rng = rng or random.Random()
+    rng = rng or _JITTER
     delays = pol.backoffs(rng)
     last: FabricError | None = None
     with trio.move_on_after(pol.deadline_s) as scope:

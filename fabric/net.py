@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import deque
 from typing import Any, Awaitable, Callable, Mapping, NamedTuple
 
@@ -62,6 +63,8 @@ __all__ = [
     "WireClient",
     "ClientCall",
     "Handler",
+    "FastHandler",
+    "DEFER",
     "serve",
     "open_connection",
     "READ_BYTES",
@@ -106,9 +109,11 @@ class _Link:
     """A TCP stream plus its WireConnection, with ordered, cancel-safe writes.
 
     ``queue(event)`` is synchronous, so bytes enter the buffer in sequence
-    order; ``flush()`` writes everything queued under a lock inside a shielded,
-    time-bounded scope, so a cancelled caller never leaves a half-written
-    frame (which the peer would read as an altered one).
+    order; ``flush()`` first writes without yielding (:meth:`write_now`: one
+    ``write`` on the non-blocking socket, the common case on an idle link),
+    and writes any rest under a lock inside a shielded, time-bounded scope, so
+    a cancelled caller never leaves a half-written frame (which the peer would
+    read as an altered one).
     """
 
     def __init__(self, stream: trio.SocketStream, conn: WireConnection, write_timeout: float) -> None:
@@ -118,13 +123,43 @@ class _Link:
         self._pending = bytearray()
         self._lock = trio.Lock()
         self._write_timeout = write_timeout
+        self._fd = stream.socket.fileno()
 
     def queue(self, event: Any) -> None:
         self._pending += self.conn.send(event, now=trio.current_time())
 
-    async def flush(self) -> None:
-        self._pending += self.conn.data_to_send()
+    def write_now(self) -> bool:
+        """Write what is queued without yielding, as far as the socket takes it.
+
+        True when nothing is left to write (all written, or the link is
+        broken); False when :meth:`flush` must wait for the socket or for a
+        write already in progress.  The socket is non-blocking (trio's), so a
+        full send buffer is a short write, never a stall; bytes stay in order
+        because this writes only while no :meth:`flush` holds the lock.
+        """
+        out = self.conn.data_to_send()
+        if out:
+            self._pending += out
         if not self._pending:
+            return True
+        if self.broken is not None or self._fd < 0:
+            self._pending.clear()
+            return True
+        if self._lock.locked():
+            return False
+        try:
+            n = os.write(self._fd, self._pending)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self.broken = f"write failed ({type(exc).__name__})"
+            self._pending.clear()
+            return True
+        del self._pending[:n]
+        return not self._pending
+
+    async def flush(self) -> None:
+        if self.write_now():
             return
         with trio.CancelScope(shield=True):
             async with self._lock:
@@ -143,6 +178,7 @@ class _Link:
                     self.broken = f"write stalled for {self._write_timeout:g} s"
 
     async def aclose(self) -> None:
+        self._fd = -1  # never write to the number again: the OS may reuse it
         with trio.CancelScope(shield=True):
             try:
                 await self.stream.aclose()
@@ -173,6 +209,20 @@ def _remaining_s() -> float | None:
 
 #: A request handler: ``async def handler(call: ServerCall) -> reply``.
 Handler = Callable[["ServerCall"], Awaitable[Any]]
+
+
+class _Defer:
+    """The type of :data:`DEFER` (one instance)."""
+
+    def __repr__(self) -> str:
+        return "DEFER"
+
+
+#: What a ``fast`` handler returns when the request needs the async handler.
+DEFER = _Defer()
+
+#: An inline handler: ``fast(op, body) -> reply`` (or :data:`DEFER`), run by the read loop itself.
+FastHandler = Callable[[str, Any], Any]
 
 
 class ServerCall:
@@ -267,9 +317,11 @@ class ServerCall:
 
 class _ServerState:
     def __init__(self, secret: bytes, handler: Handler, limits: StreamFrameLimits, node_id: str,
-                 stats: Callable[[], Any] | None, welcome: Mapping[str, Any] | None) -> None:
+                 stats: Callable[[], Any] | None, welcome: Mapping[str, Any] | None,
+                 fast: FastHandler | None = None) -> None:
         self.secret = secret
         self.handler = handler
+        self.fast = fast
         self.limits = limits
         self.node_id = node_id
         self.stats = stats
@@ -366,6 +418,8 @@ class _ServerConnection:
             log.debug("authenticated %s node=%s", self.peer, ev.peer_node_id)
             link.queue(Metadata(0, {"welcome": srv.welcome}))
         elif isinstance(ev, Request):
+            if ev.end_stream and self.server.fast is not None and self._answer_now(ev):
+                return
             call = ServerCall(self, ev)
             self.calls[ev.req_id] = call
             assert self.nursery is not None
@@ -398,6 +452,42 @@ class _ServerConnection:
                 call._scope.cancel()
                 call._signal.fire()
 
+    def _answer_now(self, ev: Request) -> bool:
+        """Run the ``fast`` handler inline; False when it defers to the async handler.
+
+        The reply is queued here and written by the read loop's next flush,
+        together with every other reply to the frames of the same read.
+        """
+        rid, op = ev.req_id, ev.op
+        try:
+            result = self.server.fast(op, ev.body)  # type: ignore[misc]
+        except FabricError as exc:
+            reply: Response | Fault = Fault(rid, exc)
+        except Exception as exc:  # noqa: BLE001 - the handler's bug becomes an INTERNAL fault
+            reply = self._internal_fault(rid, op, exc)
+        else:
+            if result is DEFER:
+                return False
+            reply = Response(rid, result)
+        self._queue_reply(rid, op, reply)
+        return True
+
+    def _internal_fault(self, rid: int, op: str, exc: Exception) -> Fault:
+        log.warning("handler for op %r (request %d from %s) raised %s", op, rid, self.peer, type(exc).__name__)
+        return Fault(rid, FabricError(StatusCode.INTERNAL, f"handler for {op!r} failed: {type(exc).__name__}: {exc}"))
+
+    def _queue_reply(self, rid: int, op: str, reply: Response | Fault) -> None:
+        link = self.link
+        if not link.conn.is_live(rid):
+            return
+        try:
+            link.queue(reply)
+        except FabricError as exc:  # reply not encodable, or too large for the client's limits
+            log.warning("reply to op %r (request %d from %s) not sendable: %s", op, rid, self.peer,
+                        exc.status_code.name)
+            # a fault always fits (messages are cut to fit the smallest frame limit)
+            link.queue(Fault(rid, FabricError(exc.status_code, f"reply to {op!r} not sendable: {exc.message}")))
+
     def _answer_stats(self, req_id: int) -> None:
         srv = self.server
         try:
@@ -423,10 +513,7 @@ class _ServerConnection:
             except FabricError as exc:
                 reply = Fault(rid, exc)
             except Exception as exc:  # noqa: BLE001 - the handler's bug becomes an INTERNAL fault
-                log.warning("handler for op %r (request %d from %s) raised %s", op, rid, self.peer,
-                            type(exc).__name__)
-                reply = Fault(rid, FabricError(StatusCode.INTERNAL,
-                                               f"handler for {op!r} failed: {type(exc).__name__}: {exc}"))
+                reply = self._internal_fault(rid, op, exc)
             else:
                 reply = Response(rid, result)
         self.calls.pop(rid, None)
@@ -436,17 +523,8 @@ class _ServerConnection:
             reply = Fault(rid, FabricError(
                 StatusCode.DEADLINE_EXCEEDED, f"request {rid} ({op}) ran past its {call.timeout_s:g} s deadline"
             ))
-        link = self.link
-        if not link.conn.is_live(rid):
-            return
-        try:
-            link.queue(reply)
-        except FabricError as exc:  # reply not encodable, or too large for the client's limits
-            log.warning("reply to op %r (request %d from %s) not sendable: %s", op, rid, self.peer,
-                        exc.status_code.name)
-            # a fault always fits (messages are cut to fit the smallest frame limit)
-            link.queue(Fault(rid, FabricError(exc.status_code, f"reply to {op!r} not sendable: {exc.message}")))
-        await link.flush()
+        self._queue_reply(rid, op, reply)
+        await self.link.flush()
 
 
 async def serve(
@@ -459,6 +537,7 @@ async def serve(
     node_id: str = "",
     stats: Callable[[], Any] | None = None,
     welcome: Mapping[str, Any] | None = None,
+    fast: FastHandler | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host:port`` and serve wire connections until cancelled.
@@ -471,6 +550,14 @@ async def serve(
     ``welcome`` is the map sent in the welcome frame (for example
     capabilities).
 
+    ``fast`` (optional), a sync ``fast(op, body) -> reply``, is tried first
+    for every request without an upload, inside the connection's read loop:
+    no task, no cancel scope, and the replies to all frames of one read leave
+    in one write.  It returns the reply (or raises ``FabricError`` for a
+    fault, as a handler does), or :data:`DEFER` to hand the request to
+    ``handler`` as usual.  It must not block: answer from memory or a local
+    read, defer anything that waits.
+
     Limits: beyond ``limits.max_connections`` authenticated connections a new
     one is refused with a RESOURCE_EXHAUSTED fault right after its handshake
     (so only peers that know the secret learn why); beyond twice that many
@@ -482,7 +569,7 @@ async def serve(
         limits = StreamFrameLimits()
     # validate arguments once, up front (a bad secret or node id fails here, not per connection)
     WireConnection("server", secret, limits, node_id=node_id)
-    state = _ServerState(bytes(secret), handler, limits, node_id, stats, welcome)
+    state = _ServerState(bytes(secret), handler, limits, node_id, stats, welcome, fast)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
     async with trio.open_nursery() as nursery:
@@ -529,24 +616,35 @@ async def _run_connection(stream: trio.SocketStream, state: _ServerState) -> Non
 
 
 class _Slot:
-    """What a waiting request has received so far."""
+    """One waiting request: what it has received so far, and how to wake its task."""
 
-    __slots__ = ("items", "final")
+    __slots__ = ("items", "final", "waiter", "collect")
 
-    def __init__(self) -> None:
+    def __init__(self, collect: bool = False) -> None:
         self.items: deque = deque()  # Metadata / StreamData events, in order
         self.final: Response | Fault | Stats | None = None
+        self.waiter: trio.Event | None = None  # set while the task sleeps as a follower
+        self.collect = collect  # grant one more credit per pushed item as it arrives
+
+    def wake(self) -> None:
+        if self.waiter is not None:
+            self.waiter.set()
 
 
 class WireClient:
     """An authenticated client connection that pipelines requests.
 
     Made by :func:`open_connection`.  Many tasks may call :meth:`request`,
-    :meth:`stats` and :meth:`stream` concurrently; each request gets its own id
-    and the replies are matched back by id.  At most the server's advertised
-    ``max_inflight_requests`` are in flight at once (more wait for a slot, not
-    fail), and at most ``max_streams`` upload streams.  ``async with client:``
-    closes it on exit.
+    :meth:`call`, :meth:`stats` and :meth:`stream` concurrently; each request
+    gets its own id and the replies are matched back by id.  At most the
+    server's advertised ``max_inflight_requests`` are in flight at once (more
+    wait for a slot, not fail), and at most ``max_streams`` upload streams.
+    ``async with client:`` closes it on exit.
+
+    There is no reader task: whichever waiting request finds nobody reading
+    becomes the reader (leader) and hands every parsed event to its request,
+    waking only that request's task; when the leader's own reply is in, it
+    hands the socket to one other waiting request.
 
     Attributes: ``address`` (``"host:port"``), ``peer_node_id``,
     ``peer_limits`` (:class:`~fabric.wire.AdvertisedLimits`), ``welcome`` (the
@@ -564,7 +662,7 @@ class WireClient:
         self._inflight = trio.Semaphore(limits.max_inflight_requests)
         self._uploads = trio.Semaphore(limits.max_streams)
         self._slots: dict[int, _Slot] = {}
-        self._signal = _Signal()
+        self._followers: set[_Slot] = set()
         self._reading = False
         self._failure: FabricError | None = None
         self.peer_metadata: Any = None
@@ -594,14 +692,28 @@ class WireClient:
         and INVALID_ARGUMENT / RESOURCE_EXHAUSTED when ``body`` cannot be
         encoded or sent.  Cancelling the calling task sends ``cancel``.
         """
-        final = await self._unary(lambda rid: Request(rid, op, body, True, 0, _remaining_s()))
+        final, _ = await self._unary(lambda rid: Request(rid, op, body, True, 0, _remaining_s()))
         if isinstance(final, Fault):
             raise final.error
         return final.body
 
+    async def call(self, op: str, body: Any = None, *, credit: int = DEFAULT_CREDIT) -> tuple[Any, list]:
+        """A request whose answer may be pushed items and then a reply: ``(reply body, [items])``.
+
+        Credit is granted back as each item arrives, so the server streams at
+        the pace of the connection; everything pushed is kept in memory, so
+        use it for answers of bounded size (a record, an artifact's chunks)
+        and :meth:`stream` to consume items one by one.  Errors as
+        :meth:`request`.
+        """
+        final, slot = await self._unary(lambda rid: Request(rid, op, body, True, credit, _remaining_s()), collect=True)
+        if isinstance(final, Fault):
+            raise final.error
+        return final.body, [ev.data for ev in slot.items if isinstance(ev, StreamData)]
+
     async def stats(self, body: Any = None) -> Any:
         """Ask the server for its counters (``{"wire": ..., "server": ..., "node": ...}``)."""
-        final = await self._unary(lambda rid: Stats(rid, body))
+        final, _ = await self._unary(lambda rid: Stats(rid, body))
         if isinstance(final, Fault):
             raise final.error
         return final.body
@@ -619,7 +731,7 @@ class WireClient:
     async def wait_closed(self) -> FabricError:
         """Read until the connection ends; return why (as a request would see it)."""
         try:
-            await self._wait(lambda: False)
+            await self._wait(_Slot(), lambda: False)
         except FabricError as exc:
             return exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -635,13 +747,16 @@ class WireClient:
         self._set_failure(FabricError(StatusCode.UNAVAILABLE, f"connection to {self.address} closed locally",
                                       retryable=True))
         await self._link.aclose()
-        self._signal.fire()
 
     # ---------------------------------------------------------------- internals
 
     def _set_failure(self, err: FabricError) -> None:
         if self._failure is None:
             self._failure = err
+        for slot in self._slots.values():
+            slot.wake()
+        for slot in self._followers:
+            slot.wake()
 
     def _connection_error(self, reason: FabricError | None) -> FabricError:
         if reason is not None and reason.status_code == StatusCode.RESOURCE_EXHAUSTED:
@@ -656,62 +771,93 @@ class WireClient:
     async def _send(self, event: Any) -> None:
         self._link.queue(event)
         await self._link.flush()
-        if self._link.broken is not None:
+        await self._check_link()
+
+    async def _check_link(self) -> None:
+        if self._link.broken is not None and self._failure is None:
             self._set_failure(self._connection_error(
                 FabricError(StatusCode.UNAVAILABLE, self._link.broken, retryable=True)))
             await self._link.aclose()
-            self._signal.fire()
 
     def _drain(self) -> None:
-        """Hand every parsed event to its request's slot."""
+        """Hand every parsed event to its request's slot, waking that request's task."""
+        conn = self._conn
         while True:
-            ev = self._conn.next_event()
+            ev = conn.next_event()
             if ev is NEED_DATA:
-                break
+                return
             if isinstance(ev, Closed):
                 self._set_failure(self._connection_error(ev.reason))
-                break
+                return
             rid = getattr(ev, "req_id", None)
             if rid == 0 and isinstance(ev, Metadata):
                 self.peer_metadata = ev.body
                 continue
-            slot = self._slots.get(rid) if rid is not None else None
+            slot = self._slots.get(rid)
             if slot is None:
                 continue
             if isinstance(ev, (Response, Fault, Stats)):
                 slot.final = ev
             elif isinstance(ev, (Metadata, StreamData)):
                 slot.items.append(ev)
-            # Credit: the machine tracks it; waiters re-check send_credit
-        self._signal.fire()
+                if slot.collect and isinstance(ev, StreamData) and conn.is_live(rid):
+                    try:
+                        self._link.queue(Credit(rid, 1))
+                    except FabricError:
+                        pass  # the request ended meanwhile; nothing to grant
+            # Credit: the machine tracks it; the woken sender re-checks send_credit
+            slot.wake()
 
-    async def _wait(self, cond: Callable[[], bool]) -> None:
-        """Until ``cond()``: read (as leader) or wait for the reader (as follower)."""
-        while not cond():
-            if self._failure is not None:
-                raise self._failure
-            if self._reading:
-                await self._signal.wait()
-                continue
-            self._reading = True
-            try:
+    async def _wait(self, slot: _Slot, cond: Callable[[], bool]) -> None:
+        """Until ``cond()``: read the socket (as leader) or sleep until woken (as follower)."""
+        try:
+            while not cond():
+                if self._failure is not None:
+                    raise self._failure
+                if self._reading:
+                    slot.waiter = trio.Event()
+                    self._followers.add(slot)
+                    try:
+                        await slot.waiter.wait()
+                    finally:
+                        slot.waiter = None
+                        self._followers.discard(slot)
+                    continue
+                self._reading = True
                 try:
-                    data = await self._link.stream.receive_some(READ_BYTES)
-                except _NET_ERRORS:
-                    data = b""
-            finally:
-                self._reading = False
-                self._signal.fire()  # a follower takes over if we were cancelled
-            self._conn.receive_data(data, now=trio.current_time())
-            self._drain()
-            await self._link.flush()  # e.g. the fault the machine queued on a violation
-            if self._failure is not None:
-                await self._link.aclose()
+                    try:
+                        data = await self._link.stream.receive_some(READ_BYTES)
+                    except _NET_ERRORS:
+                        data = b""
+                finally:
+                    self._reading = False
+                self._conn.receive_data(data, now=trio.current_time())
+                self._drain()
+                await self._link.flush()  # credits granted, or the fault the machine queued on a violation
+                await self._check_link()
+                if self._failure is not None:
+                    await self._link.aclose()
+        finally:
+            if not self._reading:
+                self._hand_over()
 
-    async def _open_slot(self, make: Callable[[int], Any]) -> tuple[int, _Slot]:
+    def _hand_over(self) -> None:
+        """Nobody reads: wake one sleeping request to take the socket."""
+        for other in self._followers:
+            if other.waiter is not None and not other.waiter.is_set():
+                other.waiter.set()
+                return
+
+    async def _acquire_inflight(self) -> None:
+        try:
+            self._inflight.acquire_nowait()
+        except trio.WouldBlock:
+            await self._inflight.acquire()
+
+    async def _open_slot(self, make: Callable[[int], Any], collect: bool = False) -> tuple[int, _Slot]:
         self._check_usable()
         rid = self._conn.new_request_id()
-        slot = _Slot()
+        slot = _Slot(collect)
         self._slots[rid] = slot
         try:
             await self._send(make(rid))
@@ -730,18 +876,21 @@ class WireClient:
                 return
             await self._link.flush()
 
-    async def _unary(self, make: Callable[[int], Any]) -> Response | Fault | Stats:
+    async def _unary(self, make: Callable[[int], Any], collect: bool = False) -> tuple[Response | Fault | Stats, _Slot]:
         self._check_usable()
-        async with self._inflight:
-            rid, slot = await self._open_slot(make)
+        await self._acquire_inflight()
+        try:
+            rid, slot = await self._open_slot(make, collect)
             try:
-                await self._wait(lambda: slot.final is not None)
+                await self._wait(slot, lambda: slot.final is not None)
             except BaseException:
                 await self._abandon(rid)
                 raise
             self._slots.pop(rid, None)
             assert slot.final is not None
-            return slot.final
+            return slot.final, slot
+        finally:
+            self._inflight.release()
 
 
 class ClientCall:
@@ -774,7 +923,7 @@ class ClientCall:
     async def __aenter__(self) -> "ClientCall":
         client = self._client
         client._check_usable()
-        await client._inflight.acquire()
+        await client._acquire_inflight()
         self._held.append(client._inflight)
         if self.upload:
             try:
@@ -820,7 +969,7 @@ class ClientCall:
         if not self.upload:
             raise FabricError(StatusCode.FAILED_PRECONDITION, f"request {rid} ({self.op}) is not an upload")
         client = self._client
-        await client._wait(lambda: slot.final is not None or client._conn.send_credit(rid) > 0)
+        await client._wait(slot, lambda: slot.final is not None or client._conn.send_credit(rid) > 0)
         if slot.final is not None:
             if isinstance(slot.final, Fault):
                 raise slot.final.error
@@ -848,7 +997,7 @@ class ClientCall:
         if self._done:
             raise FabricError(StatusCode.FAILED_PRECONDITION, f"request {rid} already finished")
         client = self._client
-        await client._wait(lambda: bool(slot.items) or slot.final is not None)
+        await client._wait(slot, lambda: bool(slot.items) or slot.final is not None)
         if slot.items:
             ev = slot.items.popleft()
             if isinstance(ev, StreamData) and client._conn.is_live(rid):

@@ -61,7 +61,7 @@ async def run_node(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 listening = await nursery.start(
                     lambda task_status: serve(
-                        host, port, secret, service.handle, node_id=fab.node_id,
+                        host, port, secret, service.handle, node_id=fab.node_id, fast=service.handle_now,
                         stats=lambda: _node_stats(fab, service), welcome={"node": fab.node_id, "capabilities": caps},
                         task_status=task_status,
                     )

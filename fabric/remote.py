@@ -161,8 +161,11 @@ class RemoteFabric:
 
     async def arealize(self, req: Request, *, timeout: float | None = None) -> Reply:
         """Realize ``req`` on the node (trio); ``timeout`` bounds the whole call (DEADLINE_EXCEEDED)."""
+        if timeout is None:
+            rec, source, holder = await self.arealize_record(req)
+            return Reply(rec.key, codec.decode(rec.payload), source, holder)
         try:
-            with trio.fail_after(timeout if timeout is not None else float("inf")):
+            with trio.fail_after(timeout):
                 rec, source, holder = await self.arealize_record(req)
         except trio.TooSlowError:
             raise FabricError(StatusCode.DEADLINE_EXCEEDED, f"realize did not finish within {timeout:g} s", retryable=False) from None
@@ -190,9 +193,7 @@ class RemoteFabric:
         key = ContentKey.parse(key)
 
         async def go(client: WireClient):
-            async with client.stream("get", {"key": key}) as call:
-                items = [item async for item in call]
-                return call.response, items
+            return await client.call("get", {"key": key})
 
         reply, items = await self._call("get", go)
         if key.kind == "blob":
@@ -305,10 +306,8 @@ class RemoteFabric:
 
 
 async def _stream_record(client: WireClient, op: str, body: Any) -> tuple[dict, bytes]:
-    """Open a streaming ``op`` and return ``(reply, raw record)``, joining pushed pieces."""
-    async with client.stream(op, body) as call:
-        items = [item async for item in call]
-        reply = call.response
+    """Send ``op`` and return ``(reply, raw record)``, joining pushed pieces."""
+    reply, items = await client.call(op, body)
     raw, _ = _take_record(reply, items)
     return reply, raw
 

@@ -27,6 +27,8 @@ from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from cassette.record import Record, unpack_record
 from cassette.store import Cassette
+from fabric import registry
+from fabric.request import Request
 
 if TYPE_CHECKING:
     from fabric.local import Fabric
@@ -144,6 +146,30 @@ class NodeService:
         self.idle = trio.Event()
         self.idle.set()
 
+    def handle_now(self, op: str, body: Any) -> Any:
+        """The node's ``fast`` handler (see :func:`fabric.net.serve`): answer at once what needs
+        no waiting — a realize or fetch of a key held here whose record fits inline, and
+        ``holders`` — and :data:`fabric.net.DEFER` everything else."""
+        from fabric.net import DEFER
+
+        if op == "realize":
+            req = self._realize_request(body)
+            if req.version is not None:
+                raw = self.fab.cassette.get_raw(req.key)
+                if raw is not None and len(raw) <= INLINE_MAX:
+                    self.fab.local_hits += 1
+                    return {"key": req.key, "source": "local", "holder": self.node_id, "record": raw}
+            return DEFER
+        if op == "fetch":
+            key = _key_field(body)
+            raw = self.serve.fetch(key)
+            if len(raw) <= INLINE_MAX:
+                return {"key": key, "holder": self.node_id, "record": raw}
+            return DEFER
+        if op == "holders":
+            return self.holders(_key_field(body))
+        return DEFER
+
     async def handle(self, call: "ServerCall") -> Any:
         """Dispatch one wire request by op name."""
         op = call.op
@@ -168,11 +194,10 @@ class NodeService:
             return self.caf.holders(key)
         return [self.node_id] if self.fab.cassette.contains(key) else []
 
-    async def realize(self, call: "ServerCall") -> dict:
-        """Look up, relay or compute; answer ``{"key", "source", "holder", "record"}``."""
-        from fabric.request import Request
-
-        body = call.body
+    def _realize_request(self, body: Any) -> Request:
+        """The :class:`~fabric.request.Request` a realize body names, checked as this node
+        must: INVALID_ARGUMENT for a malformed body; NOT_FOUND for an evaluator this
+        node cannot resolve (no version given) or, in a fleet, cannot compute."""
         if not isinstance(body, dict) or not isinstance(body.get("evaluator"), str):
             raise FabricError(StatusCode.INVALID_ARGUMENT, "body: expected {'evaluator': str, 'version': str|None, 'args': map}")
         args = body.get("args", {})
@@ -180,13 +205,16 @@ class NodeService:
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"body.args: expected a map, got {type(args).__name__}")
         req = Request(body["evaluator"], args, version=body.get("version"))
         if req.version is None and self.relay is None:
-            from fabric import registry
-
             registry.lookup(req.evaluator)  # NOT_FOUND listing what this node has
         if self.caf is not None:
-            from fabric import registry
-
             registry.lookup(req.evaluator, req.version)  # this node must be able to compute it (NOT_FOUND otherwise)
+        return req
+
+    async def realize(self, call: "ServerCall") -> dict:
+        """Look up, relay or compute; answer ``{"key", "source", "holder", "record"}``."""
+        body = call.body
+        req = self._realize_request(body)
+        if self.caf is not None:
             return await self.caf.realize(call, req, at_home=body.get("home") is True, begin=self._begin, end=self._end)
         if req.version is not None:
             hit = await answer_if_held(call, self.fab, req.key)

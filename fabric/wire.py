@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import blake3
+import msgpack
 
 from cassette import codec
 from cassette.errors import FabricError, StatusCode
@@ -563,10 +564,10 @@ def _error_field(m: dict, where: str) -> FabricError:
     )
 
 
-def _decode(raw: bytes, where: str) -> Any:
-    """Strict canonical decode; a refusal becomes a located violation."""
+def _decode(raw: bytes, where: str, strict: bool = True) -> Any:
+    """Decode (canonical only when ``strict``); a refusal becomes a located violation."""
     try:
-        return codec.decode(raw, strict=True)
+        return codec.decode(raw, strict=strict)
     except FabricError as exc:
         raise _Violation(StatusCode.INVALID_ARGUMENT, f"{where}: {exc.message}") from None
 
@@ -579,10 +580,13 @@ def _cut(text: str, max_bytes: int) -> str:
 def _error_to_wire(err: FabricError) -> dict:
     """The error map of a ``fault``, cut so that any fault fits a MIN_FRAME_BYTES frame."""
     w = err.to_wire()
-    w["message"] = _cut(w["message"], MAX_FAULT_MESSAGE)
-    if w["key"] is not None:
-        w["key"] = _cut(w["key"], MAX_FAULT_KEY)
-    return w
+    key = w["key"]
+    return {  # canonical field order
+        "key": None if key is None else _cut(key, MAX_FAULT_KEY),
+        "code": w["code"],
+        "message": _cut(w["message"], MAX_FAULT_MESSAGE),
+        "retryable": w["retryable"],
+    }
 
 
 def _timeout_value(v: Any) -> float | None:
@@ -901,7 +905,7 @@ class WireConnection:
             )
         msg, commit = self._prepare(event)
         stream_id = msg["id"]
-        raw = codec.encode(msg, root=type(event).__name__)
+        raw = codec.pack(msg, root=type(event).__name__)
         st = self._streams.get(stream_id)
         counted = st is not None and msg["t"] in _COUNTED
         if counted and st.sent_bytes + len(raw) > self.peer_limits.max_bytes_per_stream:
@@ -985,8 +989,8 @@ class WireConnection:
                         StatusCode.RESOURCE_EXHAUSTED,
                         f"peer allows {self.peer_limits.max_streams} upload streams; wait for one to finish",
                     )
-                msg = {
-                    "t": "open", "id": rid, "op": ev.op, "body": ev.body, "end": ev.end_stream,
+                msg = {  # fields in canonical order (specs/wire.md section 5: not required, but tidy)
+                    "t": "open", "id": rid, "op": ev.op, "end": ev.end_stream, "body": ev.body,
                     "credit": credit, "timeout": _timeout_value(ev.timeout_s),
                 }
                 kind = "open"
@@ -1089,12 +1093,12 @@ class WireConnection:
 
     def _seal(self, raw: bytes) -> bytes:
         mac = frame_mac(self._skey, _DIRECTION[self.role], self._send_seq, raw)
-        body = codec.encode([self._send_seq, raw, mac])
+        body = msgpack.packb([self._send_seq, raw, mac], use_bin_type=True)  # int, bin, bin: one encoding
         return len(body).to_bytes(4, "big") + body
 
     def _queue_msg(self, msg: dict) -> None:
         """Seal and queue a small control message (goodbye, fault) outside send()."""
-        self._emit(self._seal(codec.encode(msg)))
+        self._emit(self._seal(codec.pack(msg)))
         self._send_seq += 1
 
     def _drop(self, req_id: int) -> None:
@@ -1230,7 +1234,7 @@ class WireConnection:
 
     def _on_sealed(self, body: bytes) -> None:
         seq = self._recv_seq
-        env = _decode(body, f"frame seq {seq}: envelope")
+        env = _decode(body, f"frame seq {seq}: envelope", strict=False)
         if (
             type(env) is not list
             or len(env) != 3
@@ -1255,7 +1259,7 @@ class WireConnection:
             raise _Violation(StatusCode.UNAUTHENTICATED, f"frame seq field altered at seq {seq}")
         self._recv_seq += 1
         where = f"frame seq {seq}"
-        m = _decode(raw, where)
+        m = _decode(raw, where, strict=False)
         allowed = (
             ("open", "next", "push", "close", "cancel", "fault", "metadata", "stats")
             if self.role == "server"

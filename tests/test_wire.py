@@ -649,12 +649,30 @@ def test_server_only_messages_from_the_server_are_refused_by_the_client():
         assert err.status_code is StatusCode.INVALID_ARGUMENT and "not allowed here" in err.message
 
 
-def test_non_canonical_message_bytes_are_refused():
+def test_sealed_messages_may_use_any_map_order_and_int_width():
+    """specs/wire.md section 5: after the MAC, msg need only be well-formed msgpack."""
+    import msgpack
+
     p = Pair()
-    import msgpack  # a valid msgpack map in non-canonical key order
-    raw = msgpack.packb({"id": 1, "t": "cancel"}, use_bin_type=True)
+    p.c2s(Request(1, "op", None))
+    # keys in non-canonical order, the id as a uint32 (not the shortest int), the body map unsorted
+    raw = (b"\x83" + msgpack.packb("body") + msgpack.packb({"zz": 1, "a": [1.5]}) + msgpack.packb("id") + b"\xce\x00\x00\x00\x01"
+           + msgpack.packb("t") + msgpack.packb("close"))
+    assert not codec.is_canonical(raw)
+    events = deliver(p.server, p.client, p.forge(p.server, None, raw=raw))
+    assert events == [Response(1, {"zz": 1, "a": [1.5]})]
+    assert p.client.state is ConnectionState.OPEN
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b"\xc1", "malformed msgpack"),             # a reserved byte
+    (b"\x82\xa1t", "malformed msgpack"),        # truncated map
+    (b"\x81\x01\xa1x", "malformed msgpack"),    # a map key that is not a str
+])
+def test_sealed_message_that_is_not_msgpack_is_refused(raw, needle):
+    p = Pair()
     err = closed_reason(deliver(p.client, p.server, p.forge(p.client, None, raw=raw)))
-    assert err.status_code is StatusCode.INVALID_ARGUMENT and "canonical" in err.message
+    assert err.status_code is StatusCode.INVALID_ARGUMENT and needle in err.message, err
 
 
 def test_malformed_fault_from_the_server_is_refused():

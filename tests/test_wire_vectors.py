@@ -36,7 +36,8 @@ CLIENT_NONCE = bytes(range(0, 32))
 SERVER_NONCE = bytes(range(32, 64))
 PROOF_CTX = "evalfabric 2026-11-23 wire handshake proof key v1"
 SESSION_CTX = "evalfabric 2026-11-23 wire session mac key v1"
-REALIZE_BODY = {"evaluator": "embed", "version": "2", "args": {"text": "hi", "dim": 8}}
+# maps in canonical order, so the published frame is canonical (sealed frames need not be: specs/wire.md section 5)
+REALIZE_BODY = {"args": {"dim": 8, "text": "hi"}, "version": "2", "evaluator": "embed"}
 
 
 def load_vectors() -> dict[str, bytes]:
