@@ -377,6 +377,17 @@ class _ServerConnection:
             log.warning("closing connection from %s: %s", self.peer, reason)
 
     async def _read_loop(self) -> FabricError | None:
+        conn = self.link.conn
+        while True:
+            # One timer per quiet spell, not per read: the scope's deadline is the
+            # connection's next deadline when entered and is only ever moved earlier;
+            # activity that pushes the idle deadline later is noticed when it fires.
+            deadline = conn.next_deadline()
+            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+                return await self._read_until_closed(scope)
+            conn.check_timeouts(trio.current_time())  # the scope fired: idle, or just a stale deadline
+
+    async def _read_until_closed(self, scope: trio.CancelScope) -> FabricError | None:
         link, conn = self.link, self.link.conn
         while True:
             ev = conn.next_event()
@@ -385,15 +396,13 @@ class _ServerConnection:
                 if link.broken is not None:
                     return FabricError(StatusCode.UNAVAILABLE, link.broken, retryable=True)
                 deadline = conn.next_deadline()
-                with trio.move_on_at(math.inf if deadline is None else deadline) as scope:
-                    try:
-                        data = await link.stream.receive_some(READ_BYTES)
-                    except _NET_ERRORS:
-                        data = b""
-                if scope.cancelled_caught:
-                    conn.check_timeouts(trio.current_time())
-                else:
-                    conn.receive_data(data, now=trio.current_time())
+                if deadline is not None and deadline < scope.deadline:
+                    scope.deadline = deadline
+                try:
+                    data = await link.stream.receive_some(READ_BYTES)
+                except _NET_ERRORS:
+                    data = b""
+                conn.receive_data(data, now=trio.current_time())
                 continue
             if isinstance(ev, Closed):
                 await link.flush()
@@ -664,6 +673,7 @@ class WireClient:
         self._slots: dict[int, _Slot] = {}
         self._followers: set[_Slot] = set()
         self._reading = False
+        self._corked = False
         self._failure: FabricError | None = None
         self.peer_metadata: Any = None
 
@@ -769,8 +779,19 @@ class WireClient:
             raise self._failure
 
     async def _send(self, event: Any) -> None:
-        self._link.queue(event)
-        await self._link.flush()
+        """Queue ``event`` and write it; while other requests are in flight, the requests
+        that run in one scheduler pass share one write (the first waits one pass for the rest)."""
+        link = self._link
+        link.queue(event)
+        if self._corked:
+            return  # the task that corked writes our bytes after its pass
+        if len(self._slots) > 1:
+            self._corked = True
+            try:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            finally:
+                self._corked = False
+        await link.flush()
         await self._check_link()
 
     async def _check_link(self) -> None:

@@ -599,6 +599,14 @@ def _timeout_value(v: Any) -> float | None:
     return v
 
 
+def _misuse(text: str) -> FabricError:
+    return FabricError(StatusCode.FAILED_PRECONDITION, text)
+
+
+def _noop() -> None:
+    return None
+
+
 # --------------------------------------------------------------------------- streams
 
 
@@ -940,22 +948,11 @@ class WireConnection:
     def _prepare(self, ev: Any) -> tuple[dict, Any]:
         """Validate a local event against the state; return its message and a commit action."""
         client = self.role == "client"
-
-        def misuse(text: str) -> FabricError:
-            return FabricError(StatusCode.FAILED_PRECONDITION, text)
+        misuse = _misuse
+        noop = _noop
 
         def live(req_id: Any, kinds: tuple[str, ...] = ("open",)) -> _Stream:
-            if type(req_id) is not int or req_id <= 0:
-                raise FabricError(StatusCode.INVALID_ARGUMENT, f"{type(ev).__name__}.req_id: expected an int > 0")
-            st = self._streams.get(req_id)
-            if st is None:
-                raise misuse(f"request {req_id} is not live")
-            if st.kind not in kinds:
-                raise misuse(f"request {req_id} is a {st.kind} request; {type(ev).__name__} does not apply")
-            return st
-
-        def noop() -> None:
-            return None
+            return self._live(ev, req_id, kinds)
 
         if isinstance(ev, Request) or (isinstance(ev, Stats) and client):
             if not client:
@@ -1080,6 +1077,17 @@ class WireConnection:
         if isinstance(ev, (Hello, Authenticated)):
             raise misuse(f"{type(ev).__name__} is produced by the handshake, not sent")
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"not a wire event: {type(ev).__name__}")
+
+    def _live(self, ev: Any, req_id: Any, kinds: tuple[str, ...]) -> _Stream:
+        """The live stream ``ev`` is about, or the error that sending ``ev`` raises."""
+        if type(req_id) is not int or req_id <= 0:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"{type(ev).__name__}.req_id: expected an int > 0")
+        st = self._streams.get(req_id)
+        if st is None:
+            raise _misuse(f"request {req_id} is not live")
+        if st.kind not in kinds:
+            raise _misuse(f"request {req_id} is a {st.kind} request; {type(ev).__name__} does not apply")
+        return st
 
     # ------------------------------------------------------------------ internals: output
 
