@@ -19,6 +19,16 @@ holdings come back), and every record it makes afterwards is announced.
    skipped for the next in order, so a dead node is never used as home;
 4. record locally and announce, so this node becomes a holder.
 
+An artifact a member lacks (:meth:`ContentAddressedFabric.obtain`) comes in
+two steps: its manifest record from one live holder (verified against the
+digest it announced), then the chunks still missing here, striped over every
+live holder announcing that digest (a shared queue, at most
+``FETCH_PER_HOLDER`` chunks in flight per holder, so a faster holder serves
+more).  Every chunk is verified against its blob key before it is stored, in
+batches of ``FETCH_BATCH``; a holder that fails once gets no further chunks
+and its unfinished ones go to the others.  The manifest is recorded only once
+every chunk it names is held here.
+
 Two holders claiming different digests for one key is a determinism
 violation: it is logged and counted (``fabric_determinism_violations_total``)
 and the digest served is the one most holders claim (ties: the home's).
@@ -26,6 +36,7 @@ and the digest served is the one most holders claim (ties: the home's).
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -53,6 +64,10 @@ __all__ = ["PeerPool", "WireTransport", "Fleet", "ContentAddressedFabric", "capa
 log = logging.getLogger("fabric.fleet")
 
 INBOX = 1024
+#: Chunks of one artifact in flight per holder while a member fetches it.
+FETCH_PER_HOLDER = 4
+#: Verified chunks stored per ``aput_blobs`` during a fetch (what a fetch holds in memory stays small).
+FETCH_BATCH = 4
 
 
 def capability_for(evaluator: str, version: str) -> str:
@@ -114,8 +129,7 @@ class PeerPool:
         """A blob from ``addr`` (op ``get``), verified against its key (DATA_LOSS otherwise)."""
 
         async def go(client: WireClient) -> bytes:
-            async with client.stream("get", {"key": key}) as call:
-                items = [item async for item in call]
+            _, items = await client.call("get", {"key": key})
             if len(items) != 1 or type(items[0]) is not bytes or ContentKey.of("blob", items[0]) != key:
                 raise FabricError(StatusCode.DATA_LOSS, "peer sent bytes that do not match the blob key", key=key)
             return items[0]
@@ -173,6 +187,8 @@ class Fleet:
         self._inbox_send, self._inbox_recv = trio.open_memory_channel(INBOX)
         self.dropped = 0
         self._seen_conflicts = 0
+        #: verified bytes fetched from each peer (records and chunks), by node id
+        self.fetched_bytes: dict[str, int] = {}
 
     def replay_ledger(self) -> int:
         """Seed the index with this node's own ledger, in ledger order (no announcement)."""
@@ -219,6 +235,11 @@ class Fleet:
                 log.warning("gossip: %d new determinism violation(s) (holders disagree on a digest)", st.conflicts - self._seen_conflicts)
                 self._seen_conflicts = st.conflicts
 
+    def count_fetch(self, node_id: str, nbytes: int) -> None:
+        """Count ``nbytes`` verified bytes fetched from peer ``node_id``."""
+        metrics.PEER_FETCH_BYTES.inc(nbytes)
+        self.fetched_bytes[node_id] = self.fetched_bytes.get(node_id, 0) + nbytes
+
     async def announce(self, rec_key: ContentKey, digest: bytes) -> None:
         """Tell the fleet this node now holds ``rec_key``."""
         await self.runner.add_local(rec_key, digest)
@@ -263,6 +284,7 @@ class Fleet:
             "gossip_conflicts": st.conflicts,
             "gossip_dropped": self.dropped,
             "gossip_bytes_sent": self.runner.bytes_sent,
+            "peer_fetch_bytes_by_node": dict(self.fetched_bytes),
         }
 
     async def aclose(self) -> None:
@@ -314,8 +336,9 @@ class ContentAddressedFabric:
 
     async def obtain(self, key: ContentKey) -> str | None:
         """Make this node hold ``key`` (a reply or an artifact with all its chunks) by fetching
-        it from a live holder, every byte verified before it is stored; records and
-        announces it.  Returns the holder it came from, or None when no holder could serve."""
+        it from live holders, every byte verified before it is stored; records and announces
+        it.  Returns the holder the record came from, or None when no holder could serve it.
+        An artifact's missing chunks come from every live holder at once (:meth:`_fetch_chunks`)."""
         if self.fab.cassette.contains(key):
             return self.fab.node_id
         got = await self._from_holders(key)
@@ -326,23 +349,67 @@ class ContentAddressedFabric:
             from cassette import codec
 
             manifest = codec.decode(rec.payload)
-            holders = [addr for node_id, addr, _ in self.fleet.live_holders(key)]
-            for ck in self.fab.cassette.missing(manifest["chunks"], verify_blobs=True):
-                for addr in holders:
-                    try:
-                        data = await self.fleet.pool.blob(addr, ck)
-                    except FabricError as exc:
-                        log.info("chunk %s from %s failed: %s; trying the next holder", ck.short(), addr, exc.status_code.name)
-                        continue
-                    await self.fab.cassette.aput_blobs([(ck, data)])
-                    metrics.PEER_FETCH_BYTES.inc(len(data))
-                    break
-                else:
-                    raise FabricError(StatusCode.UNAVAILABLE, f"no live holder could serve chunk {ck.short()}", key=key)
+            missing = list(dict.fromkeys(self.fab.cassette.missing(manifest["chunks"], verify_blobs=True)))
+            if missing:
+                holders = [(node_id, addr) for node_id, addr, digest in self.fleet.live_holders(key) if digest == rec.digest]
+                await self._fetch_chunks(key, missing, holders)
         # the manifest (or reply) is recorded only once every chunk it names is held here
         await self.fab.cassette.aput_record(rec)
         await self.fleet.announce(rec.key, rec.digest)
         return holder
+
+    async def _fetch_chunks(self, key: ContentKey, chunks: list[ContentKey], holders: list[tuple[str, str]]) -> None:
+        """Store ``chunks`` (blob keys of artifact ``key``) fetched from ``holders`` ``[(node_id, addr)]``.
+
+        ``FETCH_PER_HOLDER`` lanes per holder take chunks from one shared queue;
+        ``pool.blob`` verifies each against its key (DATA_LOSS otherwise) and
+        verified chunks are stored every ``FETCH_BATCH``.  A holder whose fetch
+        fails is done: the chunk goes back to the front of the queue for the
+        others.  A round ends when every lane has stopped; chunks a failed holder
+        handed back after the others had stopped start another round with the
+        holders left.  UNAVAILABLE when no holder is left for a chunk.
+        """
+        pending = collections.deque(chunks)
+        batch: list[tuple[ContentKey, bytes]] = []
+        pool = self.fleet.pool
+
+        async def flush() -> None:
+            if batch:
+                items = batch[:]
+                batch.clear()
+                await self.fab.cassette.aput_blobs(items)
+
+        async def lane(node_id: str, addr: str, failed: set[str]) -> None:
+            while pending and node_id not in failed:
+                ck = pending.popleft()
+                try:
+                    data = await pool.blob(addr, ck)
+                except FabricError as exc:
+                    pending.appendleft(ck)
+                    if node_id not in failed:
+                        failed.add(node_id)
+                        if exc.status_code is StatusCode.DATA_LOSS:
+                            metrics.ERRORS.labels(op="peer_fetch", status="DATA_LOSS").inc()
+                        log.info("chunk %s of %s from %s failed: %s; it gets no further chunks",
+                                 ck.short(), key.short(), node_id, exc.status_code.name)
+                    return
+                self.fleet.count_fetch(node_id, len(data))
+                batch.append((ck, data))
+                del data
+                if len(batch) >= FETCH_BATCH:
+                    await flush()
+
+        live = list(holders)
+        while pending:
+            if not live:
+                raise FabricError(StatusCode.UNAVAILABLE, f"no live holder could serve chunk {pending[0].short()}", key=key)
+            failed: set[str] = set()
+            async with trio.open_nursery() as nursery:
+                for node_id, addr in live:
+                    for _ in range(FETCH_PER_HOLDER):
+                        nursery.start_soon(lane, node_id, addr, failed)
+            await flush()
+            live = [h for h in live if h[0] not in failed]
 
     async def _from_holders(self, key: ContentKey) -> tuple[Record, str] | None:
         holders = self.fleet.live_holders(key)
@@ -363,7 +430,7 @@ class ContentAddressedFabric:
                     metrics.ERRORS.labels(op="peer_fetch", status="DATA_LOSS").inc()
                 log.info("fetch of %s from %s failed: %s; trying the next holder", key.short(), node_id, exc.status_code.name)
                 continue
-            metrics.PEER_FETCH_BYTES.inc(len(raw))
+            self.fleet.count_fetch(node_id, len(raw))
             return rec, node_id
         return None
 

@@ -18,21 +18,31 @@ off inside a batch.
   ``RemoteFabric`` (one connection) vs sequential hits on the same connection.
   ratio = pipelined / sequential, goal ≥ 5×.
 
-``remote-fetch`` (a fleet: holders joined with ``--join``; the artifact is put
-into each holder's data dir *before* the node starts, since
-``RemoteFabric.put`` is not built):
+``remote-fetch`` (holders joined with ``--join``; the artifact is put into
+each holder's data dir *before* the node starts, since ``RemoteFabric.put`` is
+not built).  Fleet X has holders A and B; fleet Y has one holder S of the same
+artifact:
 
 * verified fetch of a 256 MiB artifact (``--quick``: 16 MiB) with ``aget``
-  through a client connected to a holder vs the raw trio stream of the same
+  through a client connected to holder A vs the raw trio stream of the same
   bytes, and vs that stream plus one BLAKE3 pass (the least a verified fetch
   must compute).
-* from 2 holders: the fabric has no multi-holder fetch, so that row says "not
-  built"; next to it, what today's API allows a client to do by hand — the
-  manifest from one holder, its chunks fetched as blob keys from both holders
-  at once, each chunk verified (informational).
-* through a fleet member that lacks the artifact: measured if the node pulls
-  it from a holder, "not built" while its ``get`` answers only from its own
-  cassette.
+* from 2 holders in parallel (fabric): per timed round a fresh member that
+  lacks the artifact joins fleet X; once its gossip shows A and B live
+  holders, the clock covers one ``aget`` through it: the member stripes the
+  chunks over both holders (``fabric.fleet.FETCH_PER_HOLDER`` in flight each,
+  every chunk verified, stored in batches), records the manifest, then streams
+  the artifact to the client, which checks it.  The same through a fresh
+  member of fleet Y (1 holder live), and the ratio of the two: what a second
+  holder buys.  Since that clock also covers the member serving the
+  artifact, the ratio row notes the fetch part alone too: the first ``aget``
+  less a second one through the same member (now a holder).  The 2-holder
+  row notes each holder's share of the chunk bytes (the member's
+  ``peer_fetch_bytes_by_node``).  Members are stopped and their data dirs
+  removed after their round; 3 rounds (``--quick``: 1), best kept.
+* 2 holders by hand: the manifest from one holder, its chunks fetched as blob
+  keys from both holders at once by the client, each chunk verified
+  (informational: what the public API allows without a fleet member).
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ import sys
 import time
 from typing import Any, Awaitable, Callable, Iterator
 
-from fabric.bench._core import NOT_BUILT, Ctx, Row, compare
+from fabric.bench._core import Ctx, Row, compare
 
 __all__ = ["bench_remote_hit", "bench_remote_fetch", "raw_server_main"]
 
@@ -412,7 +422,65 @@ async def _striped_get(rfs: list[Any], key: Any, per_holder: int = 4) -> bytes:
     return bytes(buf) if manifest["dtype"] is None else buf
 
 
-async def _fetch_client(ctx: Ctx, size: int, key: Any, digest: str, holders: list[Any], other: Any, raw_addr: str) -> dict[str, Any]:
+class _Members:
+    """Fresh fleet members for the fetch rounds: each joins a seed lacking the artifact, and is
+    stopped and its data dir removed after its one timed fetch."""
+
+    def __init__(self, start: Callable[[str, list[str], str], _Proc], d: str, secret_file: str, gossip: tuple[str, ...]) -> None:
+        self.start, self.d, self.secret_file, self.gossip = start, d, secret_file, gossip
+        self.n = 0
+
+    async def fetch(self, seed: str, holder_ids: set[str], key: Any, check: Callable[[Any, str], None]) -> tuple[float, float, dict[str, int]]:
+        """Seconds of one ``aget(key)`` through a new member joined to ``seed`` once its gossip shows
+        exactly ``holder_ids`` and itself live; seconds of a second ``aget`` through it (now a holder:
+        the serving part alone); the member's verified bytes fetched per holder."""
+        import shutil
+
+        import trio
+
+        import fabric
+        from fabric.bench._net import SECRET
+
+        self.n += 1
+        name = f"member-{self.n}"
+        data = os.path.join(self.d, name)
+        m = self.start(name, _node_argv(data, self.secret_file, *self.gossip, "--join", seed), self.d)
+        try:
+            await trio.to_thread.run_sync(m.wait_listening)
+            rf = fabric.open(m.address, secret=SECRET)
+            try:
+                await _wait_fleet_view(rf, key, holder_ids, _START_S)
+                dt, got = await _timed(lambda: rf.aget(key))
+                check(got, f"aget through a member fetching from {len(holder_ids)} holder(s)")
+                del got
+                again, got = await _timed(lambda: rf.aget(key))
+                del got
+                served = (await rf.astats())["node"].get("peer_fetch_bytes_by_node", {})
+            finally:
+                rf.close()
+        finally:
+            await trio.to_thread.run_sync(m.stop)
+            shutil.rmtree(data, ignore_errors=True)
+        return dt, again, served
+
+
+async def _wait_fleet_view(rf: Any, key: Any, holder_ids: set[str], timeout: float) -> None:
+    """Until the node sees exactly ``holder_ids`` plus itself live and knows them as holders of ``key``."""
+    import trio
+
+    want = len(holder_ids) + 1
+    live = -1
+    with trio.move_on_after(timeout):
+        while True:
+            live = (await rf.astats())["node"]["members_live"]
+            if live == want and holder_ids <= set(await rf.aholders(key)):
+                return
+            await trio.sleep(0.05)
+    raise RuntimeError(f"a fresh member saw {live} live members (want {want}) or not every holder within {timeout:g} s")
+
+
+async def _fetch_client(ctx: Ctx, size: int, key: Any, digest: str, holders: list[Any], solo: Any, raw_addr: str,
+                        members: _Members) -> dict[str, Any]:
     import blake3
     import numpy as np
 
@@ -420,12 +488,11 @@ async def _fetch_client(ctx: Ctx, size: int, key: Any, digest: str, holders: lis
     from fabric.bench._net import SECRET
 
     rfs = [fabric.open(h.address, secret=SECRET) for h in holders]
-    rfo = fabric.open(other.address, secret=SECRET)
     raw = await _RawClient.connect(raw_addr)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"served": {"member-2": [], "member-1": []}, "holder_ids": [h.node_id for h in holders]}
     try:
-        seen = await _wait_holders(rfo, key, {h.node_id for h in holders}, 15.0)
-        out["gossip_holders"] = sorted(seen)
+        ids = {h.node_id for h in holders}
+        out["gossip_holders"] = sorted(await _wait_holders(rfs[1], key, ids, 15.0))
 
         def check(got: Any, what: str) -> None:
             view = memoryview(np.ascontiguousarray(got)).cast("B") if not isinstance(got, (bytes, bytearray)) else memoryview(got)
@@ -436,12 +503,6 @@ async def _fetch_client(ctx: Ctx, size: int, key: Any, digest: str, holders: lis
         check(await rfs[0].aget(key), "aget from 1 holder")
         check(await _striped_get(rfs, key), "striped get from 2 holders")
         await raw.bulk(size)
-        try:
-            check(await rfo.aget(key), "aget through a non-holder")
-            via_other = True
-        except fabric.FabricError as exc:
-            via_other = False
-            out["other_error"] = f"{exc.status_code.name}: {exc.message}"
 
         hasher: list[Any] = [None]
 
@@ -449,30 +510,39 @@ async def _fetch_client(ctx: Ctx, size: int, key: Any, digest: str, holders: lis
             h = hasher[0] = blake3.blake3()
             await raw.bulk(size, h.update)
 
+        async def via_member(seed: Any, holder_ids: set[str], tag: str) -> float:
+            dt, again, served = await members.fetch(seed.address, holder_ids, key, check)
+            out["served"][tag].append(served)
+            if dt > again:  # the fetch part alone: the first aget less the serving that a second one costs
+                best[f"{tag}-fetch"] = max(best[f"{tag}-fetch"], size / 2**30 / (dt - again))
+            return dt
+
         contenders: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             ("aget-1", lambda: rfs[0].aget(key)),
             ("raw", lambda: raw.bulk(size)),
             ("striped-2", lambda: _striped_get(rfs, key)),
             ("raw+blake3", raw_verified),
         ]
-        if via_other:
-            contenders.append(("aget-other", lambda: rfo.aget(key)))
-        best = {name: 0.0 for name, _ in contenders}
-        for _ in range(2 if ctx.quick else 3):
+        member_rounds = 1 if ctx.quick else 3  # a fresh member (process, gossip join) per timed fetch
+        best: dict[str, float] = {name: 0.0 for name, _ in contenders} | {m: 0.0 for m in ("member-2", "member-1", "member-2-fetch", "member-1-fetch")}
+        for rnd in range(max(member_rounds, 2 if ctx.quick else 3)):
             for name, fn in contenders:
                 dt, got = await _timed(fn)
                 del got  # freed outside the clock
                 best[name] = max(best[name], size / 2**30 / dt)
+            if rnd < member_rounds:
+                for tag, seed, holder_ids in (("member-2", holders[0], ids), ("member-1", solo, {solo.node_id})):
+                    best[tag] = max(best[tag], size / 2**30 / await via_member(seed, holder_ids, tag))
         out["gib_s"] = best
     finally:
         await raw.aclose()
-        for rf in (*rfs, rfo):
+        for rf in rfs:
             rf.close()
     return out
 
 
 def bench_remote_fetch(ctx: Ctx) -> None:
-    """Verified bulk fetch from 1 holder, from 2 holders (client-side striping; native: not built), via a non-holder."""
+    """Verified bulk fetch from 1 holder; a fresh member pulling from 2 holders at once vs 1; by-hand striping."""
     import numpy as np
     import trio
 
@@ -482,19 +552,21 @@ def bench_remote_fetch(ctx: Ctx) -> None:
     with ctx.tempdir("remote-fetch") as d, _procs() as start:
         secret_file = _secret_file(d)
         data = np.random.default_rng(11).integers(0, 255, size=size, dtype=np.uint8)
-        refs = [_put_artifact(os.path.join(d, name), data) for name in ("holder-a", "holder-b")]
+        refs = [_put_artifact(os.path.join(d, name), data) for name in ("holder-a", "holder-b", "holder-solo")]
         del data
-        if refs[0].key != refs[1].key:
-            raise AssertionError("the same bytes gave two artifact keys")
+        if len({r.key for r in refs}) != 1:
+            raise AssertionError("the same bytes gave different artifact keys")
         ref = refs[0]
         gossip = ("--gossip-interval", "0.3")
         rawp = start("raw", [*_PY, _RAW_MAIN], d)
         a = start("holder-a", _node_argv(os.path.join(d, "holder-a"), secret_file, *gossip), d).wait_listening()
         b = start("holder-b", _node_argv(os.path.join(d, "holder-b"), secret_file, *gossip, "--join", a.address), d)
-        c = start("member-c", _node_argv(os.path.join(d, "member-c"), secret_file, *gossip, "--join", a.address), d)
-        for p in (b, c, rawp):
+        # a fleet of its own: a member joined to it has exactly 1 live holder
+        solo = start("holder-solo", _node_argv(os.path.join(d, "holder-solo"), secret_file, *gossip), d)
+        for p in (b, solo, rawp):
             p.wait_listening()
-        r = trio.run(_fetch_client, ctx, size, ref.key, ref.digest, [a, b], c, rawp.address)
+        members = _Members(start, d, secret_file, gossip)
+        r = trio.run(_fetch_client, ctx, size, ref.key, ref.digest, [a, b], solo, rawp.address, members)
     g = r["gib_s"]
     floor_label = "floor: raw trio TCP stream (server subprocess)"
     ctx.add(compare(bench, f"verified fetch, {mib} MiB artifact, 1 holder (aget)", g["aget-1"], g["raw"], unit="GiB/s",
@@ -502,15 +574,33 @@ def bench_remote_fetch(ctx: Ctx) -> None:
     ctx.add(compare(bench, f"verified fetch, {mib} MiB artifact, 1 holder (aget)", g["aget-1"], g["raw+blake3"], unit="GiB/s",
                     other_label="floor: raw stream + BLAKE3 of every byte",
                     note="floor + hash: the raw stream plus one single-threaded BLAKE3 pass, the least a verified fetch computes; informational"))
-    ctx.add(Row(bench, f"verified fetch, {mib} MiB artifact, 2 holders in parallel (fabric)", other_label=floor_label, verdict=NOT_BUILT,
-                note="no multi-holder fetch: a node's get answers from its own cassette and RemoteFabric.aget reads one node; the next row is what a client can do by hand"))
+    shares = [_shares(s, r["holder_ids"]) for s in r["served"]["member-2"]]
+    ctx.add(compare(bench, f"verified fetch, {mib} MiB artifact, 2 holders in parallel (fabric): aget through a member lacking it",
+                    g["member-2"], g["raw"], unit="GiB/s", other_label=floor_label, rounds=len(shares), holder_shares=shares,
+                    note="a fresh member per round joins a fleet where 2 nodes hold the artifact; the clock covers its aget: the member "
+                         "stripes the missing chunks over both holders (4 in flight each, every chunk verified and stored), records "
+                         "the manifest, then streams the artifact to the client; share of chunk bytes per holder: "
+                         + "; ".join("/".join(f"{x:.0%}" for x in sh) for sh in shares)))
+    ctx.add(compare(bench, f"verified fetch through a fleet member that lacks the artifact, {mib} MiB, 1 holder live", g["member-1"], g["raw"],
+                    unit="GiB/s", other_label=floor_label, rounds=len(r["served"]["member-1"]),
+                    note="as the 2-holder row, in a fleet where 1 node holds the artifact"))
+    ctx.add(compare(bench, f"what a second holder buys: member fetch from 2 holders / from 1, {mib} MiB", g["member-2"], g["member-1"],
+                    unit="GiB/s", other_label="same fetch, 1 holder live (same run)",
+                    fetch_part_gib_s={"2 holders": g["member-2-fetch"], "1 holder": g["member-1-fetch"]},
+                    note="both sides fetch, store and then serve the whole artifact, so the second holder speeds only the fetch part; "
+                         "the fetch part alone (first aget less a second aget through the same member, now a holder): "
+                         f"{_fmt_rate(g['member-2-fetch'])} from 2 holders, {_fmt_rate(g['member-1-fetch'])} from 1"
+                         + (f" ({g['member-2-fetch'] / g['member-1-fetch']:.2f}×)" if g["member-1-fetch"] > 0 and g["member-2-fetch"] > 0 else "")))
     ctx.add(compare(bench, f"2 holders by hand: manifest + blob gets striped over both, {mib} MiB", g["striped-2"], g["raw"], unit="GiB/s",
                     other_label=floor_label, gossip_holders=r["gossip_holders"],
-                    note="client-side striping with today's API: afetch of the manifest, then aget of each chunk's blob key alternating between the 2 holders (4 in flight each), every chunk and the whole verified; informational"))
-    m = f"verified fetch through a fleet member that lacks the artifact, {mib} MiB"
-    if "aget-other" in g:
-        ctx.add(compare(bench, m, g["aget-other"], g["raw"], unit="GiB/s", other_label=floor_label))
-    else:
-        ctx.add(Row(bench, m, other_label=floor_label, verdict=NOT_BUILT,
-                    note=f"a fleet node's get does not pull an artifact from a holder (it answered {r.get('other_error', '?')}); "
-                         f"gossip there lists {len(r['gossip_holders'])} holder(s) of the key"))
+                    note="client-side striping with the public API: afetch of the manifest, then aget of each chunk's blob key alternating between the 2 holders (4 in flight each), every chunk and the whole verified; informational"))
+
+
+def _fmt_rate(gib_s: float) -> str:
+    return f"{gib_s:.3g} GiB/s" if gib_s > 0 else "not measurable (second aget no faster)"
+
+
+def _shares(served: dict[str, int], holder_ids: list[str]) -> list[float]:
+    """Each holder's share of the bytes a member fetched, in ``holder_ids`` order."""
+    total = sum(served.get(h, 0) for h in holder_ids) or 1
+    return [served.get(h, 0) / total for h in holder_ids]

@@ -1,0 +1,298 @@
+"""A fleet member fetching an artifact it lacks from several holders at once.
+
+Unit level: :meth:`ContentAddressedFabric.obtain` over embedded cassettes with
+a duck-typed fleet whose :class:`PeerPool` talks to fake peers (the pool's own
+record and blob verification run unchanged), so striping and failover are
+deterministic.  Then real ``fabric node`` subprocesses on 127.0.0.1: two
+holders both serve a member that lacks the artifact, and a holder killed with
+``kill -9`` while gossip still lists it as live costs nothing but a log line.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import trio
+
+import fabric
+from cassette.errors import FabricError, StatusCode
+from fabric.fleet import FETCH_PER_HOLDER, ContentAddressedFabric, Fleet, PeerPool
+from _nodes import SECRET, start_node, stop_node
+from test_fleet import _stats, _wait
+
+CHUNK = 1 << 16
+
+
+# ------------------------------------------------------------------ unit level
+class _Peer:
+    """What one fake holder serves (from a real cassette) and how it misbehaves."""
+
+    def __init__(self, node_id: str, cassette, *, delay: float = 0.001, fail_after: int | None = None,
+                 alter: bool = False) -> None:
+        self.node_id, self.cassette, self.delay = node_id, cassette, delay
+        self.fail_after, self.alter = fail_after, alter
+        self.served: list = []  # blob keys answered with bytes
+        self.inflight = self.max_inflight = 0
+        self.failed_at: int | None = None  # calls started when it first failed
+        self.calls = 0
+
+    def opened_after_failing(self) -> int:
+        return 0 if self.failed_at is None else self.calls - self.failed_at
+
+
+class _Call:
+    def __init__(self, peer: _Peer, op: str, body: dict) -> None:
+        self.peer, self.op, self.key = peer, op, body["key"]
+        self.items: list = []
+        self.response: dict = {}
+
+    async def __aenter__(self) -> "_Call":
+        p = self.peer
+        p.calls += 1
+        p.inflight += 1
+        p.max_inflight = max(p.max_inflight, p.inflight)
+        try:
+            await trio.sleep(p.delay)
+        finally:
+            p.inflight -= 1
+        if self.op == "fetch":
+            self.response = {"key": self.key, "record": p.cassette.get_raw(self.key)}
+            return self
+        if p.fail_after is not None and len(p.served) >= p.fail_after:
+            if p.failed_at is None:
+                p.failed_at = p.calls
+            raise FabricError(StatusCode.UNAVAILABLE, "connection lost (fake)")
+        data = p.cassette.get_blob(self.key)
+        if p.alter:
+            data = bytes([data[0] ^ 1]) + data[1:]
+        p.served.append(self.key)
+        self.items, self.response = [data], {"key": self.key, "chunks": 1}
+        return self
+
+    async def __aexit__(self, *exc) -> bool:
+        return False
+
+    async def __aiter__(self):
+        for item in self.items:
+            yield item
+
+
+class _Client:
+    closed = False
+
+    def __init__(self, peer: _Peer) -> None:
+        self.peer = peer
+
+    def stream(self, op: str, body: dict) -> _Call:
+        return _Call(self.peer, op, body)
+
+    async def call(self, op: str, body: dict) -> tuple[dict, list]:
+        c = await _Call(self.peer, op, body).__aenter__()
+        return c.response, c.items
+
+
+class _Pool(PeerPool):
+    """The real pool (verification, timing, drop on UNAVAILABLE) over fake connections."""
+
+    def __init__(self, peers: dict[str, _Peer]) -> None:
+        super().__init__(SECRET)
+        self.peers = peers
+
+    async def client(self, addr: str) -> _Client:
+        return _Client(self.peers[addr])
+
+
+class _Fleet:
+    """What ContentAddressedFabric uses of a Fleet: a pool, live holders, counters, announce."""
+
+    count_fetch = Fleet.count_fetch
+
+    def __init__(self, peers: list[_Peer], digest: bytes) -> None:
+        self.pool = _Pool({f"127.0.0.1:{9000 + i}": p for i, p in enumerate(peers)})
+        self._live = [(p.node_id, addr, digest) for addr, p in self.pool.peers.items()]
+        self.gossip = SimpleNamespace(preferred_digest=lambda key: None)
+        self.fetched_bytes: dict[str, int] = {}
+        self.announced: list = []
+
+    def live_holders(self, key):
+        return list(self._live)
+
+    async def announce(self, key, digest) -> None:
+        self.announced.append(key)
+
+
+@pytest.fixture
+def source(tmp_path):
+    """An embedded cassette holding a 40-chunk artifact; yields (fabric, ref, bytes)."""
+    data = np.random.default_rng(5).integers(0, 255, size=40 * CHUNK, dtype=np.uint8).tobytes()
+    with fabric.open(tmp_path / "src", durability="fast") as src:
+        ref = src.put(data, chunk_size=CHUNK)
+        yield src, ref, data
+
+
+def _obtain(tmp_path, ref, peers):
+    """Run ``obtain(ref.key)`` on a fresh member; returns (holder or error, member fabric, fleet)."""
+    dst = fabric.open(tmp_path / "dst", durability="fast")
+    fleet = _Fleet(peers, peers[0].cassette.get_record(ref.key).digest)
+
+    async def go():
+        try:
+            return await ContentAddressedFabric(dst, fleet).obtain(ref.key)
+        except FabricError as exc:
+            return exc
+
+    return trio.run(go), dst, fleet
+
+
+def _chunks(src, ref) -> list:
+    from cassette import codec
+
+    return codec.decode(src.cassette.get_record(ref.key).payload)["chunks"]
+
+
+def _verified_clean(dst) -> None:
+    rep = dst.cassette.verify(raise_errors=False)
+    assert rep.problems == []
+
+
+def test_chunks_are_striped_over_every_holder_bounded_in_flight_each_fetched_once(tmp_path, source):
+    src, ref, data = source
+    a, b = _Peer("A", src.cassette), _Peer("B", src.cassette)
+    holder, dst, fleet = _obtain(tmp_path, ref, [a, b])
+    try:
+        assert holder == "A"  # the holder that served the manifest
+        assert dst.get(ref.key) == data
+        assert len(a.served) >= FETCH_PER_HOLDER and len(b.served) >= FETCH_PER_HOLDER
+        assert sorted(a.served + b.served) == sorted(_chunks(src, ref))  # each chunk once
+        assert a.max_inflight == b.max_inflight == FETCH_PER_HOLDER
+        assert fleet.fetched_bytes["B"] == len(b.served) * CHUNK
+        assert fleet.announced == [ref.key]
+        _verified_clean(dst)
+    finally:
+        dst.close()
+
+
+@pytest.mark.parametrize("delay_b", [0.001, 0.05], ids=["fails-among-others", "fails-after-the-others-finished"])
+def test_a_holder_that_fails_gets_no_further_chunks_and_its_chunks_go_to_the_others(tmp_path, source, delay_b):
+    src, ref, data = source
+    a, b = _Peer("A", src.cassette, delay=0), _Peer("B", src.cassette, delay=delay_b, fail_after=3)
+    holder, dst, fleet = _obtain(tmp_path, ref, [a, b])
+    try:
+        assert holder == "A"
+        assert dst.get(ref.key) == data
+        assert b.failed_at is not None and b.opened_after_failing() == 0
+        assert len(a.served) + len(b.served) == 40
+        _verified_clean(dst)
+    finally:
+        dst.close()
+
+
+def test_a_holder_sending_altered_bytes_is_dropped_and_nothing_unverified_is_stored(tmp_path, source):
+    src, ref, data = source
+    a, b = _Peer("A", src.cassette, delay=0.002), _Peer("B", src.cassette, alter=True)
+    holder, dst, fleet = _obtain(tmp_path, ref, [a, b])
+    try:
+        assert holder == "A"
+        assert dst.get(ref.key) == data
+        assert "B" not in fleet.fetched_bytes and fleet.fetched_bytes["A"] >= 40 * CHUNK
+        assert b.calls == FETCH_PER_HOLDER  # its first answers failed verification; no more were asked
+        _verified_clean(dst)
+    finally:
+        dst.close()
+
+
+def test_when_no_holder_is_left_the_manifest_is_not_recorded(tmp_path, source):
+    src, ref, _ = source
+    a, b = _Peer("A", src.cassette, fail_after=5), _Peer("B", src.cassette, fail_after=7)
+    err, dst, fleet = _obtain(tmp_path, ref, [a, b])
+    try:
+        assert isinstance(err, FabricError) and err.status_code is StatusCode.UNAVAILABLE
+        assert "no live holder could serve chunk" in err.message and err.key == ref.key
+        assert not dst.cassette.contains(ref.key) and fleet.announced == []
+        assert dst.stats()["blobs"] == 12  # what was verified may stay: it is content-addressed
+        _verified_clean(dst)
+    finally:
+        dst.close()
+
+
+def test_a_chunk_repeated_in_the_manifest_is_fetched_once(tmp_path):
+    with fabric.open(tmp_path / "src", durability="fast") as src:
+        ref = src.put(bytes(8 * CHUNK), chunk_size=CHUNK)  # 8 identical chunks
+        a = _Peer("A", src.cassette)
+        holder, dst, _ = _obtain(tmp_path, ref, [a])
+        try:
+            assert holder == "A" and len(a.served) == 1
+            assert dst.get(ref.key) == bytes(8 * CHUNK)
+        finally:
+            dst.close()
+
+
+# ------------------------------------------------------- real node processes
+ARTIFACT_CHUNKS = 16
+ARTIFACT_CHUNK = 1 << 18
+
+
+@pytest.fixture
+def two_holders_and_a_member(tmp_path):
+    """Holders A and B (the artifact put into their data dirs before they start) and member C.
+
+    Yields ``(nodes, ref, data)`` with ``nodes`` a dict name -> (addr, proc, data_dir, node_id)
+    once C sees 3 live members and both holders of the artifact; every node is stopped after.
+    """
+    data = np.random.default_rng(9).integers(0, 255, size=ARTIFACT_CHUNKS * ARTIFACT_CHUNK, dtype=np.uint8).tobytes()
+    refs = []
+    for name in ("a", "b"):
+        with fabric.open(tmp_path / name, durability="fast") as f:
+            refs.append(f.put(data, chunk_size=ARTIFACT_CHUNK))
+    assert refs[0].key == refs[1].key
+    nodes: dict = {}
+    try:
+        for name in ("a", "b", "c"):
+            join = ["--join", nodes["a"][0]] if nodes else []
+            addr, proc, d = start_node(tmp_path, name, "--gossip-interval", "0.3", "--durability", "fast", *join)
+            nodes[name] = (addr, proc, d, _stats(addr)["node_id"])
+        c = nodes["c"][0]
+        holders = {nodes["a"][3], nodes["b"][3]}
+        _wait(lambda: _stats(c)["members_live"] == 3, 30, "C to see 3 live members")
+        with fabric.open(c, secret=SECRET) as fc:
+            _wait(lambda: holders <= set(fc.holders(refs[0].key)), 30, "C to learn both holders")
+        yield nodes, refs[0], data
+    finally:
+        for _, proc, _, _ in nodes.values():
+            stop_node(proc)
+
+
+def test_a_member_lacking_an_artifact_fetches_it_from_both_holders_at_once(two_holders_and_a_member):
+    nodes, ref, data = two_holders_and_a_member
+    c = nodes["c"][0]
+    with fabric.open(c, secret=SECRET) as fc:
+        got = fc.get(ref.key)
+    assert bytes(got) == data
+    st = _stats(c)
+    assert st["blobs"] == ARTIFACT_CHUNKS
+    served = st["peer_fetch_bytes_by_node"]
+    for name in ("a", "b"):  # both holders served chunks
+        assert served.get(nodes[name][3], 0) >= ARTIFACT_CHUNK, (name, served)
+    assert sum(served.values()) >= len(data)
+
+
+def test_a_holder_killed_while_gossip_lists_it_live_costs_a_log_line_not_the_fetch(two_holders_and_a_member):
+    nodes, ref, data = two_holders_and_a_member
+    c_addr, c_proc, c_data, _ = nodes["c"]
+    b_proc, b_id = nodes["b"][1], nodes["b"][3]
+    b_proc.send_signal(signal.SIGKILL)
+    b_proc.wait(10)
+    with fabric.open(c_addr, secret=SECRET) as fc:
+        got = fc.get(ref.key)
+    assert bytes(got) == data
+    served = _stats(c_addr)["peer_fetch_bytes_by_node"]
+    assert set(served) == {nodes["a"][3]}, served
+    stop_node(c_proc)
+    log = c_proc.log_path.read_text()
+    assert f"of {ref.key.short()} from {b_id} failed: UNAVAILABLE" in log  # tried, and dropped
+    with fabric.open(c_data) as fc:  # nothing unverified was recorded
+        assert fc.stats()["blobs"] == ARTIFACT_CHUNKS and fc.cassette.contains(ref.key)
+        assert fc.cassette.verify(raise_errors=False).problems == []
