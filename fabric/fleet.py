@@ -68,6 +68,8 @@ INBOX = 1024
 FETCH_PER_HOLDER = 4
 #: Verified chunks stored per ``aput_blobs`` during a fetch (what a fetch holds in memory stays small).
 FETCH_BATCH = 4
+#: Seconds one chunk may take from one holder before that holder counts as failed for this fetch.
+CHUNK_DEADLINE_S = 15.0
 
 
 def capability_for(evaluator: str, version: str) -> str:
@@ -300,6 +302,7 @@ class ContentAddressedFabric:
     def __init__(self, fab: "Fabric", fleet: Fleet) -> None:
         self.fab = fab
         self.fleet = fleet
+        self._obtaining: dict[ContentKey, trio.Event] = {}  # single-flight of obtain, per key
 
     async def realize(self, call: "ServerCall", req: Any, *, at_home: bool, begin, end) -> dict:
         """Answer a realize for ``req`` (version resolved) as the module docstring says."""
@@ -338,9 +341,23 @@ class ContentAddressedFabric:
         """Make this node hold ``key`` (a reply or an artifact with all its chunks) by fetching
         it from live holders, every byte verified before it is stored; records and announces
         it.  Returns the holder the record came from, or None when no holder could serve it.
-        An artifact's missing chunks come from every live holder at once (:meth:`_fetch_chunks`)."""
-        if self.fab.cassette.contains(key):
-            return self.fab.node_id
+        An artifact's missing chunks come from every live holder at once (:meth:`_fetch_chunks`).
+        Concurrent calls for one key share one fetch."""
+        while True:
+            if self.fab.cassette.contains(key):
+                return self.fab.node_id
+            busy = self._obtaining.get(key)
+            if busy is None:
+                break
+            await busy.wait()  # another request is fetching it: share its result (or retry after its failure)
+        self._obtaining[key] = done = trio.Event()
+        try:
+            return await self._obtain(key)
+        finally:
+            del self._obtaining[key]
+            done.set()
+
+    async def _obtain(self, key: ContentKey) -> str | None:
         got = await self._from_holders(key)
         if got is None:
             return None
@@ -383,8 +400,11 @@ class ContentAddressedFabric:
             while pending and node_id not in failed:
                 ck = pending.popleft()
                 try:
-                    data = await pool.blob(addr, ck)
-                except FabricError as exc:
+                    with trio.fail_after(CHUNK_DEADLINE_S):
+                        data = await pool.blob(addr, ck)
+                except (FabricError, trio.TooSlowError) as exc:
+                    if isinstance(exc, trio.TooSlowError):  # a holder that accepts but never answers
+                        exc = FabricError(StatusCode.DEADLINE_EXCEEDED, f"no answer within {CHUNK_DEADLINE_S:g} s")
                     pending.appendleft(ck)
                     if node_id not in failed:
                         failed.add(node_id)

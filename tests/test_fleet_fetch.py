@@ -204,6 +204,48 @@ def test_a_holder_sending_altered_bytes_is_dropped_and_nothing_unverified_is_sto
         dst.close()
 
 
+def test_concurrent_obtains_of_one_key_share_one_fetch(tmp_path, source):
+    src, ref, data = source
+    a, b = _Peer("A", src.cassette), _Peer("B", src.cassette)
+    dst = fabric.open(tmp_path / "dst", durability="fast")
+    fleet = _Fleet([a, b], src.cassette.get_record(ref.key).digest)
+    caf = ContentAddressedFabric(dst, fleet)
+    got: list = []
+
+    async def go():
+        async def one():
+            got.append(await caf.obtain(ref.key))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+
+    try:
+        trio.run(go)
+        assert sorted(got) == sorted(["A", dst.node_id, dst.node_id])  # one fetched; the others found it held
+        assert sorted(a.served + b.served) == sorted(_chunks(src, ref))  # every chunk fetched once in all
+        assert fleet.announced == [ref.key]
+        assert dst.get(ref.key) == data
+    finally:
+        dst.close()
+
+
+def test_a_holder_that_never_answers_a_chunk_counts_as_failed(tmp_path, source, monkeypatch):
+    import fabric.fleet
+
+    monkeypatch.setattr(fabric.fleet, "CHUNK_DEADLINE_S", 0.3)
+    src, ref, data = source
+    a, hung = _Peer("A", src.cassette), _Peer("H", src.cassette, delay=3600)  # A serves the manifest
+    holder, dst, fleet = _obtain(tmp_path, ref, [a, hung])
+    try:
+        assert holder == "A"
+        assert dst.get(ref.key) == data
+        assert hung.served == [] and hung.calls == FETCH_PER_HOLDER and len(a.served) == 40
+        _verified_clean(dst)
+    finally:
+        dst.close()
+
+
 def test_when_no_holder_is_left_the_manifest_is_not_recorded(tmp_path, source):
     src, ref, _ = source
     a, b = _Peer("A", src.cassette, fail_after=5), _Peer("B", src.cassette, fail_after=7)
