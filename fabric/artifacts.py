@@ -8,12 +8,18 @@ recorded in the ledger under its ``artifact`` key at commit.  Until commit
 nothing is visible under an artifact key; an aborted session leaves only
 unreferenced chunks behind.  Every chunk is verified against its key when read,
 and the whole content against the manifest digest.
+
+The cutting is :class:`ChunkCutter`'s, and the manifest :func:`build_manifest`'s,
+for the embedded session and for a put through a node alike
+(:class:`ChunkPlan` keys content without storing it; :mod:`fabric.upload`
+sends it), so equal content and chunk size give one artifact key everywhere.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -28,9 +34,19 @@ from cassette.record import Record
 from cassette.store import MISS, Cassette
 from fabric import metrics
 
-__all__ = ["ArtifactRef", "ArtifactSession", "put", "get", "get_into", "manifest_of", "DEFAULT_CHUNK"]
+__all__ = [
+    "ArtifactRef", "ArtifactSession", "ChunkCutter", "ChunkPlan", "build_manifest", "parse_manifest", "check_content",
+    "put", "get", "get_into", "manifest_of", "DEFAULT_CHUNK",
+]
 
 DEFAULT_CHUNK = 1 << 20
+#: Content a :class:`ChunkPlan` cannot re-read (an iterator, a file object) is spooled
+#: to a temporary file, kept in memory up to this many bytes.
+SPOOL_MEMORY = 32 << 20
+#: The fields of a manifest, exactly.
+MANIFEST_FIELDS = frozenset({"chunks", "sizes", "size", "digest", "dtype", "shape"})
+#: Chunks an embedded session stores per group commit when one feed fills many.
+STORE_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,77 @@ class ArtifactRef:
         return f"fabric://{self.key}"
 
 
+class ChunkCutter:
+    """The one chunking rule: cuts a byte stream into ``chunk_size`` chunks and hashes all of it.
+
+    ``feed(data)`` returns the chunks that filled: views into ``data`` where
+    nothing was buffered (valid while ``data`` is), else bytes.  ``finish()``
+    returns the last, short chunk (one empty chunk for empty content).
+    ``size``, ``count`` and ``digest()`` describe what was fed.  The embedded
+    session and a put through a node both cut with it, so equal content gets
+    one artifact key either way, whatever the feed boundaries.
+    """
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK) -> None:
+        if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size <= 0:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self._buf = bytearray()
+        self._hash = blake3.blake3()
+        self.size = 0
+        self.count = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
+        """Append bytes; returns the chunks that are now full."""
+        mv = memoryview(data).cast("B")
+        self._hash.update(mv)
+        self.size += len(mv)
+        cs = self.chunk_size
+        out: list[bytes | memoryview] = []
+        if self._buf:
+            head = mv[: cs - len(self._buf)]
+            self._buf += head
+            mv = mv[len(head) :]
+            if len(self._buf) < cs:
+                return out
+            out.append(bytes(self._buf))
+            self._buf.clear()
+        n = len(mv) // cs * cs
+        out.extend(mv[i : i + cs] for i in range(0, n, cs))
+        self._buf += mv[n:]
+        self.count += len(out)
+        return out
+
+    def finish(self) -> list[bytes]:
+        """The last chunk, if any bytes are left (or if there were none at all)."""
+        if not self._buf and self.count:
+            return []
+        last = bytes(self._buf)
+        self._buf.clear()
+        self.count += 1
+        return [last]
+
+    def digest(self) -> bytes:
+        """BLAKE3 of everything fed."""
+        return self._hash.digest()
+
+
+def build_manifest(
+    chunks: list[ContentKey], sizes: list[int], size: int, digest: bytes, dtype: str | None, shape: tuple[int, ...] | None
+) -> tuple[ContentKey, bytes, dict]:
+    """``(artifact key, canonical manifest bytes, manifest)``: the key is the key of those bytes."""
+    manifest = {
+        "chunks": list(chunks),
+        "sizes": list(sizes),
+        "size": size,
+        "digest": digest,
+        "dtype": dtype,
+        "shape": None if shape is None else list(shape),
+    }
+    payload = codec.encode(manifest, root="manifest")
+    return ContentKey.of("artifact", payload), payload, manifest
+
+
 class ArtifactSession:
     """One Begin/Feed/Commit upload into a cassette.
 
@@ -58,31 +145,22 @@ class ArtifactSession:
     """
 
     def __init__(self, cassette: Cassette, *, dtype: str | None = None, shape: tuple[int, ...] | None = None, chunk_size: int = DEFAULT_CHUNK) -> None:
-        if chunk_size <= 0:
-            raise FabricError(StatusCode.INVALID_ARGUMENT, f"chunk_size must be positive, got {chunk_size}")
+        self._cut = ChunkCutter(chunk_size)
         self.cassette = cassette
         self.dtype = dtype
         self.shape = None if shape is None else tuple(int(n) for n in shape)
         self.chunk_size = chunk_size
-        self._buf = bytearray()
         self._chunks: list[ContentKey] = []
         self._sizes: list[int] = []
-        self._hash = blake3.blake3()
-        self._size = 0
         self._state = "open"
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes; full chunks are hashed and stored as they fill."""
         if self._state != "open":
             raise FabricError(StatusCode.FAILED_PRECONDITION, f"artifact session is {self._state}")
-        mv = memoryview(data).cast("B")
-        self._hash.update(mv)
-        self._size += len(mv)
-        self._buf += mv
-        if len(self._buf) >= self.chunk_size:
-            n = len(self._buf) // self.chunk_size * self.chunk_size
-            self._store([bytes(self._buf[i : i + self.chunk_size]) for i in range(0, n, self.chunk_size)])
-            del self._buf[:n]
+        full = self._cut.feed(data)
+        for i in range(0, len(full), STORE_BATCH):
+            self._store([bytes(c) for c in full[i : i + STORE_BATCH]])
 
     def _store(self, chunks: list[bytes]) -> None:
         keys = [ContentKey.of("blob", c) for c in chunks]
@@ -97,19 +175,10 @@ class ArtifactSession:
         """Store the last chunk and record the manifest; returns the artifact's ref."""
         if self._state != "open":
             raise FabricError(StatusCode.FAILED_PRECONDITION, f"artifact session is {self._state}")
-        if self._buf or not self._chunks:
-            self._store([bytes(self._buf)])
-            self._buf.clear()
-        manifest = {
-            "chunks": list(self._chunks),
-            "sizes": list(self._sizes),
-            "size": self._size,
-            "digest": self._hash.digest(),
-            "dtype": self.dtype,
-            "shape": None if self.shape is None else list(self.shape),
-        }
-        payload = codec.encode(manifest, root="manifest")
-        key = ContentKey.of("artifact", payload)
+        last = self._cut.finish()
+        if last:
+            self._store(last)
+        key, payload, manifest = build_manifest(self._chunks, self._sizes, self._cut.size, self._cut.digest(), self.dtype, self.shape)
         self.cassette.put(key, payload, evaluator="", version="")
         self._state = "committed"
         return _ref(key, manifest)
@@ -117,7 +186,7 @@ class ArtifactSession:
     def abort(self) -> None:
         """Drop the session; nothing becomes visible under an artifact key."""
         self._state = "aborted"
-        self._buf.clear()
+        self._cut = ChunkCutter(self.chunk_size)  # drop buffered bytes
 
     def __enter__(self) -> "ArtifactSession":
         return self
@@ -190,6 +259,132 @@ def put(cassette: Cassette, data: Any, *, chunk_size: int = DEFAULT_CHUNK) -> Ar
         for part in parts:
             s.feed(part)
         return s.commit()
+
+
+class ChunkPlan:
+    """``data`` cut and keyed exactly as :func:`put` stores it, with nothing stored.
+
+    For a put through a node (:mod:`fabric.upload`): ``key``, ``payload`` (the
+    canonical manifest bytes), ``manifest`` and ``ref`` (the
+    :class:`ArtifactRef` the artifact will have) are known before any byte is
+    sent, and ``chunk(i)`` reads chunk ``i`` again when the node asks for it.
+    In-memory content (bytes, numpy) is sliced and a file path re-read (a file
+    that changes meanwhile yields chunks that fail the node's check); an
+    iterator or file object is spooled while it is cut (in memory up to
+    :data:`SPOOL_MEMORY`, then to a temporary file).  ``close()`` (or ``with``)
+    drops the spool and closes the file.
+    """
+
+    def __init__(self, data: Any, *, chunk_size: int = DEFAULT_CHUNK) -> None:
+        cut = ChunkCutter(chunk_size)
+        parts, dtype, shape = _chunks_of(data)
+        self.chunk_size = chunk_size
+        self._whole: memoryview | None = None
+        self._path: Path | None = None
+        self._file: Any = None
+        if isinstance(data, (str, os.PathLike)):
+            self._path = Path(data)
+        elif isinstance(parts, list):  # one in-memory buffer (bytes-like or a numpy array's bytes)
+            self._whole = memoryview(parts[0]).cast("B")
+        else:
+            self._file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
+        keys: list[ContentKey] = []
+        sizes: list[int] = []
+        try:
+            for part in [*parts, None]:
+                for c in cut.feed(part) if part is not None else cut.finish():
+                    keys.append(ContentKey.of("blob", c))
+                    sizes.append(len(c))
+                    if self._file is not None:
+                        self._file.write(c)
+        except BaseException:
+            self.close()
+            raise
+        self.key, self.payload, self.manifest = build_manifest(keys, sizes, cut.size, cut.digest(), dtype, shape)
+        self.ref = _ref(self.key, self.manifest)
+
+    def chunk(self, i: int) -> bytes:
+        """The bytes of chunk ``i``."""
+        off, n = i * self.chunk_size, self.manifest["sizes"][i]
+        if self._whole is not None:
+            return bytes(self._whole[off : off + n])
+        if self._file is None:
+            assert self._path is not None
+            self._file = self._path.open("rb")
+        self._file.seek(off)
+        data = self._file.read(n)
+        if len(data) != n:
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"put: {self._path} changed while it was being put (chunk {i} is short)")
+        return data
+
+    def close(self) -> None:
+        """Release the content (idempotent)."""
+        if self._whole is not None:
+            self._whole.release()
+            self._whole = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "ChunkPlan":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def parse_manifest(payload: Any) -> tuple[ContentKey, dict]:
+    """``(artifact key, manifest)`` of manifest bytes received from elsewhere (an upload).
+
+    The bytes must be the canonical encoding of a well-formed manifest: the
+    fields of :data:`MANIFEST_FIELDS`, at least one ``blob`` chunk key, one
+    size per chunk adding up to ``size``, a 32-byte digest, and a storable
+    numpy dtype whose shape covers ``size`` bytes (or neither).  Anything else
+    is INVALID_ARGUMENT.  Whether the chunks really have those sizes and that
+    digest is :func:`check_content`'s job once they are held.
+    """
+    if type(payload) is not bytes:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"manifest: expected bytes, got {type(payload).__name__}")
+    m = codec.decode(payload, strict=True)  # INVALID_ARGUMENT if malformed or not canonical
+    why = _manifest_problem(m)
+    if why:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"manifest: {why}")
+    return ContentKey.of("artifact", payload), m
+
+
+def _manifest_problem(m: Any) -> str | None:
+    if type(m) is not dict or set(m) != MANIFEST_FIELDS:
+        return f"expected a map with exactly {sorted(MANIFEST_FIELDS)}"
+    chunks, sizes, size = m["chunks"], m["sizes"], m["size"]
+    if type(chunks) is not list or not chunks or not all(type(k) is ContentKey and k.kind == "blob" for k in chunks):
+        return "chunks must be a non-empty list of blob keys"
+    if type(sizes) is not list or len(sizes) != len(chunks) or not all(type(n) is int and n >= 0 for n in sizes):
+        return "sizes must list one size (int >= 0) per chunk"
+    if type(size) is not int or sum(sizes) != size:
+        return "size must be the sum of the chunk sizes"
+    if type(m["digest"]) is not bytes or len(m["digest"]) != 32:
+        return "digest must be 32 bytes"
+    dtype, shape = m["dtype"], m["shape"]
+    if dtype is None and shape is None:
+        return None
+    if type(dtype) is not str or type(shape) is not list or not all(type(n) is int and n >= 0 for n in shape):
+        return "dtype (str) and shape (list of ints) go together"
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        return f"dtype {dtype!r} is not a numpy dtype"
+    if dt.kind not in "biufc" or dt.fields is not None or dt.str != dtype:
+        return f"dtype {dtype!r} is not storable"
+    if int(np.prod(shape, dtype=object)) * dt.itemsize != size:
+        return f"shape {shape} of {dtype} does not cover {size} bytes"
+    return None
+
+
+def check_content(cassette: Cassette, key: ContentKey, manifest: dict) -> None:
+    """DATA_LOSS unless every chunk of ``manifest`` is held here with its size and all of
+    them together have its digest (reads every chunk; run it off the event loop)."""
+    for _ in _iter_verified(cassette, key, manifest):
+        pass
 
 
 def manifest_of(cassette: Cassette, key: ContentKey) -> dict:

@@ -9,6 +9,8 @@ Ops (normative: ``specs/wire.md`` section 13):
 * ``get`` ``{"key"}``: a reply's record, or an artifact's manifest record
   followed by its chunks.
 * ``holders`` ``{"key"}``: node ids known to hold the key.
+* ``put`` ``{"manifest"}`` (an upload): the chunks this node lacks, verified as
+  they arrive; the manifest recorded once all are held (:mod:`fabric.upload`).
 
 A record travels as its raw ledger value (``cassette.record`` layout) so the
 receiver verifies it exactly as the cassette does: CRC, BLAKE3 digest of the
@@ -182,6 +184,10 @@ class NodeService:
             return await self.get(call)
         if op == "holders":
             return self.holders(_key_field(call.body))
+        if op == "put":
+            from fabric.upload import serve_put
+
+            return await serve_put(call, self)
         if op == "gossip":
             if self.fleet is None:
                 raise FabricError(StatusCode.FAILED_PRECONDITION, "this node does not run gossip")
