@@ -142,6 +142,8 @@ class RemoteFabric:
         evaluator, the version the node used, and the args) or DATA_LOSS.
         """
         body = {"evaluator": req.evaluator, "version": req.version, "args": req.args}
+        if req.version is not None:
+            body["key"] = req.key  # a hint the node may answer a hit with (specs/wire.md section 13)
 
         async def go(client: WireClient):
             return await _stream_record(client, "realize", body)

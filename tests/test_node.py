@@ -50,6 +50,37 @@ def test_remote_realize_computed_then_local_second_client_same_bytes(tmp_path):
             b.close()
 
 
+def test_a_realize_key_hint_answers_hits_but_is_never_trusted(tmp_path):
+    """specs/wire.md section 13: the optional ``key`` of a realize body is a lookup hint only."""
+    from fabric.net import open_connection
+    from fabric.remote import _take_record
+    from fabric.serve import verify_record
+
+    with node(tmp_path) as (addr, proc, data):
+        held = fabric.Request("text.stats", {"text": "a b"}, version="1")
+        other = fabric.Request("text.stats", {"text": "c d e"}, version="1")
+        with fabric.open(addr, secret=SECRET) as f:
+            assert f.realize(held).source == "computed"
+
+            async def ask(body):
+                host, port = addr.rsplit(":", 1)
+                async with await open_connection(host, int(port), SECRET) as client:
+                    reply, items = await client.call("realize", body)
+                    return reply, _take_record(reply, items)[0]
+
+            # a hint naming a held key is answered from it, whatever the args say ...
+            body = {"evaluator": "text.stats", "version": "1", "args": other.args, "key": held.key}
+            reply, raw = trio.run(ask, body)
+            assert reply["source"] == "local" and verify_record(raw, held.key).key == held.key
+            # (a client detects that: see test_a_peer_answering_with_another_requests_intact_record_is_data_loss)
+            # a miss ignores the hint: computed and recorded under the key of the args
+            reply, raw = trio.run(ask, {**body, "key": ContentKey.of("request", b"nothing held")})
+            assert reply["source"] == "computed" and reply["key"] == other.key
+            assert verify_record(raw, other.key).key == other.key
+            assert f.realize(other).source == "local"
+        assert _records_after_stop(proc, data) == 2
+
+
 def test_fabric_node_env_routes_the_default_fabric(tmp_path):
     with node(tmp_path) as (addr, proc, data):
         (tmp_path / "s").write_bytes(SECRET)
@@ -185,6 +216,28 @@ def test_altered_bytes_from_a_peer_are_data_loss_and_nothing_is_recorded(tmp_pat
 
             recorded = await trio.to_thread.run_sync(run_relay)
             assert recorded == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_peer_answering_with_another_requests_intact_record_is_data_loss():
+    """What a node may answer from a realize's key hint is checked: the record must be the asker's."""
+    async def swapper(call):
+        key = ContentKey.for_request("text.stats", "1", {"text": "something else"})
+        raw = pack_record(key, codec.encode({"words": 2}), evaluator="text.stats", version="1",
+                          created=0.0, compute_s=0.0, node="swapper")
+        return {"key": key, "source": "local", "holder": "swapper", "record": raw}
+
+    async def main():
+        from fabric.net import serve
+
+        async with trio.open_nursery() as nursery:
+            listening = await nursery.start(lambda task_status: serve("127.0.0.1", 0, SECRET, swapper, task_status=task_status))
+            client = RemoteFabric(f"{listening.host}:{listening.port}", SECRET)
+            with pytest.raises(FabricError) as ei:
+                await client.arealize(fabric.Request("text.stats", {"text": "x"}, version="1"))
+            assert ei.value.status_code is StatusCode.DATA_LOSS and "another request" in ei.value.message
             nursery.cancel_scope.cancel()
 
     trio.run(main)
