@@ -140,9 +140,18 @@ def _is_text(k: str) -> bool:
 
 
 def _norm_dict(v: dict) -> dict:
-    out = {}
+    keys = tuple(v)
+    order = _key_order(keys)
     scalar = _SCALAR_TYPES
-    for k in _key_order(tuple(v)):
+    if order == keys:  # already in canonical order: packable as it is if every value is a plain scalar
+        for x in v.values():
+            t = type(x)
+            if not (t in scalar or (t is int and _I64_MIN <= x <= _U64_MAX) or (t is float and x == x)):
+                break
+        else:
+            return v
+    out = {}
+    for k in order:
         x = v[k]
         t = type(x)
         if t in scalar or (t is int and _I64_MIN <= x <= _U64_MAX):
