@@ -430,3 +430,54 @@ async def test_nothing_listening_is_unavailable():
         with pytest.raises(FabricError) as ei:
             await net.open_connection(HOST, port, SECRET)
     assert ei.value.status_code is StatusCode.UNAVAILABLE and ei.value.retryable
+
+
+# --------------------------------------------------------------------------- inline (fast) handler
+
+
+@pytest.mark.trio
+async def test_fast_handler_answers_inline_defers_and_reports_errors_like_a_handler():
+    """serve(fast=...): replies, faults and handler bugs as the async handler gives them; DEFER falls through."""
+    inline: list[int] = []
+    handled: list[str] = []
+
+    def fast(op, body):
+        if op == "echo":
+            inline.append(body)
+            return body
+        if op == "refuse":
+            raise FabricError(StatusCode.NOT_FOUND, "not here")
+        if op == "bug":
+            raise ZeroDivisionError("oops")
+        return net.DEFER
+
+    async def handler(call):
+        handled.append(call.op)
+        await trio.sleep(0)
+        return {"slow": call.body}
+
+    with trio.fail_after(TIME_LIMIT):
+        async with running(handler, fast=fast) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET) as client:
+                got: dict[int, object] = {}
+
+                async def one(i):
+                    got[i] = await client.request("echo", i)
+
+                async with trio.open_nursery() as nursery:  # pipelined: many inline answers per read
+                    for i in range(40):
+                        nursery.start_soon(one, i)
+                assert got == {i: i for i in range(40)} and sorted(inline) == list(range(40))
+                assert await client.request("slow", 7) == {"slow": 7} and handled == ["slow"]
+                with pytest.raises(FabricError) as ei:
+                    await client.request("refuse")
+                assert ei.value.status_code is StatusCode.NOT_FOUND and ei.value.message == "not here"
+                with pytest.raises(FabricError) as ei:
+                    await client.request("bug")
+                assert ei.value.status_code is StatusCode.INTERNAL and "ZeroDivisionError: oops" in ei.value.message
+                assert await client.request("echo", "still serving") == "still serving"
+                # an upload never goes to the fast handler
+                async with client.stream("echo", "up", upload=True) as call:
+                    await call.end()
+                    assert await call.result() == {"slow": "up"}
+                assert handled == ["slow", "echo"]
