@@ -607,6 +607,9 @@ def _noop() -> None:
     return None
 
 
+_OPEN = ("open",)
+
+
 # --------------------------------------------------------------------------- streams
 
 
@@ -950,9 +953,7 @@ class WireConnection:
         client = self.role == "client"
         misuse = _misuse
         noop = _noop
-
-        def live(req_id: Any, kinds: tuple[str, ...] = ("open",)) -> _Stream:
-            return self._live(ev, req_id, kinds)
+        live = self._live
 
         if isinstance(ev, Request) or (isinstance(ev, Stats) and client):
             if not client:
@@ -1005,17 +1006,17 @@ class WireConnection:
             return msg, commit
 
         if isinstance(ev, Stats):  # server answering a stats query
-            st = live(ev.req_id, ("stats",))
+            st = live(ev, ev.req_id, ("stats",))
             return {"t": "stats", "id": ev.req_id, "body": ev.body}, lambda: self._drop(st.req_id)
 
         if isinstance(ev, Metadata):
             if ev.req_id == 0:
                 return {"t": "metadata", "id": 0, "body": ev.body}, noop
-            live(ev.req_id)
+            live(ev, ev.req_id, _OPEN)
             return {"t": "metadata", "id": ev.req_id, "body": ev.body}, noop
 
         if isinstance(ev, StreamData):
-            st = live(ev.req_id)
+            st = live(ev, ev.req_id, _OPEN)
             if client and not st.local_open:
                 raise misuse(f"request {ev.req_id} is not an open upload stream")
             if st.send_credit <= 0:
@@ -1027,7 +1028,7 @@ class WireConnection:
             return {"t": "push", "id": ev.req_id, "data": ev.data}, commit_push
 
         if isinstance(ev, Credit):
-            st = live(ev.req_id)
+            st = live(ev, ev.req_id, _OPEN)
             n = ev.credits
             if type(n) is not int or not 1 <= n <= MAX_CREDIT or st.recv_credit + n > MAX_CREDIT:
                 raise FabricError(
@@ -1044,7 +1045,7 @@ class WireConnection:
         if isinstance(ev, EndOfStream):
             if not client:
                 raise misuse("only a client ends an upload (a server sends Response)")
-            st = live(ev.req_id)
+            st = live(ev, ev.req_id, _OPEN)
             if not st.local_open:
                 raise misuse(f"request {ev.req_id} is not an open upload stream")
 
@@ -1057,7 +1058,7 @@ class WireConnection:
         if isinstance(ev, Response):
             if client:
                 raise misuse("only a server sends Response")
-            st = live(ev.req_id)
+            st = live(ev, ev.req_id, _OPEN)
             return {"t": "close", "id": ev.req_id, "body": ev.body}, lambda: self._drop(st.req_id)
 
         if isinstance(ev, Fault):
@@ -1065,13 +1066,13 @@ class WireConnection:
                 raise misuse("a client abandons a request with Cancel, not Fault")
             if not isinstance(ev.error, FabricError):
                 raise FabricError(StatusCode.INVALID_ARGUMENT, "Fault.error: expected a FabricError")
-            st = live(ev.req_id, ("open", "stats"))
+            st = live(ev, ev.req_id, ("open", "stats"))
             return {"t": "fault", "id": ev.req_id, "error": _error_to_wire(ev.error)}, lambda: self._drop(st.req_id)
 
         if isinstance(ev, Cancel):
             if not client:
                 raise misuse("a server ends a request with Fault, not Cancel")
-            st = live(ev.req_id, ("open", "stats"))
+            st = live(ev, ev.req_id, ("open", "stats"))
             return {"t": "cancel", "id": ev.req_id}, lambda: self._drop(st.req_id)
 
         if isinstance(ev, (Hello, Authenticated)):
