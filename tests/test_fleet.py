@@ -231,16 +231,10 @@ def test_a_member_lacking_an_artifact_fetches_it_verified_from_a_holder(fleet_of
 
     fl = fleet_of(2)
     fl.converged(2)
-    b = fl.addrs()[1]
-    # artifacts cannot be uploaded through a node yet: stop A, put into its data dir, restart it
-    stop_node(fl.nodes[0][1])
-    data_a = fl.nodes[0][2]
+    a, b = fl.addrs()
     arr = np.random.default_rng(3).standard_normal(300_000)
-    with fabric.open(data_a) as f:
-        ref = f.put(arr, chunk_size=1 << 18)  # 10 chunks
-    fl.start(0, "--join", b)
-    fl.converged(2)
-    a = fl.addrs()[0]
+    with fabric.open(a, secret=SECRET) as fa:
+        ref = fa.put(arr, chunk_size=1 << 18)  # 10 chunks, uploaded to A only
     ids = fl.ids()
     _wait(lambda: ids[0] in _holders(b, ref.key), 30, "B to learn that A holds the artifact")
     with fabric.open(b, secret=SECRET) as fb:
