@@ -66,6 +66,8 @@ _SEQ = struct.Struct(">Q")
 _pack_seq = _SEQ.pack
 _unpack_seq = _SEQ.unpack
 _MAX_BATCH = 4096
+#: Index entries (key -> ledger seq) a cassette keeps in memory for hits; cleared when full.
+_SEQ_CACHE_MAX = 16384
 _MAX_BATCH_BYTES = 64 << 20
 _RELAY_S = 0.005  # a relay of wake-ups that stalls this long is finished by the writer
 _GATHER_MIN_S = 0.0005  # how long the writer waits for released writers to come back:
@@ -191,6 +193,9 @@ class Cassette:
         except BaseException:
             self._env.close()  # a refused directory leaves nothing open
             raise
+        # key -> ledger seq of a row that verified: ledger rows never move or change,
+        # and a cached row is checked on every read like any other (see lookup_value)
+        self._seqs: dict[ContentKey, bytes] = {}
         # resize gate: see _read / _resize
         self._local = threading.local()
         self._slots: list[_Slot] = []
@@ -318,8 +323,9 @@ class Cassette:
     def lookup_value(self, key: ContentKey) -> Any:
         """The decoded reply recorded under ``key``, or :data:`MISS`.
 
-        The hot path: one read transaction, one CRC over the record, one decode.
-        A row that fails its check reads as a miss.
+        The hot path: one read transaction, the key's ledger seq from memory
+        once a row of it verified (ledger rows never move), one CRC over the
+        record, one decode.  A row that fails its check reads as a miss.
         """
         try:
             slot = self._local.slot
@@ -335,17 +341,30 @@ class Cassette:
             slot.active = False
             slot, txn = self._begin_read()  # handles MapResizedError
         try:
-            seq = txn.get(key, db=self._index)
-            if seq is None:
-                return MISS
-            value = txn.get(seq, db=self._ledger)
-            if value is not None and len(value) >= _KEY_END:
-                check, meta_len = _RHDR.unpack_from(value)
-                body = value[4:]
-                if _crc32(body) == check and 4 + meta_len <= len(body) and value[_KEY_AT:_KEY_END] == key:
-                    return _decode(body[4 + meta_len :])
-            self._corrupt(key)
-            return MISS
+            seqs = self._seqs
+            seq = seqs.get(key)
+            cached = seq is not None
+            while True:
+                if seq is None:
+                    seq = txn.get(key, db=self._index)
+                    if seq is None:
+                        return MISS
+                value = txn.get(seq, db=self._ledger)
+                if value is not None and len(value) >= _KEY_END:
+                    check, meta_len = _RHDR.unpack_from(value)
+                    body = value[4:]
+                    if _crc32(body) == check and 4 + meta_len <= len(body) and value[_KEY_AT:_KEY_END] == key:
+                        if not cached:
+                            if len(seqs) >= _SEQ_CACHE_MAX:
+                                seqs.clear()
+                            seqs[key] = bytes(seq)
+                        return _decode(body[4 + meta_len :])
+                if not cached:
+                    self._corrupt(key)
+                    return MISS
+                # the cached row went bad since: ask the index, which may point to a fresh row
+                seqs.pop(key, None)
+                seq, cached = None, False
         finally:
             txn.abort()
             slot.active = False

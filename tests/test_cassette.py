@@ -555,6 +555,26 @@ def test_corrupt_indexed_row_then_put_appends_fresh_row(tmp_path):
         assert cas.lookup_value(rkey("a")) == {"marker": _marker_bytes(100)}
 
 
+def test_a_row_that_goes_bad_after_a_hit_is_a_miss_and_its_fresh_row_is_served(tmp_path):
+    """Hits remember a key's ledger seq; a remembered row is checked like any other."""
+    path = tmp_path / "c"
+    payload = codec.encode({"marker": _marker_bytes(101)})
+    with Cassette(path) as cas:
+        cas.put(rkey("a"), payload)
+        assert cas.lookup_value(rkey("a")) == {"marker": _marker_bytes(101)}  # now remembered
+        flip_in_file(path / "data.mdb", _marker_bytes(101))  # bit rot under the open cassette
+        assert cas.put(rkey("a"), payload).seq == 2  # the fresh row the index now points to
+        # the remembered row fails its check: the index is asked and the fresh row served
+        assert cas.lookup_value(rkey("a")) == {"marker": _marker_bytes(101)}
+        assert cas.lookup_value(rkey("a")) == {"marker": _marker_bytes(101)}
+        b = codec.encode({"marker": _marker_bytes(102)})
+        cas.put(rkey("b"), b)
+        assert cas.lookup_value(rkey("b")) == {"marker": _marker_bytes(102)}
+        flip_in_file(path / "data.mdb", _marker_bytes(102))
+        assert cas.lookup_value(rkey("b")) is MISS  # remembered, index and row all say: bad
+        assert cas.corrupt_reads == 1
+
+
 def test_lookup_never_serves_another_keys_row(tmp_path):
     path = tmp_path / "c"
     with Cassette(path) as cas:
