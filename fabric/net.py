@@ -160,6 +160,14 @@ class _Link:
         del self._pending[:n]
         return not self._pending
 
+    async def receive(self) -> None:
+        """Read what the peer sent (at most READ_BYTES) into the connection; a failed read is EOF."""
+        try:
+            data = await self.stream.receive_some(READ_BYTES)
+        except _NET_ERRORS:
+            data = b""
+        self.conn.receive_data(data, now=trio.current_time())
+
     async def flush(self) -> None:
         if self.write_now():
             return
@@ -401,11 +409,7 @@ class _ServerConnection:
                 deadline = conn.next_deadline()
                 if deadline is not None and deadline < scope.deadline:
                     scope.deadline = deadline
-                try:
-                    data = await link.stream.receive_some(READ_BYTES)
-                except _NET_ERRORS:
-                    data = b""
-                conn.receive_data(data, now=trio.current_time())
+                await link.receive()
                 continue
             if isinstance(ev, Closed):
                 await link.flush()
@@ -852,13 +856,9 @@ class WireClient:
                     continue
                 self._reading = True
                 try:
-                    try:
-                        data = await self._link.stream.receive_some(READ_BYTES)
-                    except _NET_ERRORS:
-                        data = b""
+                    await self._link.receive()
                 finally:
                     self._reading = False
-                self._conn.receive_data(data, now=trio.current_time())
                 self._drain()
                 await self._link.flush()  # credits granted, or the fault the machine queued on a violation
                 await self._check_link()
@@ -1124,11 +1124,7 @@ async def _client_handshake(link: _Link, address: str) -> Any:
             await link.flush()
             if link.broken is not None:
                 raise FabricError(StatusCode.UNAVAILABLE, f"connection to {address}: {link.broken}", retryable=True)
-            try:
-                data = await link.stream.receive_some(READ_BYTES)
-            except _NET_ERRORS:
-                data = b""
-            conn.receive_data(data, now=trio.current_time())
+            await link.receive()
             continue
         if isinstance(ev, Closed):
             err = ev.reason
