@@ -225,11 +225,10 @@ def _chunks_of(data: Any) -> tuple[Iterable[bytes | memoryview], str | None, tup
         return _read_file(p.open("rb")), None, None
     if isinstance(data, io.IOBase) or hasattr(data, "read"):
         return _read_file(data, close=False), None, None
+    if getattr(data, "__cuda_array_interface__", None) is not None:  # a device array (iterable too: check first)
+        return _chunks_of(data.get())  # type: ignore[union-attr]
     if hasattr(data, "__iter__"):
         return _check_iter(data), None, None
-    cupy_like = getattr(data, "__cuda_array_interface__", None)
-    if cupy_like is not None:
-        return _chunks_of(data.get())  # type: ignore[union-attr]
     raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: cannot store {type(data).__name__} (bytes, numpy array, file, or iterator of bytes)")
 
 

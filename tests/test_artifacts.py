@@ -63,6 +63,27 @@ def test_bytearray_and_memoryview_round_trip(fab):
     assert fab.get(a.key) == data
 
 
+class _DeviceArray:
+    """What put needs of a CuPy array, duck-typed: the CUDA array interface, iteration, ``get()``."""
+
+    def __init__(self, host: np.ndarray) -> None:
+        self._host = host
+        self.__cuda_array_interface__ = {"shape": host.shape, "typestr": host.dtype.str, "version": 3}
+
+    def __iter__(self):
+        return iter(self._host)
+
+    def get(self) -> np.ndarray:
+        return self._host
+
+
+def test_a_device_array_is_stored_as_its_host_copy_not_as_an_iterator(fab):
+    host = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ref = fab.put(_DeviceArray(host), chunk_size=16)
+    assert ref.key == fab.put(host, chunk_size=16).key and (ref.dtype, ref.shape) == ("<f4", (3, 4))
+    np.testing.assert_array_equal(fab.get(ref.key), host)
+
+
 @pytest.mark.parametrize(
     "dtype", ["|b1", "|u1", "|i1", "<i2", ">i2", "<u4", ">i4", "<i8", "<f4", ">f4", "<f8", ">f8", "<c8", ">c16"]
 )
