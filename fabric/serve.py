@@ -68,13 +68,18 @@ def evaluator_fault(exc: Exception, key: ContentKey) -> FabricError:
     return FabricError(StatusCode.INTERNAL, f"{EVALUATOR_ERROR}{type(exc).__name__}: {exc}", retryable=False, key=key)
 
 
+def local_reply(fab: "Fabric", key: ContentKey) -> dict:
+    """The reply of a realize answered from this node's cassette (counted as a local hit)."""
+    fab.local_hits += 1
+    return {"key": key, "source": "local", "holder": fab.node_id}
+
+
 async def answer_if_held(call: "ServerCall", fab: "Fabric", key: ContentKey) -> dict | None:
     """Answer a realize from this node's cassette as ``source="local"``, or None on a miss."""
     raw = fab.cassette.get_raw(key)
     if raw is None:
         return None
-    fab.local_hits += 1
-    return await send_record(call, raw, {"key": key, "source": "local", "holder": fab.node_id})
+    return await send_record(call, raw, local_reply(fab, key))
 
 
 async def answer_held(call: "ServerCall", cassette: Cassette, key: ContentKey, reply: dict) -> dict:
@@ -117,10 +122,17 @@ def _key_field(body: Any) -> ContentKey:
     raise FabricError(StatusCode.INVALID_ARGUMENT, "body.key: expected a ContentKey")
 
 
+def inline_record(raw: bytes, reply: dict) -> dict | None:
+    """``reply`` carrying ``raw`` inline, or None when ``raw`` is too large to (see :func:`send_record`)."""
+    if len(raw) > INLINE_MAX:
+        return None
+    reply["record"] = raw
+    return reply
+
+
 async def send_record(call: "ServerCall", raw: bytes, reply: dict) -> dict:
     """Put ``raw`` inline in ``reply``, or push it in chunks and announce its size."""
-    if len(raw) <= INLINE_MAX:
-        reply["record"] = raw
+    if inline_record(raw, reply) is not None:
         return reply
     for off in range(0, len(raw), RECORD_CHUNK):
         await call.send(raw[off : off + RECORD_CHUNK])
@@ -164,16 +176,13 @@ class NodeService:
                     return DEFER
                 key = req.key
             raw = self.fab.cassette.get_raw(key)
-            if raw is not None and len(raw) <= INLINE_MAX:
-                self.fab.local_hits += 1
-                return {"key": key, "source": "local", "holder": self.node_id, "record": raw}
-            return DEFER
+            if raw is None or len(raw) > INLINE_MAX:
+                return DEFER  # a miss, or a record that is pushed in pieces
+            return inline_record(raw, local_reply(self.fab, key))
         if op == "fetch":
             key = _key_field(body)
-            raw = self.serve.fetch(key)
-            if len(raw) <= INLINE_MAX:
-                return {"key": key, "holder": self.node_id, "record": raw}
-            return DEFER
+            reply = inline_record(self.serve.fetch(key), {"key": key, "holder": self.node_id})
+            return DEFER if reply is None else reply
         if op == "holders":
             return self.holders(_key_field(body))
         return DEFER
