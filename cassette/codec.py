@@ -111,6 +111,10 @@ def _norm(v: Any) -> Any:
 _SCALAR_TYPES = frozenset((str, bytes, bool, type(None)))
 _ORDER_CACHE: dict[tuple, tuple] = {}
 _ORDER_CACHE_MAX = 4096
+#: key tuples (all exactly str) already in canonical order: the request fast path's test
+_CANONICAL_KEYS: set[tuple] = set()
+#: value types msgpack (strict types) packs canonically as they are, ints in range
+_PLAIN_TYPES = frozenset((str, bytes, bool, int, type(None)))
 
 
 def _key_order(keys: tuple) -> tuple:
@@ -127,7 +131,10 @@ def _key_order(keys: tuple) -> tuple:
             raise _Unencodable(f"map key {bad!r} is not valid Unicode text") from None
         if len(_ORDER_CACHE) >= _ORDER_CACHE_MAX:
             _ORDER_CACHE.clear()
+            _CANONICAL_KEYS.clear()
         _ORDER_CACHE[keys] = order
+        if order == keys:
+            _CANONICAL_KEYS.add(keys)
     return order
 
 
@@ -308,6 +315,22 @@ def _has_bad_map_key(v: Any) -> bool:
 
 def encode_request(evaluator: str, version: str, args: Any) -> bytes:
     """Canonical bytes of ``[evaluator, version, args]``; errors name ``args...``."""
+    if type(args) is dict and tuple(args) in _CANONICAL_KEYS:
+        # the hot case: str keys already in canonical order, flat plain values.  An int
+        # out of range, a str subclass or bad text makes msgpack raise: the exact path
+        # below then encodes it (big ints as ext) or names what is wrong.
+        for x in args.values():
+            t = type(x)
+            if t is float:
+                if x != x:
+                    break  # NaN: normalised below
+            elif t not in _PLAIN_TYPES:
+                break
+        else:
+            try:
+                return _packb([evaluator, version, args])
+            except (UnicodeEncodeError, ValueError, TypeError, OverflowError):
+                pass
     try:
         normal = _norm_dict(args) if type(args) is dict else _norm(args)
     except _Unencodable as e:
@@ -317,7 +340,7 @@ def encode_request(evaluator: str, version: str, args: Any) -> bytes:
     try:
         return _packb([evaluator, version, normal])
     except (UnicodeEncodeError, ValueError, TypeError, OverflowError) as exc:
-        located = _locate_bad_text([evaluator, version, args], "request")
+        located = _locate_bad_text(args, "args") or _locate_bad_text([evaluator, version], "request")
         if located is not None:
             raise located from None
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"args: not encodable ({exc})") from None

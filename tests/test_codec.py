@@ -738,3 +738,39 @@ def test_strict_decode_stays_in_the_codec_domain(data):
     with pytest.raises(FabricError) as ei:
         codec.decode(bytes.fromhex(data), strict=True)
     _invalid(ei)
+
+
+# ---------------------------------------------------------------- request fast path
+
+_flat_values = st.one_of(
+    st.none(), st.booleans(), st.text(), st.binary(max_size=16), st.floats(allow_nan=True),
+    st.integers(min_value=-(2**70), max_value=2**70), st.lists(st.integers(), max_size=2),
+)
+
+
+@given(st.dictionaries(st.text(max_size=6), _flat_values, max_size=5))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_encode_request_fast_path_matches_exact_encoding(args):
+    """A request's args in canonical key order take a fast path on later calls (big
+    ints, NaN and nested values leave it): the bytes are always those of encode()."""
+    ordered = {k: args[k] for k in sorted(args, key=lambda k: (len(k.encode()), k.encode()))}
+    want = codec.encode(["ev", "1", ordered])
+    for _ in range(2):  # the first call learns the key order, the second may take the fast path
+        assert codec.encode_request("ev", "1", ordered) == want
+        assert codec.encode_request("ev", "1", args) == want
+
+
+def test_encode_request_fast_path_still_names_bad_values():
+    class Key(str):
+        pass
+
+    codec.encode_request("ev", "1", {"a": 1, "b": 2})  # learn the order of ("a", "b")
+    with pytest.raises(FabricError) as e:
+        codec.encode_request("ev", "1", {Key("a"): 1, "b": 2})
+    assert e.value.status_code == StatusCode.INVALID_ARGUMENT and "is not a str" in e.value.message
+    with pytest.raises(FabricError) as e:
+        codec.encode_request("ev", "1", {"a": "\ud800", "b": 2})
+    assert e.value.status_code == StatusCode.INVALID_ARGUMENT and e.value.message.startswith("args.a: ")
+    big = codec.encode_request("ev", "1", {"a": 2**64, "b": 2})
+    assert big == codec.encode(["ev", "1", {"a": 2**64, "b": 2}])
+    assert codec.decode(big)[2]["a"] == 2**64
