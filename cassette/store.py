@@ -341,33 +341,44 @@ class Cassette:
             slot.active = False
             slot, txn = self._begin_read()  # handles MapResizedError
         try:
-            seqs = self._seqs
-            seq = seqs.get(key)
-            cached = seq is not None
-            while True:
-                if seq is None:
-                    seq = txn.get(key, db=self._index)
-                    if seq is None:
-                        return MISS
-                value = txn.get(seq, db=self._ledger)
-                if value is not None and len(value) >= _KEY_END:
-                    check, meta_len = _RHDR.unpack_from(value)
-                    body = value[4:]
-                    if _crc32(body) == check and 4 + meta_len <= len(body) and value[_KEY_AT:_KEY_END] == key:
-                        if not cached:
-                            if len(seqs) >= _SEQ_CACHE_MAX:
-                                seqs.clear()
-                            seqs[key] = bytes(seq)
-                        return _decode(body[4 + meta_len :])
-                if not cached:
-                    self._corrupt(key)
-                    return MISS
-                # the cached row went bad since: ask the index, which may point to a fresh row
-                seqs.pop(key, None)
-                seq, cached = None, False
+            row = self._row(txn, key)
+            if row is None:
+                return MISS
+            return _decode(row[0][8 + row[1] :])
         finally:
             txn.abort()
             slot.active = False
+
+    def _row(self, txn: lmdb.Transaction, key: ContentKey) -> tuple[Any, int] | None:
+        """``(ledger value, meta_len)`` of ``key``'s row if it passes its check and is
+        the row of ``key``; else ``None`` (a failing row is reported corrupt).
+
+        The seq comes from memory once a row of the key verified (ledger rows never
+        move); a remembered row that fails is forgotten and the index asked again,
+        as it may point to a fresh row (specs/cassette-format.md section 11).
+        """
+        seqs = self._seqs
+        seq = seqs.get(key)
+        cached = seq is not None
+        while True:
+            if seq is None:
+                seq = txn.get(key, db=self._index)
+                if seq is None:
+                    return None
+            value = txn.get(seq, db=self._ledger)
+            if value is not None and len(value) >= _KEY_END:
+                check, meta_len = _RHDR.unpack_from(value)
+                if _crc32(value[4:]) == check and 8 + meta_len <= len(value) and value[_KEY_AT:_KEY_END] == key:
+                    if not cached:
+                        if len(seqs) >= _SEQ_CACHE_MAX:
+                            seqs.clear()
+                        seqs[key] = bytes(seq)
+                    return value, meta_len
+            if not cached:
+                self._corrupt(key)
+                return None
+            seqs.pop(key, None)
+            seq, cached = None, False
 
     def get_record(self, key: ContentKey) -> Record | None:
         """The verified record for ``key``, or ``None`` if absent or corrupt."""
@@ -391,15 +402,13 @@ class Cassette:
 
     def get_raw(self, key: ContentKey) -> bytes | None:
         """The verified ledger value bytes for ``key`` (as sent to peers), or ``None``."""
-        with self._reading() as txn:
-            seqb = txn.get(key, db=self._index)
-            value = None if seqb is None else txn.get(seqb, db=self._ledger)
-            if value is None:
-                return None
-            if not check_ok(value) or len(value) < _KEY_END or value[_KEY_AT:_KEY_END] != key:
-                self._corrupt(key)
-                return None
-            return bytes(value)
+        slot, txn = self._begin_read()
+        try:
+            row = self._row(txn, key)
+            return None if row is None else bytes(row[0])
+        finally:
+            txn.abort()
+            slot.active = False
 
     def contains(self, key: ContentKey) -> bool:
         """Whether ``key`` is indexed (without verifying its row)."""
