@@ -12,6 +12,12 @@ Layout (normative: ``specs/cassette-format.md``)::
 altered byte is detected.  Import validates the whole file before writing
 anything: a bad file is ``DATA_LOSS`` (naming the byte offset) and leaves the
 cassette untouched.
+
+The file's bytes come from one generator, :func:`iter_ledger_file_bytes`, used
+by :func:`write_ledger_file` and by a node's ``export`` op (which pushes the
+same chunks over the wire, so both give byte-identical files).
+:class:`EntryReader` parses entries fed in arbitrary pieces (a node's ``replay``
+upload); :func:`validate_entry` is the one check of an entry's body.
 """
 
 from __future__ import annotations
@@ -29,7 +35,11 @@ from cassette.record import unpack_record
 if TYPE_CHECKING:
     from cassette.store import Cassette
 
-__all__ = ["MAGIC", "LEDGER_FILE_VERSION", "write_ledger_file", "read_ledger_file", "iter_ledger_file"]
+__all__ = [
+    "MAGIC", "LEDGER_FILE_VERSION", "EXPORT_CHUNK", "TRAILER_SIZE", "write_ledger_file", "read_ledger_file",
+    "iter_ledger_file", "iter_ledger_file_bytes", "LedgerFileBytes", "validate_entry", "validate_ledger_file",
+    "EntryReader", "entry_header",
+]
 
 MAGIC = b"EVALFABRIC-LEDGER\n"
 LEDGER_FILE_VERSION = 1
@@ -37,39 +47,119 @@ _ENTRY = struct.Struct(">cQ")
 _MAX_ENTRY = 1 << 34  # 16 GiB: refuse absurd lengths before allocating
 
 
+#: Default chunk size of :func:`iter_ledger_file_bytes`.
+EXPORT_CHUNK = 1 << 20
+#: Bytes of the trailer: tag, length, records, check.
+TRAILER_SIZE = _ENTRY.size + 40
+
+
+def entry_header(tag: bytes, length: int) -> bytes:
+    """The 9-byte header of an entry: ``tag u8 | length u64 BE``."""
+    return _ENTRY.pack(tag, length)
+
+
+class LedgerFileBytes:
+    """The bytes of ``cas``'s ledger file as an iterator of chunks (see :func:`iter_ledger_file_bytes`).
+
+    Every chunk has ``chunk_size`` bytes but the last (small entries share a
+    chunk, large ones are cut).  Once exhausted, ``records`` is the number of
+    ``R`` entries written and ``nbytes`` the file's length.  Rows and blobs are
+    read in short read transactions, so chunks may be taken from different
+    threads one after another (never at once) and no transaction is held
+    between two chunks.
+    """
+
+    def __init__(self, cas: "Cassette", *, chunk_size: int = EXPORT_CHUNK, progress: Callable[[int], None] | None = None) -> None:
+        if type(chunk_size) is not int or chunk_size < 1:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+        self.cas = cas
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.records = 0
+        self.nbytes = 0
+        self._gen = self._chunks()
+
+    def __iter__(self) -> "LedgerFileBytes":
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop early (nothing is held open between chunks, so this only drops the generator)."""
+        self._gen.close()
+
+    def _pieces(self) -> Iterator[bytes]:
+        yield MAGIC + struct.pack(">I", LEDGER_FILE_VERSION)
+        for rec_value in _verified_values(self.cas):
+            yield _ENTRY.pack(b"R", len(rec_value))
+            yield rec_value
+            self.records += 1
+            if self.progress is not None and self.records % 4096 == 0:
+                self.progress(self.records)
+        for k, data in self.cas._iter_blobs():
+            if derive("blob", data) != k[1:]:
+                continue  # never export bytes that fail their hash
+            yield _ENTRY.pack(b"B", 33 + len(data)) + k
+            yield data
+
+    def _chunks(self) -> Iterator[bytes]:
+        h = blake3.blake3()
+        size = self.chunk_size
+        buf = bytearray()
+        for piece in self._pieces():
+            h.update(piece)
+            buf += piece
+            while len(buf) >= size:
+                yield self._out(buf, size)
+        buf += _ENTRY.pack(b"E", 40) + struct.pack(">Q", self.records) + h.digest()
+        while buf:
+            yield self._out(buf, size)
+
+    def _out(self, buf: bytearray, size: int) -> bytes:
+        chunk = bytes(buf[:size])
+        del buf[:size]
+        self.nbytes += len(chunk)
+        return chunk
+
+
+def iter_ledger_file_bytes(cas: "Cassette", *, chunk_size: int = EXPORT_CHUNK,
+                           progress: Callable[[int], None] | None = None) -> LedgerFileBytes:
+    """The ledger file of ``cas`` as byte chunks: the one source of an export's bytes.
+
+    Records: each key's first verifying row, in ledger order; then every blob
+    that matches its key, in key order (``specs/cassette-format.md`` section 9).
+    ``progress(records)`` is called every 4096 records.
+    """
+    return LedgerFileBytes(cas, chunk_size=chunk_size, progress=progress)
+
+
 def write_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
-    """Export ``cas`` to ``path`` (written to a temp name, then renamed); returns records written."""
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    h = blake3.blake3()
-    n = 0
+    """Export ``cas`` to ``path`` (written to a temp name, fsync'd, then renamed); returns records written."""
+    name = os.fspath(path)
+    tmp = f"{name}.tmp-{os.getpid()}"
+    it = iter_ledger_file_bytes(cas, progress=progress)
     try:
-        with open(tmp, "wb") as f:
-
-            def emit(chunk: bytes) -> None:
-                h.update(chunk)
+        try:
+            f = open(tmp, "wb")
+        except OSError as exc:
+            raise write_error(name, exc) from None
+        with f:
+            for chunk in it:
                 f.write(chunk)
-
-            emit(MAGIC + struct.pack(">I", LEDGER_FILE_VERSION))
-            for rec_value in _verified_values(cas):
-                emit(_ENTRY.pack(b"R", len(rec_value)))
-                emit(rec_value)
-                n += 1
-                if progress is not None and n % 4096 == 0:
-                    progress(n)
-            for k, data in cas._iter_blobs():
-                if derive("blob", data) != k[1:]:
-                    continue  # never export bytes that fail their hash
-                emit(_ENTRY.pack(b"B", 33 + len(data)))
-                emit(k)
-                emit(data)
-            f.write(_ENTRY.pack(b"E", 40) + struct.pack(">Q", n) + h.digest())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, name)
     finally:
+        it.close()
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return n
+    return it.records
+
+
+def write_error(path: str, exc: OSError) -> FabricError:
+    """FAILED_PRECONDITION for a ledger file that cannot be written (missing or read-only directory...)."""
+    return FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write ledger file {path}: {exc.strerror or exc}")
 
 
 def _verified_values(cas: "Cassette") -> Iterator[bytes]:
@@ -127,7 +217,11 @@ def iter_ledger_file(f: BinaryIO, *, path: str = "") -> Iterator[tuple[bytes, by
         offset += _ENTRY.size + length
 
 
-def _validate(tag: bytes, body: bytes, offset: int, path: str) -> None:
+def validate_entry(tag: bytes, body: bytes, offset: int, path: str) -> None:
+    """Check one entry's body: a record verified by all three rules, a blob against its key.
+
+    DATA_LOSS naming ``path``, the entry's ``offset`` and, where known, the key.
+    """
     if tag == b"R":
         try:
             unpack_record(body)
@@ -144,16 +238,40 @@ def _validate(tag: bytes, body: bytes, offset: int, path: str) -> None:
             raise FabricError(StatusCode.DATA_LOSS, f"{path}: blob at offset {offset} does not match its key", key=key)
 
 
+def _open_ledger_file(name: str) -> BinaryIO:
+    try:
+        return open(name, "rb")
+    except OSError as exc:
+        raise FabricError(StatusCode.NOT_FOUND, f"cannot read ledger file {name}: {exc.strerror}") from None
+
+
+def _validate_all(f: BinaryIO, name: str) -> tuple[int, int]:
+    records = blobs = 0
+    for tag, body, offset in iter_ledger_file(f, path=name):
+        validate_entry(tag, body, offset, name)
+        if tag == b"R":
+            records += 1
+        else:
+            blobs += 1
+    return records, blobs
+
+
+def validate_ledger_file(path: str | os.PathLike) -> tuple[int, int]:
+    """Read and validate the whole ledger file at ``path`` as an import does; returns ``(records, blobs)``.
+
+    NOT_FOUND when it cannot be read; otherwise the errors of :func:`iter_ledger_file`
+    and :func:`validate_entry`.
+    """
+    name = os.fspath(path)
+    with _open_ledger_file(name) as f:
+        return _validate_all(f, name)
+
+
 def read_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
     """Validate the whole file, then append its records and blobs to ``cas``; returns records appended."""
     name = os.fspath(path)
-    try:
-        f = open(name, "rb")
-    except OSError as exc:
-        raise FabricError(StatusCode.NOT_FOUND, f"cannot read ledger file {name}: {exc.strerror}") from None
-    with f:
-        for tag, body, offset in iter_ledger_file(f, path=name):
-            _validate(tag, body, offset, name)
+    with _open_ledger_file(name) as f:
+        _validate_all(f, name)
         f.seek(0)
         appended = 0
         seen = 0
@@ -171,3 +289,46 @@ def read_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Call
                 cas.put_verified_blobs([(ContentKey.from_bytes(body[:33]), body[33:])])
         appended += sum(r.appended for r in cas.put_raw_many(pending))
     return appended
+
+
+class EntryReader:
+    """Ledger-file entries (``tag | length | body``, no header, no trailer) from bytes fed in
+    arbitrary pieces: sans-I/O, as a node reads a ``replay`` upload.
+
+    ``feed(data)`` returns the ``(tag, body, offset)`` of every entry completed so
+    far (``offset`` counts from the first byte fed); ``close()`` checks that the
+    stream did not end inside an entry.  A tag other than ``R`` / ``B`` or a
+    length above ``max_entry`` is INVALID_ARGUMENT as soon as its header is in,
+    before the body is buffered.  Bodies are not checked here (:func:`validate_entry`).
+    """
+
+    def __init__(self, *, where: str = "stream", max_entry: int = _MAX_ENTRY) -> None:
+        self.where = where
+        self.max_entry = max_entry
+        self.offset = 0
+        self._buf = bytearray()
+        self._need = _ENTRY.size
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes, int]]:
+        buf = self._buf
+        buf += data
+        out: list[tuple[bytes, bytes, int]] = []
+        while len(buf) >= self._need:
+            tag, length = _ENTRY.unpack_from(buf)
+            if tag not in (b"R", b"B") or length > self.max_entry:
+                raise FabricError(StatusCode.INVALID_ARGUMENT,
+                                  f"{self.where}: bad entry header at offset {self.offset} (tag {tag!r}, length {length})")
+            end = _ENTRY.size + length
+            if len(buf) < end:
+                self._need = end
+                break
+            out.append((tag, bytes(buf[_ENTRY.size : end]), self.offset))
+            del buf[:end]
+            self.offset += end
+            self._need = _ENTRY.size
+        return out
+
+    def close(self) -> None:
+        if self._buf:
+            raise FabricError(StatusCode.INVALID_ARGUMENT,
+                              f"{self.where}: the stream ends inside the entry at offset {self.offset} ({len(self._buf)} bytes of it)")

@@ -81,14 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("verify", help="scrub every record and blob; exit 1 on DATA_LOSS")
+    text = "scrub every record and blob of the --data cassette, or of a running --node's (done by the node); exit 1 on DATA_LOSS"
+    p = sub.add_parser("verify", help=text, description=text)
     _common(p)
 
-    p = sub.add_parser("replay", help="seed or rebuild the cassette in --data DIR from LEDGER_FILE")
+    text = ("seed or rebuild the cassette in --data DIR from LEDGER_FILE, or append its records and blobs to a running "
+            "--node (the whole file is validated here first, then verified again by the node)")
+    p = sub.add_parser("replay", help=text, description=text)
     _common(p)
     p.add_argument("ledger_file")
 
-    p = sub.add_parser("export", help="write the cassette's ledger to FILE (portable, replayable)")
+    text = ("write the --data cassette's ledger, or a running --node's, to FILE (portable, replayable; "
+            "FILE appears only once complete and checked)")
+    p = sub.add_parser("export", help=text, description=text)
     _common(p)
     p.add_argument("file")
 
@@ -108,10 +113,15 @@ def _load(args: argparse.Namespace) -> None:
         load_evaluators(spec)
 
 
+def _node_address(args: argparse.Namespace) -> str | None:
+    """The node to talk to: ``--node``, else ``$FABRIC_NODE`` unless ``--data`` is given."""
+    return getattr(args, "node", None) or (None if getattr(args, "data", None) else os.environ.get("FABRIC_NODE")) or None
+
+
 def _open(args: argparse.Namespace):
     from fabric import api
 
-    node = getattr(args, "node", None) or (None if getattr(args, "data", None) else os.environ.get("FABRIC_NODE"))
+    node = _node_address(args)
     if node:
         secret = api.read_secret_file(args.secret_file) if getattr(args, "secret_file", None) else api._secret_from_env()
         if not api.is_address(node):
@@ -241,23 +251,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    if args.node:
-        raise FabricError(StatusCode.UNIMPLEMENTED, "verify runs on the node's own data dir: run it there with --data")
     from fabric import api
 
-    path = Path(args.data) if args.data else api.default_home()
-    fab = api.open(path)
-    try:
-        cb, stop = _progress(None, "verifying")
+    if _node_address(args):
+        with _open(args) as fab:
+            _, stop = _progress(None, f"verifying on node {_node_address(args)}")
+            try:
+                rep = fab.verify()  # a NodeVerifyReport: problems capped, problem_count exact
+            finally:
+                stop()
+        count = rep.problem_count
+    else:
+        path = Path(args.data) if args.data else api.default_home()
+        fab = api.open(path)
         try:
-            rep = fab.cassette.verify(raise_errors=False, progress=cb)
+            cb, stop = _progress(None, "verifying")
+            try:
+                rep = fab.cassette.verify(raise_errors=False, progress=cb)
+            finally:
+                stop()
         finally:
-            stop()
-    finally:
-        fab.close()
+            fab.close()
+        count = len(rep.problems)
     for p in rep.problems:
         print(f"fabric verify: {p}", file=sys.stderr)
-    print(f"verified {rep.records} ledger rows, {rep.indexed} index entries, {rep.blobs} blobs: {len(rep.problems)} problem(s)")
+    if count > len(rep.problems):
+        print(f"fabric verify: ... and {count - len(rep.problems)} more problem(s)", file=sys.stderr)
+    print(f"verified {rep.records} ledger rows, {rep.indexed} index entries, {rep.blobs} blobs: {count} problem(s)")
     return 0 if rep.ok else EXIT_ERROR
 
 
@@ -267,6 +287,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if not Path(args.ledger_file).is_file():
         raise FabricError(StatusCode.NOT_FOUND, f"no such ledger file {args.ledger_file}")
+    if _node_address(args):
+        with _open(args) as fab:
+            cb, stop = _progress(None, "replaying")
+            try:
+                res = fab.replay(args.ledger_file, progress=cb)
+            finally:
+                stop()
+            node_id = fab.node_id
+        print(f"replayed {res['records']} ledger rows into node {node_id}: {res['appended']} appended, "
+              f"{res['records'] - res['appended']} already held; {res['blobs']} blobs")
+        return 0
     path = Path(args.data) if args.data else api.default_home()
     cb, stop = _progress(None, "replaying")
     try:
@@ -282,8 +313,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     with _open(args) as fab:
-        if not hasattr(fab, "cassette"):
-            raise FabricError(StatusCode.UNIMPLEMENTED, "export runs on a node's own data dir: use --data")
+        if _node_address(args):
+            cb, stop = _progress(None, "exporting")
+            try:
+                n = fab.export(args.file, progress=cb)
+            finally:
+                stop()
+            print(f"exported {n} records from node {fab.node_id} to {args.file}")
+            return 0
         n = fab.cassette.export(args.file)
     print(f"exported {n} records to {args.file}")
     return 0

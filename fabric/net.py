@@ -241,8 +241,9 @@ class ServerCall:
     Attributes: ``req_id``, ``op`` (the op name), ``body`` (the decoded open
     body), ``upload`` (the client will push items), ``timeout_s`` (the
     client's remaining deadline, already applied as this task's cancel scope
-    deadline), ``peer`` (address) and ``peer_node_id``, and ``metadata`` (the
-    bodies of ``metadata`` frames the client sent so far).
+    deadline), ``peer`` (address), ``peer_node_id``, ``peer_limits`` (what
+    the client advertised), and ``metadata`` (the bodies of ``metadata``
+    frames the client sent so far).
 
     ``async for item in call`` reads the upload (granting credit as it goes;
     ends at the client's end of stream).  ``await call.send(item)`` pushes one
@@ -272,6 +273,11 @@ class ServerCall:
 
     def __repr__(self) -> str:
         return f"<ServerCall {self.req_id} op={self.op!r} from {self.peer}>"
+
+    @property
+    def peer_limits(self) -> AdvertisedLimits:
+        """The limits the client advertised (what :meth:`send` must respect: frame and stream bytes)."""
+        return self._c.link.conn.peer_limits  # type: ignore[return-value]
 
     def __aiter__(self) -> "ServerCall":
         return self

@@ -15,8 +15,9 @@ cancellation travels to the node as the request's timeout / ``cancel``.
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import trio
@@ -25,7 +26,7 @@ from cassette import codec
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from cassette.record import Record
-from fabric.errors import aretry_call
+from fabric.errors import RetryPolicy, aretry_call
 from fabric.net import WireClient, open_connection
 from fabric.request import Reply, Request
 from fabric.serve import EVALUATOR_ERROR, verify_record
@@ -118,8 +119,9 @@ class RemoteFabric:
             c = table[id(self)] = _Conns(self)
         return c
 
-    async def _call(self, op: str, fn) -> Any:
-        """Run ``fn(client)`` with retries: a broken connection is re-dialled on UNAVAILABLE."""
+    async def _call(self, op: str, fn, policy: RetryPolicy | None = None) -> Any:
+        """Run ``fn(client)`` with retries (``policy``, default the op's): a broken connection
+        is re-dialled on UNAVAILABLE."""
         conns = self._conns()
 
         async def attempt():
@@ -132,7 +134,7 @@ class RemoteFabric:
                     conns.drop(client)
                 raise
 
-        return await aretry_call(attempt, op=op)
+        return await aretry_call(attempt, op=op, policy=policy)
 
     # ---------------------------------------------------------------- realize
     async def arealize_record(self, req: Request) -> tuple[Record, str, str]:
@@ -292,6 +294,76 @@ class RemoteFabric:
     def stats(self) -> dict:
         """Sync :meth:`astats`."""
         return self._portal(self.astats)
+
+    # ------------------------------------------------------------------ admin
+    async def averify(self) -> Any:
+        """Scrub the node's cassette (op ``verify``); returns a
+        :class:`fabric.admin.NodeVerifyReport` (``records``, ``indexed``, ``blobs``,
+        ``problems``, ``problem_count``, ``ok``).  No overall deadline: a scrub's
+        time grows with the cassette."""
+        from fabric import admin
+
+        async def go(client: WireClient):
+            return await client.request("verify", None)
+
+        reply = await self._call("verify", go, admin.ADMIN_POLICY)
+        return admin.verify_report(reply, self.node_id or "")
+
+    def verify(self) -> Any:
+        """Sync :meth:`averify`."""
+        return self._portal(self.averify)
+
+    async def aexport(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
+        """Write the node's portable ledger file to ``path`` (op ``export``); returns its record count.
+
+        The bytes are those a local :meth:`cassette.store.Cassette.export` of the
+        node's cassette writes.  They go to ``path.tmp-PID`` and are renamed to
+        ``path`` only once the trailer (BLAKE3 check, record count, length)
+        matches; on failure nothing is left at ``path``.  Runs on a connection of
+        its own whose per-stream byte limit is lifted (the file is written as it
+        arrives).  ``progress(bytes received)`` is called per chunk.
+        """
+        import dataclasses
+
+        from fabric import admin
+
+        limits = dataclasses.replace(self.limits or StreamFrameLimits(), max_bytes_per_stream=admin.EXPORT_STREAM_BYTES)
+
+        async def attempt():
+            async with await open_connection(self.host, self.port, self.secret, limits) as client:
+                self.node_id = client.peer_node_id
+                return await admin.receive_export(client, path, progress)
+
+        return await aretry_call(attempt, op="export", policy=admin.ADMIN_POLICY)
+
+    def export(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
+        """Sync :meth:`aexport`."""
+        return self._portal(self._aexport_kw, path, progress)
+
+    async def _aexport_kw(self, path: str | os.PathLike, progress: Callable[[int], None] | None) -> int:
+        return await self.aexport(path, progress=progress)
+
+    async def areplay(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> dict:
+        """Append the records and blobs of the ledger file at ``path`` to the node (op ``replay``).
+
+        The whole file is validated here first (as an import does: a bad file is
+        DATA_LOSS / INVALID_ARGUMENT and nothing is sent); the node verifies every
+        entry again before storing it.  Returns ``{"records", "appended",
+        "blobs"}``: records sent (``appended`` of them new to the node; the rest
+        it already held) and blobs sent.  ``progress(entries sent)`` per round.
+        """
+        import functools
+
+        from fabric import admin
+
+        return await admin.send_replay(functools.partial(self._call, "replay", policy=admin.ADMIN_POLICY), path, progress)
+
+    def replay(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> dict:
+        """Sync :meth:`areplay`."""
+        return self._portal(self._areplay_kw, path, progress)
+
+    async def _areplay_kw(self, path: str | os.PathLike, progress: Callable[[int], None] | None) -> dict:
+        return await self.areplay(path, progress=progress)
 
     # ----------------------------------------------------------------- portal
     def _portal(self, afn, *args: Any) -> Any:

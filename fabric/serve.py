@@ -11,6 +11,8 @@ Ops (normative: ``specs/wire.md`` section 13):
 * ``holders`` ``{"key"}``: node ids known to hold the key.
 * ``put`` ``{"manifest"}`` (an upload): the chunks this node lacks, verified as
   they arrive; the manifest recorded once all are held (:mod:`fabric.upload`).
+* ``verify``, ``export``, ``replay``: scrub this node's cassette, stream its
+  ledger file, append a ledger file's verified entries (:mod:`fabric.admin`).
 
 A record travels as its raw ledger value (``cassette.record`` layout) so the
 receiver verifies it exactly as the cassette does: CRC, BLAKE3 digest of the
@@ -203,6 +205,10 @@ class NodeService:
             from fabric.upload import serve_put
 
             return await serve_put(call, self)
+        if op in ("verify", "export", "replay"):
+            from fabric.admin import serve_admin
+
+            return await serve_admin(call, self)
         if op == "gossip":
             if self.fleet is None:
                 raise FabricError(StatusCode.FAILED_PRECONDITION, "this node does not run gossip")
