@@ -140,6 +140,27 @@ class _Slot:
         self.active = False
 
 
+
+#: rows (or bytes) one :meth:`Cassette.scrub` step checks in one read transaction
+SCRUB_ROWS = 4096
+SCRUB_BYTES = 64 << 20
+
+
+def _scrub_row(txn: Any, k: Any, v: Any, rep: "VerifyReport") -> None:
+    seq = _unpack_seq(k)[0]
+    rep.records += 1
+    try:
+        unpack_record(v, seq)
+    except FabricError as exc:
+        rep.problems.append(FabricError(StatusCode.DATA_LOSS, exc.message, key=record_key(v)))
+
+
+def _scrub_blob(txn: Any, k: Any, v: Any, rep: "VerifyReport") -> None:
+    rep.blobs += 1
+    if derive("blob", bytes(v)) != bytes(k)[1:]:
+        rep.problems.append(FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=ContentKey.from_bytes(bytes(k))))
+
+
 class Cassette:
     """An append-only reply ledger in one directory (see module docstring).
 
@@ -882,40 +903,14 @@ class Cassette:
         Every mismatch becomes a ``FabricError(DATA_LOSS)`` naming the key in
         the report.  With ``raise_errors`` (default) the first problem is raised,
         its message counting the rest and ``err.report`` holding the report.
+        ``progress(ledger rows checked)`` is called as the scrub goes.  It runs
+        in short read transactions (:meth:`scrub`), so writers, map growth
+        included, go on meanwhile.
         """
         rep = VerifyReport()
-        seen: dict[bytes, int] = {}
-        with self._reading() as txn:
-            for k, v in txn.cursor(db=self._ledger):
-                seq = _unpack_seq(k)[0]
-                rep.records += 1
-                try:
-                    rec = unpack_record(v, seq)
-                    seen.setdefault(bytes(rec.key), seq)
-                except FabricError as exc:
-                    key = record_key(v)
-                    rep.problems.append(FabricError(StatusCode.DATA_LOSS, exc.message, key=key))
-                if progress is not None and rep.records % 4096 == 0:
-                    progress(rep.records)
-            for k, v in txn.cursor(db=self._index):
-                rep.indexed += 1
-                key = ContentKey.from_bytes(bytes(k))
-                row = txn.get(bytes(v), db=self._ledger)
-                if row is None:
-                    rep.problems.append(FabricError(StatusCode.DATA_LOSS, "index points to a missing ledger row", key=key))
-                    continue
-                try:
-                    rec = unpack_record(row, _unpack_seq(v)[0])
-                except FabricError:
-                    if not any(p.key == key for p in rep.problems):
-                        rep.problems.append(FabricError(StatusCode.DATA_LOSS, "indexed record fails verification", key=key))
-                    continue
-                if rec.key != key:
-                    rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"index points to row {rec.seq} of another key", key=key))
-            for k, v in txn.cursor(db=self._blobs):
-                rep.blobs += 1
-                if derive("blob", bytes(v)) != bytes(k)[1:]:
-                    rep.problems.append(FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=ContentKey.from_bytes(bytes(k))))
+        for _ in self.scrub(rep):
+            if progress is not None:
+                progress(rep.records)
         if rep.problems and raise_errors:
             first = rep.problems[0]
             err = FabricError(
@@ -926,6 +921,54 @@ class Cassette:
             err.report = rep  # type: ignore[attr-defined]
             raise err
         return rep
+
+    def scrub(self, rep: VerifyReport | None = None) -> Iterator[VerifyReport]:
+        """:meth:`verify` in steps: each step checks up to :data:`SCRUB_ROWS` rows (or
+        :data:`SCRUB_BYTES` bytes) of the ledger, then the index, then the blobs, in a
+        read transaction of its own, and yields the report so far (``rep``, or a new one).
+
+        Between steps no transaction is held, so a caller may stop at any step (closing
+        the generator) and a long scrub never keeps the map from growing.  Rows appended
+        meanwhile may or may not be counted; each index entry is checked against the
+        ledger row it points to in the same transaction.
+        """
+        if rep is None:
+            rep = VerifyReport()
+        for db, check in ((self._ledger, _scrub_row), (self._index, self._scrub_entry), (self._blobs, _scrub_blob)):
+            after: bytes | None = None
+            more = True
+            while more:
+                with self._reading() as txn:
+                    cur = txn.cursor(db=db)
+                    more = cur.first() if after is None else cur.set_range(after)
+                    if more and after is not None and cur.key() == after:
+                        more = cur.next()
+                    rows = nbytes = 0
+                    while more and rows < SCRUB_ROWS and nbytes < SCRUB_BYTES:
+                        k, v = cur.item()
+                        check(txn, k, v, rep)
+                        rows += 1
+                        nbytes += len(v)
+                        more = cur.next()
+                        if not more or rows >= SCRUB_ROWS or nbytes >= SCRUB_BYTES:
+                            after = bytes(k)
+                yield rep
+
+    def _scrub_entry(self, txn: lmdb.Transaction, k: Any, v: Any, rep: VerifyReport) -> None:
+        rep.indexed += 1
+        key = ContentKey.from_bytes(bytes(k))
+        row = txn.get(bytes(v), db=self._ledger)
+        if row is None:
+            rep.problems.append(FabricError(StatusCode.DATA_LOSS, "index points to a missing ledger row", key=key))
+            return
+        try:
+            rec = unpack_record(row, _unpack_seq(v)[0])
+        except FabricError:
+            if not any(p.key == key for p in rep.problems):
+                rep.problems.append(FabricError(StatusCode.DATA_LOSS, "indexed record fails verification", key=key))
+            return
+        if rec.key != key:
+            rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"index points to row {rec.seq} of another key", key=key))
 
     def rebuild_index(self, *, progress: Callable[[int], None] | None = None) -> ReplayReport:
         """Drop the index and rebuild it by replaying the ledger, verifying every row.

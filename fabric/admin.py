@@ -2,7 +2,8 @@
 ``replay`` ops (normative: ``specs/wire.md`` section 13).
 
 * ``verify`` (body nil): the node scrubs its own cassette
-  (:meth:`cassette.store.Cassette.verify`) in a worker thread and answers
+  (:meth:`cassette.store.Cassette.scrub`, step by step in a worker thread, so a
+  node shutting down stops it between steps) and answers
   ``{"records", "indexed", "blobs", "problems": [{"code", "message", "key"}],
   "problem_count"}``; at most :data:`MAX_PROBLEMS` problems travel,
   ``problem_count`` is the true count.  The client gets a
@@ -141,8 +142,13 @@ def verify_report(reply: Any, node_id: str = "") -> NodeVerifyReport:
 
 async def _serve_verify(call: "ServerCall", service: "NodeService") -> dict:
     _no_body(call)
-    cas = service.fab.cassette
-    rep = await trio.to_thread.run_sync(functools.partial(cas.verify, raise_errors=False))
+    steps = service.fab.cassette.scrub()  # short read transactions; stops between steps if cancelled
+    rep = VerifyReport()
+    try:
+        while (step := await trio.to_thread.run_sync(next, steps, None)) is not None:
+            rep = step
+    finally:
+        steps.close()
     log.info("verify for %s: %d rows, %d index entries, %d blobs, %d problem(s)", call.peer, rep.records, rep.indexed,
              rep.blobs, len(rep.problems))
     return {

@@ -909,3 +909,39 @@ TestCassetteMachine = CassetteMachine.TestCase
 TestCassetteMachine.settings = settings(
     max_examples=30, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+def test_scrub_in_small_steps_checks_everything_and_lets_the_map_grow_between_steps(tmp_path, monkeypatch):
+    """verify() runs as scrub() steps of short read transactions: with steps of 3 rows
+    every row, index entry and blob is still checked once, a corrupt row is found in
+    whichever step holds it, and a map resize (which waits for every open
+    transaction of the process) completes while a scrub is paused between steps."""
+    import cassette.store as store
+
+    monkeypatch.setattr(store, "SCRUB_ROWS", 3)
+    path = tmp_path / "c"
+    keys = [ContentKey.for_request("scrub", "1", {"i": i}) for i in range(10)]
+    with Cassette(path, durability="fast") as cas:
+        for i, k in enumerate(keys):
+            cas.put(k, codec.encode({"i": i, "marker": _marker_bytes(100 + i)}), evaluator="scrub", version="1")
+        cas.put_verified_blobs([(ContentKey.of("blob", bytes([i]) * 100), bytes([i]) * 100) for i in range(7)])
+        steps = list(cas.scrub())
+        rep = steps[-1]
+        assert (rep.records, rep.indexed, rep.blobs, rep.problems) == (10, 10, 7, [])
+        assert len(steps) == 4 + 4 + 3  # ceil(10/3) + ceil(10/3) + ceil(7/3): one read txn each
+
+        it = cas.scrub()
+        next(it)  # paused after the first step: no transaction is open now
+        before = cas._env.info()["map_size"]
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (cas._resize(before * 2), done.set()))
+        t.start()
+        assert done.wait(10), "a map resize waited on a paused scrub"
+        t.join()
+        assert cas._env.info()["map_size"] == before * 2
+        assert list(it)[-1].records == 10
+    assert flip_in_file(path / "data.mdb", _marker_bytes(107)) >= 1
+    with Cassette(path) as cas:
+        rep = cas.verify(raise_errors=False)
+        assert rep.records == 10 and rep.blobs == 7
+        assert {p.key for p in rep.problems} == {keys[7]}
