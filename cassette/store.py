@@ -575,9 +575,11 @@ class Cassette:
         """Store pre-keyed blobs (e.g. fetched from a peer) after checking each against its key."""
         self._wait(self._submit(_blob_job(items, True)))
 
-    async def aput_blobs(self, items: list[tuple[ContentKey, bytes]]) -> None:
-        """:meth:`put_verified_blobs` for trio."""
-        await self._await(self._submit(_blob_job(items)))
+    async def aput_blobs(self, items: list[tuple[ContentKey, bytes]], *, verified: bool = False) -> None:
+        """:meth:`put_verified_blobs` for trio.  ``verified=True``: the caller has just
+        checked every blob against its key (as a fetch or an upload does on arrival),
+        so they are not hashed a second time here."""
+        await self._await(self._submit(_blob_job(items, verified=verified)))
 
     def put_raw(self, value: bytes) -> PutResult:
         """Append a ledger value received from elsewhere (a peer, an export) after verifying it fully."""
@@ -1099,10 +1101,11 @@ class Cassette:
         return f"<Cassette {self.path} node={self.node_id} durability={self.durability}>"
 
 
-def _blob_job(items: list[tuple[ContentKey, bytes]], waited: bool = False) -> _Job:
-    """A write job for pre-keyed blobs; any blob that does not match its key is DATA_LOSS."""
+def _blob_job(items: list[tuple[ContentKey, bytes]], waited: bool = False, verified: bool = False) -> _Job:
+    """A write job for pre-keyed blobs; any blob that does not match its key is DATA_LOSS
+    (not hashed again when the caller has ``verified`` them)."""
     for k, d in items:
-        if k[0] != 2 or derive("blob", d) != k[1:]:
+        if k[0] != 2 or (not verified and derive("blob", d) != k[1:]):
             raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=k)
     return _Job("blobs", (items,), sum(len(d) for _, d in items), waited)
 

@@ -394,7 +394,7 @@ class ContentAddressedFabric:
             if batch:
                 items = batch[:]
                 batch.clear()
-                await self.fab.cassette.aput_blobs(items)
+                await self.fab.cassette.aput_blobs(items, verified=True)  # pool.blob checked each
 
         async def lane(node_id: str, addr: str, failed: set[str]) -> None:
             while pending and node_id not in failed:

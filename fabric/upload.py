@@ -76,20 +76,25 @@ def chunk_size_for(limits: "AdvertisedLimits", chunk_size: int | None = None) ->
 
 
 async def upload(run: Callable[[Callable[["WireClient"], Awaitable[Any]]], Awaitable[Any]], plan: artifacts.ChunkPlan,
-                 on_chunk: Callable[[int], None] | None = None) -> dict:
+                 on_chunk: Callable[[int], None] | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Run ``put`` rounds until the node records ``plan``'s manifest; returns the node's final
     reply.  ``run(fn)`` awaits ``fn(client)`` on a connection to the node, with the caller's
     retries, once per round (so the put deadline bounds a round, not a long upload; a retried
-    round sends only what the node still lacks).  ``on_chunk(nbytes)`` is called per chunk pushed."""
+    round sends only what the node still lacks).  ``on_chunk(nbytes)`` is called per chunk pushed.
+    ``progress(n)``: ``n`` bytes of the content the node holds, as far as this upload knows —
+    once per round when the node has said what it lacks, then after each chunk pushed (a chunk
+    that occurs several times in the content counts at each place); the last call, once the
+    put is complete, has the content's size."""
     while True:
-        reply, sent = await run(functools.partial(_round, plan=plan, on_chunk=on_chunk))
+        reply, sent = await run(functools.partial(_round, plan=plan, on_chunk=on_chunk, progress=progress))
         if reply.get("complete") is True:
             return reply
         if sent == 0:
             raise FabricError(StatusCode.INTERNAL, "node reports the put incomplete but lacks no chunk", key=plan.key)
 
 
-async def _round(client: "WireClient", *, plan: artifacts.ChunkPlan, on_chunk: Callable[[int], None] | None) -> tuple[dict, int]:
+async def _round(client: "WireClient", *, plan: artifacts.ChunkPlan, on_chunk: Callable[[int], None] | None,
+                 progress: Callable[[int], None] | None = None) -> tuple[dict, int]:
     """One ``put`` request: learn what the node lacks, push what fits its per-stream budget, end."""
     from fabric.wire import Metadata
 
@@ -108,7 +113,9 @@ async def _round(client: "WireClient", *, plan: artifacts.ChunkPlan, on_chunk: C
         if not isinstance(first, Metadata):
             raise FabricError(StatusCode.INTERNAL, "node answered put without listing the chunks it lacks", key=plan.key)
         sent = used = 0
-        for i in _missing_list(first.body, plan):
+        todo = _missing_list(first.body, plan)
+        held = _Held(plan, todo, progress) if progress is not None else None
+        for i in todo:
             cost = sizes[i] + PUSH_OVERHEAD
             if sent and used + cost > budget:
                 break  # the rest goes in the next round (a fresh per-stream budget)
@@ -117,11 +124,34 @@ async def _round(client: "WireClient", *, plan: artifacts.ChunkPlan, on_chunk: C
             used += cost
             if on_chunk is not None:
                 on_chunk(sizes[i])
+            if held is not None:
+                held.pushed(i)
         await call.end()
         reply = await call.result()
     if not isinstance(reply, dict) or reply.get("key") != plan.key or reply.get("received") != sent:
         raise FabricError(StatusCode.INTERNAL, f"node's put reply does not match the upload: {_short(reply)}", key=plan.key)
     return reply, sent
+
+
+class _Held:
+    """Bytes of the content a node holds during one round, for ``progress``: what it did not
+    list as missing, plus every place in the content of each chunk pushed since."""
+
+    def __init__(self, plan: artifacts.ChunkPlan, todo: list[int], progress: Callable[[int], None]) -> None:
+        chunks, sizes = plan.manifest["chunks"], plan.manifest["sizes"]
+        lacking = {chunks[i] for i in todo}
+        self._weight: dict[ContentKey, int] = dict.fromkeys(lacking, 0)  # content bytes of each missing chunk
+        for ck, n in zip(chunks, sizes):
+            if ck in lacking:
+                self._weight[ck] += n
+        self._chunks = chunks
+        self._progress = progress
+        self.held = plan.manifest["size"] - sum(self._weight.values())
+        progress(self.held)
+
+    def pushed(self, i: int) -> None:
+        self.held += self._weight.pop(self._chunks[i], 0)
+        self._progress(self.held)
 
 
 def _missing_list(body: Any, plan: artifacts.ChunkPlan) -> list[int]:
@@ -195,10 +225,10 @@ async def _receive_chunks(call: "ServerCall", cas: Any, key: ContentKey, manifes
             batch.append((chunks[i], item))
             received += 1
             if len(batch) >= PUT_BATCH:
-                await cas.aput_blobs(batch)
+                await cas.aput_blobs(batch, verified=True)
                 batch = []
     finally:
         if batch:
             with trio.CancelScope(shield=True):  # verified chunks are kept for a resumed put
-                await cas.aput_blobs(batch)
+                await cas.aput_blobs(batch, verified=True)
     return received

@@ -945,3 +945,28 @@ def test_scrub_in_small_steps_checks_everything_and_lets_the_map_grow_between_st
         rep = cas.verify(raise_errors=False)
         assert rep.records == 10 and rep.blobs == 7
         assert {p.key for p in rep.problems} == {keys[7]}
+
+
+def test_aput_blobs_checks_each_blob_unless_the_caller_just_did(tmp_path):
+    """aput_blobs hashes every blob against its key (DATA_LOSS, nothing stored);
+    verified=True (a fetch or upload that checked each on arrival) skips that second
+    hash, and even then a blob that does not match its key is never read back."""
+    import trio
+
+    good = b"g" * 1000
+    kg = ContentKey.of("blob", good)
+    kb = ContentKey.of("blob", b"other bytes")
+    with Cassette(tmp_path / "c", durability="fast") as cas:
+
+        async def main():
+            with pytest.raises(FabricError) as ei:
+                await cas.aput_blobs([(kg, good), (kb, b"not the bytes of kb")])
+            assert ei.value.status_code is StatusCode.DATA_LOSS and ei.value.key == kb
+            assert cas.missing([kg, kb]) == [kg, kb]  # nothing of a refused batch is stored
+            with pytest.raises(FabricError):  # a key that is not a blob key is refused either way
+                await cas.aput_blobs([(ContentKey.for_request("x", "1", {}), good)], verified=True)
+            await cas.aput_blobs([(kg, good), (kb, b"not the bytes of kb")], verified=True)
+
+        trio.run(main)
+        assert cas.get_blob(kg) == good
+        assert cas.get_blob(kb) is None  # the caller's broken promise reads as a miss, never as bytes
