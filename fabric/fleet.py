@@ -50,6 +50,7 @@ from cassette.record import Record
 from fabric import metrics
 from fabric.net import WireClient, open_connection
 from fabric.remote import parse_address
+from fabric.placement import evaluator_capability
 from fabric.serve import answer_held, answer_if_held, evaluator_fault, verify_record
 from gossip.membership import MemberState
 from gossip.node import GossipConfig, GossipNode, rendezvous_order
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from fabric.local import Fabric
     from fabric.net import ServerCall
 
-__all__ = ["PeerPool", "WireTransport", "Fleet", "ContentAddressedFabric", "capability_for"]
+__all__ = ["PeerPool", "WireTransport", "Fleet", "ContentAddressedFabric"]
 
 log = logging.getLogger("fabric.fleet")
 
@@ -70,11 +71,6 @@ FETCH_PER_HOLDER = 4
 FETCH_BATCH = 4
 #: Seconds one chunk may take from one holder before that holder counts as failed for this fetch.
 CHUNK_DEADLINE_S = 15.0
-
-
-def capability_for(evaluator: str, version: str) -> str:
-    """The capability string a node advertises for an evaluator version."""
-    return f"eval:{evaluator}@{version}"
 
 
 class PeerPool:
@@ -268,7 +264,7 @@ class Fleet:
         agree on the home.  A member that is really down refuses the
         connection and the caller moves on to the next in order.
         """
-        cap = capability_for(evaluator, version)
+        cap = evaluator_capability(evaluator, version)
         members = {m.node_id: m for m in self.gossip.membership.members() if cap in m.capabilities and m.state is not MemberState.LEFT}
         order = rendezvous_order(key, list(members))
         return [(n, self.addr if n == self.fab.node_id else members[n].addr) for n in order]

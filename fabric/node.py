@@ -53,9 +53,10 @@ async def run_node(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=host)
-    from fabric.fleet import ContentAddressedFabric, Fleet, capability_for
+    from fabric.fleet import ContentAddressedFabric, Fleet
+    from fabric.placement import node_capabilities
 
-    caps = ["serve", "compute"] + [capability_for(n, v) for n, v in registered()]
+    caps = node_capabilities(registered(), compute=not args.relay)  # a relay forwards misses, never computes
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:

@@ -16,7 +16,7 @@ import pytest
 
 import fabric
 from cassette.keys import ContentKey
-from fabric.fleet import capability_for
+from fabric.placement import evaluator_capability
 from gossip.node import rendezvous_home
 from _nodes import ROOT, SECRET, start_node, stop_node
 
@@ -131,7 +131,7 @@ def test_after_a_computes_b_gets_it_from_peer_a(fleet_of):
     fl.converged(3)
     ids = fl.ids()
     a_addr, b_addr = fl.addrs()[0], fl.addrs()[1]
-    cap = capability_for("text.stats", "1")
+    cap = evaluator_capability("text.stats", "1")
     # pick a request whose home is node A, so A computes it itself
     for i in range(1000):
         req = fabric.Request("text.stats", {"text": f"home probe {i}"}, version="1")
@@ -164,7 +164,7 @@ def test_kill_9_a_holder_then_restart_it(fleet_of):
     fl = fleet_of(3)
     fl.converged(3)
     ids = fl.ids()
-    cap = capability_for("text.stats", "1")
+    cap = evaluator_capability("text.stats", "1")
     homed_on_a = []
     for i in range(2000):
         req = fabric.Request("text.stats", {"text": f"victim {i}"}, version="1")
