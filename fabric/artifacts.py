@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import blake3
 import numpy as np
@@ -36,7 +36,8 @@ from fabric import metrics
 
 __all__ = [
     "ArtifactRef", "ArtifactSession", "ChunkCutter", "ChunkPlan", "build_manifest", "parse_manifest", "check_content",
-    "put", "get", "get_into", "manifest_of", "DEFAULT_CHUNK",
+    "put", "get", "get_into", "manifest_of", "DEFAULT_CHUNK", "artifact_key", "verified_chunks", "assemble",
+    "fill_target", "check_target",
 ]
 
 DEFAULT_CHUNK = 1 << 20
@@ -142,10 +143,23 @@ class ArtifactSession:
 
     ``feed(bytes)`` any number of times, then ``commit()`` → :class:`ArtifactRef`,
     or ``abort()``.  Usable as a context manager (commits on success, aborts on error).
+    ``progress(n)``, if given, is called each time chunks are stored (or found
+    already held) with ``n`` the bytes of content stored so far; after ``commit()``
+    the last call has the content's size.
     """
 
-    def __init__(self, cassette: Cassette, *, dtype: str | None = None, shape: tuple[int, ...] | None = None, chunk_size: int = DEFAULT_CHUNK) -> None:
+    def __init__(
+        self,
+        cassette: Cassette,
+        *,
+        dtype: str | None = None,
+        shape: tuple[int, ...] | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         self._cut = ChunkCutter(chunk_size)
+        self._progress = progress
+        self._stored = 0
         self.cassette = cassette
         self.dtype = dtype
         self.shape = None if shape is None else tuple(int(n) for n in shape)
@@ -170,6 +184,9 @@ class ArtifactSession:
             self.cassette.put_verified_blobs(todo)
         self._chunks.extend(keys)
         self._sizes.extend(len(c) for c in chunks)
+        if self._progress is not None:
+            self._stored += sum(len(c) for c in chunks)
+            self._progress(self._stored)
 
     def commit(self) -> ArtifactRef:
         """Store the last chunk and record the manifest; returns the artifact's ref."""
@@ -251,10 +268,14 @@ def _check_iter(it: Iterable[Any]) -> Iterator[bytes]:
         yield b
 
 
-def put(cassette: Cassette, data: Any, *, chunk_size: int = DEFAULT_CHUNK) -> ArtifactRef:
-    """Store ``data`` (bytes, numpy array, file path or object, iterator of bytes) as an artifact."""
+def put(cassette: Cassette, data: Any, *, chunk_size: int = DEFAULT_CHUNK, progress: Callable[[int], None] | None = None) -> ArtifactRef:
+    """Store ``data`` (bytes, numpy array, file path or object, iterator of bytes) as an artifact.
+
+    ``progress(n)``: ``n`` bytes of the content stored so far, increasing, called per
+    group of stored chunks; the last call has the content's size (``size_bytes``).
+    """
     parts, dtype, shape = _chunks_of(data)
-    with ArtifactSession(cassette, dtype=dtype, shape=shape, chunk_size=chunk_size) as s:
+    with ArtifactSession(cassette, dtype=dtype, shape=shape, chunk_size=chunk_size, progress=progress) as s:
         for part in parts:
             s.feed(part)
         return s.commit()
@@ -400,22 +421,75 @@ def manifest_of(cassette: Cassette, key: ContentKey) -> dict:
     return manifest
 
 
-def _iter_verified(cassette: Cassette, key: ContentKey, manifest: dict) -> Iterator[bytes]:
+def artifact_key(key: ContentKey | str, op: str) -> ContentKey:
+    """``key`` parsed, if it names an artifact; INVALID_ARGUMENT naming ``op`` otherwise
+    (a recorded reply or a single blob is not an array's content: ``get`` reads those)."""
+    key = ContentKey.parse(key)
+    if key.kind != "artifact":
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"{op}: expected an artifact key, got a {key.kind} key (read it with get)", key=key)
+    return key
+
+
+_END = object()
+
+
+def verified_chunks(key: ContentKey, manifest: dict, chunks: Iterable[Any], *, check_keys: bool = True) -> Iterator[bytes]:
+    """The chunks of the artifact ``key`` (in manifest order), each checked as it is yielded.
+
+    Each must be ``bytes`` of its manifest size with (``check_keys``) its manifest
+    key; ``None`` stands for a chunk that is not held.  After the last one there
+    must be no more, and all of them together must have the manifest's digest.
+    Anything else is DATA_LOSS naming ``key``, so the content is verified as a
+    whole only once the iterator is exhausted.  ``check_keys=False`` is for chunks
+    already checked against their keys (a cassette's ``get_blob``).
+    """
     h = blake3.blake3()
-    for ck, size in zip(manifest["chunks"], manifest["sizes"]):
-        data = cassette.get_blob(ck)
+    it = iter(chunks)
+    n = 0
+    for ck, size, data in zip(manifest["chunks"], manifest["sizes"], it):
         if data is None:
             raise FabricError(StatusCode.DATA_LOSS, f"chunk {ck.short()} of the artifact is missing or corrupt", key=key)
+        if check_keys and type(data) is not bytes:
+            raise FabricError(StatusCode.DATA_LOSS, f"chunk {ck.short()} is {type(data).__name__}, not bytes", key=key)
         if len(data) != size:
             raise FabricError(StatusCode.DATA_LOSS, f"chunk {ck.short()} has {len(data)} bytes, manifest says {size}", key=key)
+        if check_keys and ContentKey.of("blob", data) != ck:
+            raise FabricError(StatusCode.DATA_LOSS, f"chunk {ck.short()} does not match its key", key=key)
         h.update(data)
+        n += 1
         yield data
+    want = len(manifest["chunks"])
+    if n != want or next(it, _END) is not _END:
+        raise FabricError(StatusCode.DATA_LOSS, f"got {n if n != want else 'more than ' + str(n)} chunks, manifest lists {want}", key=key)
     if h.digest() != manifest["digest"]:
         raise FabricError(StatusCode.DATA_LOSS, "artifact content does not match its digest", key=key)
 
 
-def get(cassette: Cassette, key: ContentKey | str) -> Any:
-    """An artifact's content (bytes, or a writable numpy array if it was one), or a reply's value."""
+def _iter_verified(cassette: Cassette, key: ContentKey, manifest: dict) -> Iterator[bytes]:
+    return verified_chunks(key, manifest, (cassette.get_blob(ck) for ck in manifest["chunks"]), check_keys=False)
+
+
+def assemble(manifest: dict, chunks: Iterable[bytes], progress: Callable[[int], None] | None = None) -> Any:
+    """The content of ``chunks`` as ``get`` returns it: bytes, or a writable numpy array
+    of the manifest's dtype and shape.  ``progress(n)``: bytes assembled so far, per chunk."""
+    buf = bytearray(manifest["size"])
+    off = 0
+    for data in chunks:
+        buf[off : off + len(data)] = data
+        off += len(data)
+        if progress is not None:
+            progress(off)
+    if manifest["dtype"] is None:
+        return bytes(buf)
+    return np.frombuffer(buf, dtype=np.dtype(manifest["dtype"])).reshape(manifest["shape"])
+
+
+def get(cassette: Cassette, key: ContentKey | str, *, progress: Callable[[int], None] | None = None) -> Any:
+    """An artifact's content (bytes, or a writable numpy array if it was one), or a reply's value.
+
+    ``progress(n)``, for an artifact: ``n`` bytes of it read and verified so far, per
+    chunk; the last call has its ``size_bytes``.  Not called for a reply or a blob.
+    """
     key = ContentKey.parse(key)
     if key.kind == "request":
         value = cassette.lookup_value(key)
@@ -428,43 +502,49 @@ def get(cassette: Cassette, key: ContentKey | str) -> Any:
             raise FabricError(StatusCode.NOT_FOUND, "blob not held here", key=key)
         return data
     manifest = manifest_of(cassette, key)
-    buf = bytearray(manifest["size"])
-    off = 0
-    for data in _iter_verified(cassette, key, manifest):
-        buf[off : off + len(data)] = data
-        off += len(data)
-    if manifest["dtype"] is None:
-        return bytes(buf)
-    return np.frombuffer(buf, dtype=np.dtype(manifest["dtype"])).reshape(manifest["shape"])
+    return assemble(manifest, _iter_verified(cassette, key, manifest), progress)
 
 
 def get_into(cassette: Cassette, key: ContentKey | str, out: Any) -> Any:
-    """Fill preallocated ``out`` with an artifact; returns ``out``.
+    """Fill preallocated ``out`` with an artifact; returns ``out`` (see :func:`fill_target`).
 
-    ``out`` must have the artifact's dtype (any byte order) and shape
-    (INVALID_ARGUMENT otherwise; a bytes artifact fits any array of
-    ``size_bytes`` bytes).  A C-contiguous, writable, same-byte-order target is
-    written chunk by chunk in place; anything else gets a staged copy, counted
-    in ``fabric_layout_mismatch_total``.  CuPy targets go through :mod:`gpu`.
+    ``key`` must be an artifact key (INVALID_ARGUMENT for a request or blob key).
     """
-    key = ContentKey.parse(key)
+    key = artifact_key(key, "get_into")
+    return fill_target(lambda: _stream_artifact(cassette, key), key, out)
+
+
+def fill_target(stream: Callable[[], tuple[dict, Iterable[bytes]]], key: ContentKey, out: Any) -> Any:
+    """What every ``get_into`` does, wherever the chunks come from; returns ``out``.
+
+    ``stream()`` gives ``(manifest, chunks)``: the artifact's verified manifest and
+    an iterator of its chunks that verifies them (:func:`verified_chunks`).  It is
+    called only once ``out`` is known to be a numpy or CuPy array.  CuPy targets
+    (``__cuda_array_interface__``) go to :func:`gpu.materialize_into`.  A numpy
+    ``out`` must have the artifact's dtype (any byte order) and shape
+    (:func:`check_target`, INVALID_ARGUMENT otherwise, checked before any chunk
+    is used; a bytes artifact fits any array of ``size_bytes`` bytes).  A
+    C-contiguous, writable, same-byte-order target is written chunk by chunk in
+    place; anything else gets a staged copy, counted in
+    ``fabric_layout_mismatch_total``.  On DATA_LOSS the content of ``out`` is
+    unspecified.
+    """
     if hasattr(out, "__cuda_array_interface__"):
         from gpu import materialize_into
 
-        return materialize_into(lambda: _stream_artifact(cassette, key), out)
+        return materialize_into(stream, out)  # type: ignore[arg-type]
     if not isinstance(out, np.ndarray):
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out must be a numpy or CuPy array, got {type(out).__name__}")
-    manifest = manifest_of(cassette, key)
-    in_place = check_target(manifest, out, key)
-    if in_place:
+    manifest, chunks = stream()
+    if check_target(manifest, out, key):
         dst = memoryview(out.reshape(-1).view(np.uint8))
         off = 0
-        for data in _iter_verified(cassette, key, manifest):
+        for data in chunks:
             dst[off : off + len(data)] = data
             off += len(data)
         return out
     metrics.LAYOUT_MISMATCH.inc()
-    staged = get(cassette, key)
+    staged = assemble(manifest, chunks)
     if isinstance(staged, bytes):
         out[...] = np.frombuffer(staged, dtype=out.dtype).reshape(out.shape)
     else:
@@ -489,6 +569,7 @@ def check_target(manifest: dict, out: Any, key: ContentKey) -> bool:
     return bool(out.flags.c_contiguous) and (out.dtype.itemsize == 1 or out.dtype.str == want.str)
 
 
-def _stream_artifact(cassette: Cassette, key: ContentKey) -> tuple[dict, Iterator[bytes]]:
+def _stream_artifact(cassette: Cassette, key: ContentKey, op: str = "materialize") -> tuple[dict, Iterator[bytes]]:
+    key = artifact_key(key, op)
     manifest = manifest_of(cassette, key)
     return manifest, _iter_verified(cassette, key, manifest)

@@ -150,13 +150,18 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _progress(total: int | None, what: str):
-    """A rich progress bar on a TTY, nothing otherwise; returns (callback, close)."""
+def _progress(total: int | None, what: str, *, nbytes: bool = False):
+    """A rich progress bar on a TTY, nothing otherwise; returns (callback, close).
+
+    ``callback(completed)`` may be called from any thread (rich's Progress takes a lock).
+    ``nbytes``: completed and total are byte counts (shown as sizes and a rate).
+    """
     if not sys.stderr.isatty():
         return None, lambda: None
-    from rich.progress import Progress
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-    prog = Progress(transient=True)
+    columns = (*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) if nbytes else ()
+    prog = Progress(*columns, transient=True)
     task = prog.add_task(what, total=total)
     prog.start()
     return (lambda n: prog.update(task, completed=n)), prog.stop
@@ -183,7 +188,11 @@ def cmd_put(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         raise FabricError(StatusCode.NOT_FOUND, f"no such file {args.file}")
     with _open(args) as fab:
-        ref = fab.put(Path(args.file))
+        cb, stop = _progress(Path(args.file).stat().st_size, f"putting {args.file}", nbytes=True)
+        try:
+            ref = fab.put(Path(args.file), progress=cb)
+        finally:
+            stop()
     print(json.dumps({"key": str(ref.key), "size_bytes": ref.size_bytes, "digest": ref.digest, "chunks": ref.chunks}))
     return 0
 
@@ -192,10 +201,15 @@ def cmd_get(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cassette.keys import ContentKey
+    from fabric import artifacts
 
     key = ContentKey.parse(args.key)
     with _open(args) as fab:
-        value = fab.get(key)
+        cb, stop = _progress(None, f"getting {key.short()}", nbytes=True) if key.kind == "artifact" else (None, lambda: None)
+        try:
+            value = fab.get(key, progress=cb) if _node_address(args) else artifacts.get(fab.cassette, key, progress=cb)
+        finally:
+            stop()
     if key.kind == "request":
         text = json.dumps(_jsonable(value)) + "\n"
         data = text.encode()

@@ -191,11 +191,15 @@ class Fabric:
         return [self.realize(r) for r in reqs]
 
     # --------------------------------------------------------------- artifacts
-    def put(self, data: Any, **kw: Any):
-        """Store bytes, a numpy array, a file or an iterator of bytes; returns an :class:`ArtifactRef`."""
+    def put(self, data: Any, *, progress: Any = None, **kw: Any):
+        """Store bytes, a numpy array, a file or an iterator of bytes; returns an :class:`ArtifactRef`.
+
+        ``progress(n)`` (a ``Callable[[int], None]``): ``n`` bytes of the content stored so
+        far, increasing; the last call has its ``size_bytes`` (:func:`fabric.artifacts.put`).
+        """
         from fabric import artifacts
 
-        return artifacts.put(self.cassette, data, **kw)
+        return artifacts.put(self.cassette, data, progress=progress, **kw)
 
     def get(self, key: ContentKey | str):
         """An artifact as bytes or a numpy array, or a recorded reply's value."""

@@ -15,17 +15,18 @@ cancellation travels to the node as the request's timeout / ``cancel``.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Any, Callable
 
-import numpy as np
 import trio
 
 from cassette import codec
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from cassette.record import Record
+from fabric import artifacts
 from fabric.errors import RetryPolicy, aretry_call
 from fabric.net import WireClient, open_connection
 from fabric.request import Reply, Request
@@ -195,43 +196,81 @@ class RemoteFabric:
         reply, raw = await self._call("get", go)
         return verify_record(raw, key, expected_digest)
 
-    async def aget(self, key: ContentKey | str) -> Any:
-        """An artifact (bytes / numpy) or a reply value from the node, every chunk verified."""
-        key = ContentKey.parse(key)
+    async def _aget_items(self, key: ContentKey, op: str, progress: Callable[[int], None] | None) -> tuple[Any, list]:
+        """The node's answer to op ``get`` of ``key``: ``(reply, pushed items)``, unverified."""
 
         async def go(client: WireClient):
-            return await client.call("get", {"key": key})
+            return await _get_items(client, key, progress)
 
-        reply, items = await self._call("get", go)
+        return await self._call(op, go)
+
+    async def aget(self, key: ContentKey | str, *, progress: Callable[[int], None] | None = None) -> Any:
+        """An artifact (bytes / numpy) or a reply value from the node, every chunk verified.
+
+        ``progress(n)``: ``n`` bytes received so far in this attempt (pushed record pieces
+        and chunks), per item; the total is not known until the last one (the manifest
+        comes with the node's final reply).  A retried attempt counts from 0 again.
+        """
+        key = ContentKey.parse(key)
+        reply, items = await self._aget_items(key, "get", progress)
         if key.kind == "blob":
             data = items[0] if items else b""
-            if ContentKey.of("blob", data) != key:
+            if type(data) is not bytes or ContentKey.of("blob", data) != key:
                 raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=key)
             return data
         raw, items = _take_record(reply, items)
         rec = verify_record(raw, key)
         if key.kind == "request":
             return codec.decode(rec.payload)
-        manifest = codec.decode(rec.payload)
-        return _assemble(key, manifest, items)
+        manifest = _manifest_of(key, rec)
+        return artifacts.assemble(manifest, artifacts.verified_chunks(key, manifest, items))
 
-    def get(self, key: ContentKey | str) -> Any:
-        """Sync :meth:`aget`."""
-        return self._portal(self.aget, key)
+    def get(self, key: ContentKey | str, *, progress: Callable[[int], None] | None = None) -> Any:
+        """Sync :meth:`aget` (``progress`` is called on this client's portal thread)."""
+        return self._portal(self._aget_kw, key, progress)
+
+    async def _aget_kw(self, key: ContentKey | str, progress: Callable[[int], None] | None) -> Any:
+        return await self.aget(key, progress=progress)
+
+    async def _aartifact_stream(self, key: ContentKey, op: str) -> tuple[dict, Any]:
+        """``(verified manifest, iterator that verifies each chunk as it yields it)`` of artifact ``key``."""
+        reply, items = await self._aget_items(key, op, None)
+        raw, items = _take_record(reply, items)
+        manifest = _manifest_of(key, verify_record(raw, key))
+        return manifest, artifacts.verified_chunks(key, manifest, items)
+
+    def artifact_stream(self, key: ContentKey | str) -> tuple[dict, Any]:
+        """``(manifest, iterator of verified chunk bytes)`` of an artifact held by or through the
+        node: the source :mod:`gpu` materializes from (as :meth:`fabric.local.Fabric.artifact_stream`)."""
+        key = artifacts.artifact_key(key, "materialize")
+        return self._portal(self._aartifact_stream, key, "get")
 
     def get_into(self, key: ContentKey | str, out: Any) -> Any:
-        """Fetch an artifact and copy it into the preallocated numpy array ``out``."""
-        value = self.get(key)
-        if not isinstance(out, np.ndarray):
-            raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out must be a numpy array, got {type(out).__name__}")
-        src = np.frombuffer(value, dtype=np.uint8) if isinstance(value, bytes) else value
-        if src.nbytes != out.nbytes:
-            raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out has {out.nbytes} bytes, artifact has {src.nbytes}")
-        out[...] = src.reshape(out.shape) if src.dtype == out.dtype else src.view(out.dtype).reshape(out.shape)
-        return out
+        """Fill the preallocated numpy or CuPy array ``out`` with an artifact from the node; returns ``out``.
+
+        Exactly the embedded :meth:`fabric.local.Fabric.get_into`
+        (:func:`fabric.artifacts.fill_target`): ``key`` must be an artifact key and
+        ``out`` a numpy / CuPy array (INVALID_ARGUMENT, before anything is asked of
+        the node); the manifest record comes first and ``out``'s dtype, shape and
+        writability are checked against it before any chunk is used; then each
+        chunk, verified against its key, is written in place, or, for a target that
+        cannot take the bytes as they are (not C-contiguous, other byte order), into
+        a staged copy counted in ``fabric_layout_mismatch_total``.  The content is
+        checked against the manifest digest before ``out`` counts as filled (on
+        DATA_LOSS ``out``'s content is unspecified).  The whole artifact is received
+        (op ``get``, retried under the ``get_into`` policy) before ``out`` is checked.
+        """
+        key = artifacts.artifact_key(key, "get_into")
+        return artifacts.fill_target(functools.partial(self._portal, self._aartifact_stream, key, "get_into"), key, out)
+
+    async def aget_into(self, key: ContentKey | str, out: Any) -> Any:
+        """:meth:`get_into` under trio (the copy into ``out`` runs on a worker thread)."""
+        key = artifacts.artifact_key(key, "get_into")
+        stream = functools.partial(trio.from_thread.run, self._aartifact_stream, key, "get_into")
+        return await trio.to_thread.run_sync(artifacts.fill_target, stream, key, out)
 
     # ---------------------------------------------------------------- writing
-    async def aput(self, data: Any, *, chunk_size: int | None = None) -> Any:
+    async def aput(self, data: Any, *, chunk_size: int | None = None, progress: Callable[[int], None] | None = None) -> Any:
         """Store ``data`` (bytes, numpy array, file path or object, iterator of bytes) on the
         node as an artifact; returns its :class:`~fabric.artifacts.ArtifactRef`, the same
         one the embedded put gives for the same content and chunk size.
@@ -242,9 +281,13 @@ class RemoteFabric:
         breaks off leaves nothing visible, and calling it again sends only what the
         node still lacks.  ``chunk_size`` defaults to the embedded put's, capped to
         the node's frame limit.  Chunks pushed are counted in :attr:`chunks_uploaded`.
-        """
-        import functools
 
+        ``progress(n)``: ``n`` bytes of the content the node holds — reported once the
+        content is cut and keyed here and the node has said which chunks it lacks (so a
+        resumed or repeated put starts at what it already has), then after each chunk
+        pushed; the last call has the content's size (``size_bytes``).  Nothing is
+        reported while the content is read and hashed here.
+        """
         from fabric import upload
         from fabric.artifacts import ChunkPlan
 
@@ -254,17 +297,17 @@ class RemoteFabric:
         size = upload.chunk_size_for(await self._call("put", limits), chunk_size)
         plan = await trio.to_thread.run_sync(functools.partial(ChunkPlan, data, chunk_size=size))
         try:
-            await upload.upload(functools.partial(self._call, "put"), plan, self._count_upload)
+            await upload.upload(functools.partial(self._call, "put"), plan, self._count_upload, progress)
         finally:
             plan.close()
         return plan.ref
 
-    def put(self, data: Any, *, chunk_size: int | None = None) -> Any:
-        """Sync :meth:`aput`."""
-        return self._portal(self._aput_kw, data, chunk_size)
+    def put(self, data: Any, *, chunk_size: int | None = None, progress: Callable[[int], None] | None = None) -> Any:
+        """Sync :meth:`aput` (``progress`` is called on this client's portal thread)."""
+        return self._portal(self._aput_kw, data, chunk_size, progress)
 
-    async def _aput_kw(self, data: Any, chunk_size: int | None) -> Any:
-        return await self.aput(data, chunk_size=chunk_size)
+    async def _aput_kw(self, data: Any, chunk_size: int | None, progress: Callable[[int], None] | None) -> Any:
+        return await self.aput(data, chunk_size=chunk_size, progress=progress)
 
     def _count_upload(self, nbytes: int) -> None:
         self.chunks_uploaded += 1
@@ -352,8 +395,6 @@ class RemoteFabric:
         "blobs"}``: records sent (``appended`` of them new to the node; the rest
         it already held) and blobs sent.  ``progress(entries sent)`` per round.
         """
-        import functools
-
         from fabric import admin
 
         return await admin.send_replay(functools.partial(self._call, "replay", policy=admin.ADMIN_POLICY), path, progress)
@@ -450,22 +491,29 @@ def _take_record(reply: Any, items: list) -> tuple[bytes, list]:
     return b"".join(parts), items
 
 
-def _assemble(key: ContentKey, manifest: dict, chunks: list) -> Any:
-    import blake3
+async def _get_items(client: WireClient, key: ContentKey, progress: Callable[[int], None] | None) -> tuple[Any, list]:
+    """Op ``get`` of ``key``: ``(reply, pushed items)``; with ``progress``, read item by item,
+    reporting the bytes received so far after each."""
+    if progress is None:
+        return await client.call("get", {"key": key})
+    items: list = []
+    got = 0
+    async with client.stream("get", {"key": key}) as call:
+        async for item in call:
+            items.append(item)
+            if type(item) is bytes:
+                got += len(item)
+                progress(got)
+    return call.response, items
 
-    if len(chunks) != len(manifest["chunks"]):
-        raise FabricError(StatusCode.DATA_LOSS, f"node sent {len(chunks)} chunks, manifest lists {len(manifest['chunks'])}", key=key)
-    buf = bytearray(manifest["size"])
-    h = blake3.blake3()
-    off = 0
-    for ck, data in zip(manifest["chunks"], chunks):
-        if type(data) is not bytes or ContentKey.of("blob", data) != ck:
-            raise FabricError(StatusCode.DATA_LOSS, f"chunk {ck.short()} does not match its key", key=key)
-        buf[off : off + len(data)] = data
-        h.update(data)
-        off += len(data)
-    if off != manifest["size"] or h.digest() != manifest["digest"]:
-        raise FabricError(StatusCode.DATA_LOSS, "artifact content does not match its digest", key=key)
-    if manifest["dtype"] is None:
-        return bytes(buf)
-    return np.frombuffer(buf, dtype=np.dtype(manifest["dtype"])).reshape(manifest["shape"])
+
+def _manifest_of(key: ContentKey, rec: Record) -> dict:
+    """The manifest in a verified record of artifact ``key``: it must be a well-formed,
+    canonical manifest whose key is ``key`` (DATA_LOSS otherwise)."""
+    try:
+        got, manifest = artifacts.parse_manifest(rec.payload)
+    except FabricError as exc:
+        raise FabricError(StatusCode.DATA_LOSS, f"node sent a malformed artifact manifest: {exc.message}", key=key) from None
+    if got != key:
+        raise FabricError(StatusCode.DATA_LOSS, "node sent the manifest of another artifact", key=key)
+    return manifest
