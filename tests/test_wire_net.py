@@ -481,3 +481,113 @@ async def test_fast_handler_answers_inline_defers_and_reports_errors_like_a_hand
                     await call.end()
                     assert await call.result() == {"slow": "up"}
                 assert handled == ["slow", "echo"]
+
+
+# --------------------------------------------------------------------------- call_many
+
+
+@pytest.mark.trio
+async def test_call_many_pipelines_keeps_order_and_fails_only_the_faulting_request():
+    """All requests of call_many are in flight at once (the barrier handler answers only
+    when 40 are in), replies come back in request order with their pushed items, a fault
+    or an unsendable body fails only its own position, and the connection stays usable."""
+    n = 40
+    arrived = 0
+    all_in = trio.Event()
+
+    async def handler(call):
+        nonlocal arrived
+        arrived += 1
+        if arrived == n - 1:  # every sendable body (one is refused before sending)
+            all_in.set()
+        await all_in.wait()
+        if call.body == 13:
+            raise FabricError(StatusCode.NOT_FOUND, "no 13 here")
+        if call.body % 5 == 0:
+            await call.send(b"pushed %d" % call.body)
+        return {"i": call.body}
+
+    bodies: list = list(range(n))
+    bodies[7] = {1, 2}  # a set cannot be encoded: refused locally, never sent
+    with trio.fail_after(TIME_LIMIT):
+        async with running(handler) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET) as client:
+                got = await client.call_many("op", bodies)
+                assert (await client.request("op", 41)) == {"i": 41}
+    assert len(got) == n
+    for i, r in enumerate(got):
+        if i == 7:
+            assert isinstance(r, FabricError) and r.status_code is StatusCode.INVALID_ARGUMENT
+        elif i == 13:
+            assert isinstance(r, FabricError) and r.status_code is StatusCode.NOT_FOUND and "no 13" in r.message
+        else:
+            assert r == ({"i": i}, [b"pushed %d" % i] if i % 5 == 0 else [])
+
+
+@pytest.mark.trio
+async def test_call_many_beyond_the_in_flight_limit_and_concurrently_does_not_deadlock():
+    """With a server allowing 4 requests in flight, two concurrent call_many of 50 each
+    (and a plain request beside them) all complete: a caller at the limit takes in its
+    oldest replies before sending more, and never waits on the limit holding permits."""
+    limits = StreamFrameLimits(max_inflight_requests=4)
+    peak = 0
+    live = 0
+
+    async def handler(call):
+        nonlocal peak, live
+        live += 1
+        peak = max(peak, live)
+        await trio.sleep(0.001)
+        live -= 1
+        return call.body * 2
+
+    out: dict[str, list] = {}
+    with trio.fail_after(TIME_LIMIT):
+        async with running(handler, limits) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET) as client:
+                async def many(tag, base):
+                    out[tag] = await client.call_many("op", [base + i for i in range(50)])
+
+                async def single():
+                    out["one"] = [await client.request("op", 1000)]
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(many, "a", 0)
+                    nursery.start_soon(many, "b", 100)
+                    nursery.start_soon(single)
+    assert out["a"] == [((i) * 2, []) for i in range(50)]
+    assert out["b"] == [((100 + i) * 2, []) for i in range(50)]
+    assert out["one"] == [2000]
+    assert peak <= 4
+
+
+@pytest.mark.trio
+async def test_cancelling_call_many_cancels_its_live_requests_on_the_server():
+    started = 0
+    cancelled = 0
+    all_started = trio.Event()
+
+    async def handler(call):
+        nonlocal started, cancelled
+        if call.op == "after":
+            return "still serving"
+        started += 1
+        if started == 5:
+            all_started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled += 1
+            raise
+
+    with trio.fail_after(TIME_LIMIT):
+        async with running(handler) as addr:
+            async with await net.open_connection(addr.host, addr.port, SECRET) as client:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.call_many, "op", list(range(5)))
+                    await all_started.wait()
+                    nursery.cancel_scope.cancel()
+                while cancelled < 5:  # each live request was cancelled at the server
+                    await trio.sleep(0.01)
+                assert await client.request("after", None) == "still serving"
+                assert client._slots == {}  # nothing of the cancelled batch is left behind
