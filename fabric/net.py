@@ -70,7 +70,7 @@ __all__ = [
     "READ_BYTES",
     "UPLOAD_WINDOW",
     "DEFAULT_CREDIT",
-    "MANY_WINDOW",
+    "MANY_FLUSH_EVERY",
 ]
 
 log = logging.getLogger("fabric.net")
@@ -83,8 +83,8 @@ INLINE_FLUSH_EVERY = 4
 UPLOAD_WINDOW = 8
 #: Push credits a client grants a download stream at open (then one per item consumed).
 DEFAULT_CREDIT = 8
-#: Requests :meth:`WireClient.call_many` writes before awaiting their replies.
-MANY_WINDOW = 64
+#: Requests :meth:`WireClient.call_many` queues per write (so the server starts on them while more are encoded).
+MANY_FLUSH_EVERY = 8
 
 _NET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -740,13 +740,17 @@ class WireClient:
             raise final.error
         return final.body, [ev.data for ev in slot.items if isinstance(ev, StreamData)]
 
-    async def call_many(self, op: str, bodies: Sequence[Any], *, credit: int = DEFAULT_CREDIT) -> list[tuple[Any, list] | FabricError]:
+    async def call_many(self, op: str, bodies: Sequence[Any], *, credit: int = DEFAULT_CREDIT,
+                        then: Callable[[int, Any, list], Any] | None = None) -> list[Any]:
         """Pipelined calls (as :meth:`call`) of ``op``, one per body: requests are written without
-        waiting for replies (flushed every :data:`MANY_WINDOW`), so N small requests cost
+        waiting for replies (every :data:`MANY_FLUSH_EVERY`), so N small requests cost
         about one round trip plus N times the per-request work, not N round trips.
 
         Returns, in the order of ``bodies``, ``(reply body, [pushed items])`` or the
         ``FabricError`` of that request alone (its fault, or a body that cannot be sent).
+        ``then(index, reply body, items)``, if given, is applied to each reply as it is
+        taken in (its work overlaps the server's on later requests) and its result stands
+        in for the pair; a ``FabricError`` it raises becomes that request's result.
         When the peer's in-flight limit is reached, the oldest replies are taken in
         before more requests go out.  A broken connection raises as :meth:`request`
         does; cancelling the caller cancels every request still live.  The caller's
@@ -769,7 +773,7 @@ class WireClient:
                         break
                     await self._link.flush()
                     await self._check_link()
-                    await self._take_reply(live.popleft(), results)
+                    await self._take_reply(live.popleft(), results, then)
                 rid = self._conn.new_request_id()
                 try:
                     self._link.queue(Request(rid, op, body, True, credit, timeout))
@@ -778,12 +782,12 @@ class WireClient:
                     results[i] = exc
                     continue
                 live.append((i, rid, self._slots.setdefault(rid, _Slot(True))))
-                if len(live) % MANY_WINDOW == 0:
+                if len(live) % MANY_FLUSH_EVERY == 0:
                     await self._link.flush()
             await self._link.flush()
             await self._check_link()
             while live:
-                await self._take_reply(live.popleft(), results)
+                await self._take_reply(live.popleft(), results, then)
             return results
         except BaseException:
             for _, rid, _ in live:
@@ -794,7 +798,7 @@ class WireClient:
                 self._slots.pop(rid, None)
                 self._inflight.release()
 
-    async def _take_reply(self, entry: tuple[int, int, _Slot], results: list) -> None:
+    async def _take_reply(self, entry: tuple[int, int, _Slot], results: list, then: Callable[[int, Any, list], Any] | None) -> None:
         """Wait for the final reply of one :meth:`call_many` request and put it in ``results``."""
         i, rid, slot = entry
         try:
@@ -808,8 +812,15 @@ class WireClient:
         final = slot.final
         if isinstance(final, Fault):
             results[i] = final.error
-        else:
-            results[i] = (final.body, [ev.data for ev in slot.items if isinstance(ev, StreamData)])
+            return
+        items = [ev.data for ev in slot.items if isinstance(ev, StreamData)]
+        if then is None:
+            results[i] = (final.body, items)
+            return
+        try:
+            results[i] = then(i, final.body, items)
+        except FabricError as exc:
+            results[i] = exc
 
     async def stats(self, body: Any = None) -> Any:
         """Ask the server for its counters (``{"wire": ..., "server": ..., "node": ...}``)."""

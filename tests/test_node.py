@@ -103,6 +103,36 @@ def test_evaluator_error_reaches_remote_caller_with_type_and_message(tmp_path):
         assert _records_after_stop(proc, data) == 0
 
 
+def test_realize_many_pipelines_hits_and_misses_in_order_each_evaluated_once(tmp_path):
+    """realize_many answers in request order, each reply verified as realize verifies it:
+    held keys as local hits, new ones computed once (a repeat inside the batch is one
+    computation); a failing request raises its own error after the others are recorded."""
+    texts = [f"text number {i} of the batch" for i in range(30)]
+    log = tmp_path / "evals.log"
+    with node(tmp_path, env={"FABRIC_EVAL_LOG": str(log)}) as (addr, proc, data):
+        with fabric.open(addr, secret=SECRET) as f:
+            for t in texts[:10]:
+                assert f.realize(fabric.Request("text.stats", {"text": t}, version="1")).source == "computed"
+            reqs = [fabric.Request("text.stats", {"text": t}, version="1") for t in texts + texts[25:]]
+            reps = f.realize_many(reqs)
+            assert [r.key for r in reps] == [r.key for r in reqs]
+            assert [r.source for r in reps[:10]] == ["local"] * 10
+            assert {r.source for r in reps[10:25]} == {"computed"}
+            assert [r.value["words"] for r in reps] == [len(t.split()) for t in texts + texts[25:]]
+            assert reps[-5:][0].value == reps[25].value  # a repeat in the batch: same reply
+            assert all(r.source == "local" for r in f.realize_many(reqs))
+            assert [ln.split()[0] for ln in log.read_text().splitlines()] == ["text.stats"] * len(texts)  # once per distinct request
+            runs = f.stats()["node"]
+            bad = [fabric.Request("text.stats", {"text": "one more"}, version="1"),
+                   fabric.Request("fail.always", {"message": "kaput"}, version="1"),
+                   fabric.Request("text.stats", {"text": "and another"}, version="1")]
+            with pytest.raises(ValueError, match="^kaput$"):
+                f.realize_many(bad)
+            assert [f.realize(r).source for r in (bad[0], bad[2])] == ["local", "local"]  # recorded nonetheless
+            assert runs["local_hits"] >= 10 + len(reqs)
+    assert _records(data) == len(texts) + 2
+
+
 def _records_after_stop(proc, data) -> int:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0

@@ -514,6 +514,14 @@ async def test_call_many_pipelines_keeps_order_and_fails_only_the_faulting_reque
             async with await net.open_connection(addr.host, addr.port, SECRET) as client:
                 got = await client.call_many("op", bodies)
                 assert (await client.request("op", 41)) == {"i": 41}
+
+                def then(i, reply, items):  # runs per reply as it is taken in, told its index
+                    if i == 3:
+                        raise FabricError(StatusCode.DATA_LOSS, "the caller refuses reply 3")
+                    return ("seen", i, reply["i"], len(items))
+
+                arrived, all_in = 0, trio.Event()
+                mapped = await client.call_many("op", bodies, then=then)
     assert len(got) == n
     for i, r in enumerate(got):
         if i == 7:
@@ -522,6 +530,12 @@ async def test_call_many_pipelines_keeps_order_and_fails_only_the_faulting_reque
             assert isinstance(r, FabricError) and r.status_code is StatusCode.NOT_FOUND and "no 13" in r.message
         else:
             assert r == ({"i": i}, [b"pushed %d" % i] if i % 5 == 0 else [])
+    for i, r in enumerate(mapped):
+        if i in (3, 7, 13):
+            assert isinstance(r, FabricError) and r.status_code is {3: StatusCode.DATA_LOSS, 7: StatusCode.INVALID_ARGUMENT,
+                                                                     13: StatusCode.NOT_FOUND}[i]
+        else:
+            assert r == ("seen", i, i, 1 if i % 5 == 0 else 0)
 
 
 @pytest.mark.trio

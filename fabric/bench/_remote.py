@@ -66,6 +66,8 @@ __all__ = ["bench_remote_hit", "bench_remote_fetch", "raw_server_main"]
 FLOOR_REPLY = 1024 + 160
 #: Concurrent tasks of the pipelined rows: a few agents, and many.
 PIPELINE_TASKS = (4, 32)
+#: Requests per ``arealize_many`` call in the batched pipelining row.
+MANY_BATCH = 32
 _START_S = 30.0
 _PY = [sys.executable, "-c"]
 _NODE_MAIN = "import sys; from fabric.cli import main; sys.exit(main())"
@@ -306,9 +308,21 @@ async def _hit_client(ctx: Ctx, node_addr: str, raw_addr: str) -> dict[str, Any]
                     nursery.start_soon(worker, j)
             return sum(counts) / (time.perf_counter() - t0)
 
+        async def batched() -> float:
+            n = 0
+            t0 = time.perf_counter()
+            end = t0 + window
+            while time.perf_counter() < end:
+                got = await rf.arealize_many([reqs[(n + j) % k] for j in range(MANY_BATCH)])
+                if len(got) != MANY_BATCH or got[0].source != "local":
+                    raise AssertionError("arealize_many did not answer every request as a hit")
+                n += MANY_BATCH
+            return n / (time.perf_counter() - t0)
+
         contenders: dict[Any, Callable[[], Awaitable[float]]] = {"seq": sequential}
         for tasks in PIPELINE_TASKS:
             contenders[tasks] = functools.partial(pipelined, tasks)
+        contenders["many"] = batched
         rates: dict[Any, list[float]] = {name: [] for name in contenders}
         for _ in range(2 if ctx.quick else 3):
             for name, fn in contenders.items():
@@ -354,6 +368,9 @@ def bench_remote_hit(ctx: Ctx) -> None:
         ctx.add(compare(bench, f"pipelined hits, {tasks} arealize tasks sharing one RemoteFabric (one connection)", max(r["rates"][tasks]), seq,
                         unit="ops/s", other_label="same connection, sequential", goal_op=">=", goal=5.0,
                         seq_rates=r["rates"]["seq"], pipe_rates=r["rates"][tasks], tasks=tasks))
+    ctx.add(compare(bench, f"pipelined hits, arealize_many of {MANY_BATCH} requests (one connection, one task)", max(r["rates"]["many"]), seq,
+                    unit="ops/s", other_label="same connection, sequential", goal_op=">=", goal=5.0,
+                    seq_rates=r["rates"]["seq"], pipe_rates=r["rates"]["many"], batch=MANY_BATCH))
 
 
 # -------------------------------------------------------------- remote-fetch

@@ -140,8 +140,9 @@ def test_remote_pipelined_rows_compare_with_sequential_on_the_same_connection(qu
         _measured(r)
         assert r["other_label"] == "same connection, sequential"
         assert (r["goal_op"], r["goal"]) == (">=", 5.0)
-        assert r["extra"]["tasks"] > 1
+        assert r["extra"].get("tasks", 0) > 1 or r["extra"].get("batch", 0) > 1  # tasks sharing it, or one arealize_many
         assert r["ratio"] == pytest.approx(r["ours"] / r["other"])
+    assert any("arealize_many" in r["measure"] for r in rows)
 
 
 def test_remote_fetch_rows_measure_1_and_2_holders(quick_run):
