@@ -232,6 +232,8 @@ def bench_hit_1m(ctx: Ctx) -> None:
     m = "realize hit, 1 MiB numpy reply"
     mib = 1 << 20
     ctx.add(compare(bench, m, rates["ours"], rates["floor"], unit="ops/s", other_label="floor: packb+derive_key+LMDB get+unpackb",
-                    goal_op=">=", goal=0.5, ours_gib_s=rates["ours"] * mib / 2**30, floor_gib_s=rates["floor"] * mib / 2**30))
+                    ours_gib_s=rates["ours"] * mib / 2**30, floor_gib_s=rates["floor"] * mib / 2**30,
+                    note="issue 6 asks for this measure without a goal (issue 3's ≥ 0.5× is for the 1 KiB reply); "
+                         "the gap is the CRC-32 every hit checks over the whole stored row (next row)"))
     ctx.add(compare(bench, m, rates["ours"], rates["floor+verify"], unit="ops/s", other_label="floor + CRC-32 of the value",
                     note="floor + check: the floor plus one CRC-32 pass over the stored value, the integrity check our hit path makes on every read; informational"))
