@@ -9,6 +9,7 @@ cassette after taking it).
 
 from __future__ import annotations
 
+import abc
 import fcntl
 import logging
 import os
@@ -86,12 +87,17 @@ class _KeyLock:
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.offset, os.SEEK_SET)
 
 
-class Fabric:
+class Fabric(metaclass=abc.ABCMeta):
     """An evaluation fabric over a cassette directory (embedded node).
 
     ``Fabric(path, durability="sync", node_id=None)``.  Use :meth:`realize`
     (sync) or :meth:`arealize` (trio); artifacts with :meth:`put`,
     :meth:`get`, :meth:`get_into`.  Close with :meth:`close` or ``with``.
+
+    ``Fabric`` is also the type of every fabric :func:`fabric.open` gives: a
+    node's client (:class:`fabric.remote.RemoteFabric`, same methods, served by
+    the node) is registered as a virtual subclass, so ``isinstance(f, Fabric)``
+    holds for both.
     """
 
     def __init__(self, path: str | os.PathLike, *, durability: str = "sync", node_id: str | None = None, map_size: int | None = None) -> None:

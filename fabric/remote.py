@@ -482,6 +482,15 @@ class RemoteFabric:
         return f"<RemoteFabric {self.address} node={self.node_id}>"
 
 
+def _register_as_fabric() -> None:
+    from fabric.local import Fabric
+
+    Fabric.register(RemoteFabric)  # isinstance(fabric.open("host:port", ...), fabric.Fabric)
+
+
+_register_as_fabric()
+
+
 def _realize_body(req: Request) -> dict:
     """The ``realize`` open body of ``req`` (specs/wire.md section 13)."""
     body = {"evaluator": req.evaluator, "version": req.version, "args": req.args}

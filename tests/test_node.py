@@ -35,6 +35,7 @@ def test_remote_realize_computed_then_local_second_client_same_bytes(tmp_path):
     with node(tmp_path) as (addr, proc, data):
         a = fabric.open(addr, secret=SECRET)
         b = fabric.open(addr, secret=SECRET)
+        assert isinstance(a, fabric.Fabric)  # DESIGN: fabric.open(path | address) gives a Fabric
         try:
             req = fabric.Request("text.stats", {"text": "to be or not to be"}, version="1")
             first = a.realize(req)
