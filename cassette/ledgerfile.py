@@ -267,14 +267,19 @@ def validate_ledger_file(path: str | os.PathLike) -> tuple[int, int]:
         return _validate_all(f, name)
 
 
-def read_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
-    """Validate the whole file, then append its records and blobs to ``cas``; returns records appended."""
+def read_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Callable[[int], None] | None = None,
+                     counts: dict | None = None) -> int:
+    """Validate the whole file, then append its records and blobs to ``cas``; returns records appended.
+
+    ``counts`` (optional) gets ``"records"`` and ``"blobs"``: the entries of the file.
+    """
     name = os.fspath(path)
     with _open_ledger_file(name) as f:
         _validate_all(f, name)
         f.seek(0)
         appended = 0
         seen = 0
+        blobs = 0
         pending: list[bytes] = []
         for tag, body, _ in iter_ledger_file(f, path=name):
             if tag == b"R":
@@ -287,7 +292,10 @@ def read_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Call
                         progress(seen)
             else:
                 cas.put_verified_blobs([(ContentKey.from_bytes(body[:33]), body[33:])])
+                blobs += 1
         appended += sum(r.appended for r in cas.put_raw_many(pending))
+    if counts is not None:
+        counts.update(records=seen, blobs=blobs)
     return appended
 
 

@@ -242,6 +242,21 @@ class Fabric(metaclass=abc.ABCMeta):
         """Scrub the cassette (see :meth:`cassette.Cassette.verify`)."""
         return self.cassette.verify(**kw)
 
+    def export(self, path: str | os.PathLike, *, progress: Any = None) -> int:
+        """Write the cassette's portable ledger file to ``path`` (as ``fabric export``); returns
+        the records written.  The same bytes a node's client gets from :meth:`RemoteFabric.export`."""
+        return self.cassette.export(path, progress=progress)
+
+    def replay(self, path: str | os.PathLike, *, progress: Any = None) -> dict:
+        """Append the records and blobs of the ledger file at ``path`` (validated whole
+        first: a bad file is DATA_LOSS / INVALID_ARGUMENT and nothing is appended);
+        returns ``{"records", "appended", "blobs"}`` as :meth:`RemoteFabric.replay` does."""
+        from cassette.ledgerfile import read_ledger_file
+
+        counts: dict = {}
+        appended = read_ledger_file(self.cassette, path, progress=progress, counts=counts)
+        return {"records": counts["records"], "appended": appended, "blobs": counts["blobs"]}
+
     def close(self) -> None:
         """Release this fabric's hold on the cassette (the last holder closes it)."""
         if not self._closed:

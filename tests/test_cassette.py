@@ -970,3 +970,34 @@ def test_aput_blobs_checks_each_blob_unless_the_caller_just_did(tmp_path):
         trio.run(main)
         assert cas.get_blob(kg) == good
         assert cas.get_blob(kb) is None  # the caller's broken promise reads as a miss, never as bytes
+
+
+def test_embedded_fabric_export_and_replay_match_the_node_ops(tmp_path):
+    """Fabric.export / Fabric.replay on the embedded fabric: the file round-trips, the
+    counts have the shape RemoteFabric.replay returns, and a second replay appends nothing."""
+    import numpy as np
+
+    src = tmp_path / "src"
+    with fabric.open(src, durability="fast") as fab:
+        keys = []
+        for i in range(5):
+            k = ContentKey.for_request("tc.export", "1", {"i": i})
+            fab.cassette.put(k, codec.encode({"i": i}), evaluator="tc.export", version="1")
+            keys.append(k)
+        ref = fab.put(np.arange(50_000, dtype=np.int32), chunk_size=1 << 16)
+        assert fab.export(tmp_path / "x.ledger") == 6
+    with fabric.open(tmp_path / "dst", durability="fast") as dst:
+        first = dst.replay(tmp_path / "x.ledger")
+        assert first == {"records": 6, "appended": 6, "blobs": ref.chunks}
+        assert dst.replay(tmp_path / "x.ledger") == {"records": 6, "appended": 0, "blobs": ref.chunks}
+        assert [dst.cassette.lookup_value(k) for k in keys] == [{"i": i} for i in range(5)]
+        np.testing.assert_array_equal(dst.get(ref.key), np.arange(50_000, dtype=np.int32))
+        bad = tmp_path / "bad.ledger"
+        raw = bytearray((tmp_path / "x.ledger").read_bytes())
+        raw[len(raw) // 2] ^= 0x40
+        bad.write_bytes(bytes(raw))
+    with fabric.open(tmp_path / "dst2", durability="fast") as dst2:
+        with pytest.raises(FabricError) as ei:
+            dst2.replay(bad)
+        assert ei.value.status_code in (StatusCode.DATA_LOSS, StatusCode.INVALID_ARGUMENT)
+        assert dst2.stats()["records"] == 0 and dst2.stats()["blobs"] == 0  # nothing appended
