@@ -142,13 +142,14 @@ def verify_report(reply: Any, node_id: str = "") -> NodeVerifyReport:
 
 async def _serve_verify(call: "ServerCall", service: "NodeService") -> dict:
     _no_body(call)
-    steps = service.fab.cassette.scrub()  # short read transactions; stops between steps if cancelled
-    rep = VerifyReport()
-    try:
-        while (step := await trio.to_thread.run_sync(next, steps, None)) is not None:
-            rep = step
-    finally:
-        steps.close()
+    async with service.scrub_lock:  # one scrub at a time per node: concurrent verifies queue
+        steps = service.fab.cassette.scrub()  # short read transactions; stops between steps if cancelled
+        rep = VerifyReport()
+        try:
+            while (step := await trio.to_thread.run_sync(next, steps, None)) is not None:
+                rep = step
+        finally:
+            steps.close()
     log.info("verify for %s: %d rows, %d index entries, %d blobs, %d problem(s)", call.peer, rep.records, rep.indexed,
              rep.blobs, len(rep.problems))
     return {

@@ -161,6 +161,8 @@ class NodeService:
         self.active_computations = 0
         self.idle = trio.Event()
         self.idle.set()
+        #: held while a ``verify`` op scrubs the cassette (one scrub at a time)
+        self.scrub_lock = trio.Lock()
 
     def handle_now(self, op: str, body: Any) -> Any:
         """The node's ``fast`` handler (see :func:`fabric.net.serve`): answer at once what needs

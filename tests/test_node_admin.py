@@ -358,3 +358,53 @@ def test_replay_goes_in_rounds_and_export_fits_small_frames(tmp_path):
         fab.close()
     # replayed in file order, the node's ledger exports to the very file it was seeded from
     assert (tmp_path / "small-frames.ledger").read_bytes() == ledger.read_bytes()
+
+
+def test_concurrent_verifies_on_one_node_run_one_scrub_at_a_time(tmp_path):
+    """Two verify requests at once: both get the full report, and the node never runs two
+    scrubs together (its scrub lock serializes them)."""
+    import threading
+
+    import trio
+
+    import fabric
+    from fabric import admin
+    from fabric.serve import NodeService
+
+    with fabric.open(tmp_path / "d", durability="fast") as fab:
+        for i in range(50):
+            fab.cassette.put(ContentKey.for_request("tc.v", "1", {"i": i}), codec.encode(i), evaluator="tc.v", version="1")
+        service = NodeService(fab)
+        live, peak = 0, 0
+        lock = threading.Lock()
+        real_scrub = fab.cassette.scrub
+
+        def counting_scrub(*a, **kw):
+            nonlocal live, peak
+            with lock:
+                live += 1
+                peak = max(peak, live)
+            try:
+                yield from real_scrub(*a, **kw)
+            finally:
+                with lock:
+                    live -= 1
+
+        fab.cassette.scrub = counting_scrub
+
+        class Call:
+            op, body, peer = "verify", None, "test"
+
+        async def main():
+            out = []
+            async with trio.open_nursery() as n:
+                for _ in range(3):
+                    n.start_soon(lambda: _append(out, admin.serve_admin(Call(), service)))
+            return out
+
+        async def _append(out, coro):
+            out.append(await coro)
+
+        reports = trio.run(main)
+    assert [r["records"] for r in reports] == [50, 50, 50] and all(r["problem_count"] == 0 for r in reports)
+    assert peak == 1
