@@ -24,7 +24,7 @@ import blake3
 import lmdb
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -1001,3 +1001,60 @@ def test_embedded_fabric_export_and_replay_match_the_node_ops(tmp_path):
             dst2.replay(bad)
         assert ei.value.status_code in (StatusCode.DATA_LOSS, StatusCode.INVALID_ARGUMENT)
         assert dst2.stats()["records"] == 0 and dst2.stats()["blobs"] == 0  # nothing appended
+
+
+# ------------------------------------------------------------- replay upload parsing
+
+
+def _entries_stream(n: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    from cassette.ledgerfile import entry_header
+
+    entries = []
+    for i in range(n):
+        if i % 3 == 2:
+            data = bytes([i % 251]) * (i * 7 % 300)
+            entries.append((b"B", bytes(ContentKey.of("blob", data)) + data))
+        else:
+            k = ContentKey.for_request("tc.reader", "1", {"i": i})
+            entries.append((b"R", pack_record(k, codec.encode(i), evaluator="tc.reader", version="1", created=1.0,
+                                              compute_s=0.0, node="n")))
+    return b"".join(entry_header(t, len(b)) + b for t, b in entries), entries
+
+
+@given(st.lists(st.integers(min_value=0, max_value=20_000), max_size=30), st.integers(min_value=0, max_value=12))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_entry_reader_yields_the_same_entries_however_the_stream_is_cut(cuts, n):
+    """A replay upload may cut entries anywhere: EntryReader gives back exactly the
+    entries, with their offsets, whatever the pieces, and close() accepts the end."""
+    from cassette.ledgerfile import EntryReader
+
+    stream, entries = _entries_stream(n)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    r = EntryReader()
+    got = []
+    for a, b in zip(points, points[1:]):
+        got.extend(r.feed(stream[a:b]))
+    r.close()
+    assert [(t, b) for t, b, _ in got] == entries
+    offsets, off = [], 0
+    for t, b in entries:
+        offsets.append(off)
+        off += 9 + len(b)
+    assert [o for _, _, o in got] == offsets
+
+
+@given(st.binary(max_size=400), st.integers(min_value=1, max_value=64))
+@settings(max_examples=300, deadline=None)
+def test_entry_reader_refuses_garbage_with_one_clear_error(garbage, piece):
+    """Arbitrary bytes either parse into entries of a known tag or raise INVALID_ARGUMENT
+    (bad header, or ending inside an entry): never another exception, never a huge buffer."""
+    from cassette.ledgerfile import EntryReader
+
+    r = EntryReader(max_entry=1 << 16)
+    try:
+        for i in range(0, len(garbage), piece):
+            for tag, body, _ in r.feed(garbage[i : i + piece]):
+                assert tag in (b"R", b"B") and len(body) <= 1 << 16
+        r.close()
+    except FabricError as exc:
+        assert exc.status_code is StatusCode.INVALID_ARGUMENT
