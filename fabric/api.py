@@ -106,18 +106,12 @@ def set_default(fab: Any) -> Any:
 
 def realize(req: Request, *, device: Any = None, **kw: Any) -> Reply:
     """Realize ``req`` on the default fabric.  ``device="cuda:0"`` returns numpy values as CuPy arrays."""
-    rep = default().realize(req, **kw)
-    if device is not None:
-        rep.value = _to_device(rep.value, device)
-    return rep
+    return default().realize(req, device=device, **kw)
 
 
 async def arealize(req: Request, *, device: Any = None, **kw: Any) -> Reply:
     """:func:`realize` under trio."""
-    rep = await default().arealize(req, **kw)
-    if device is not None:
-        rep.value = _to_device(rep.value, device)
-    return rep
+    return await default().arealize(req, device=device, **kw)
 
 
 def put(data: Any, **kw: Any):
@@ -133,27 +127,6 @@ def get(key: Any):
 def get_into(key: Any, out: Any):
     """Fill ``out`` (numpy or CuPy) with an artifact from the default fabric; returns ``out``."""
     return default().get_into(getattr(key, "key", key), out)
-
-
-def _to_device(value: Any, device: Any) -> Any:
-    import numpy as np
-
-    import gpu
-
-    cupy = gpu.require_cupy(gpu._parse_device(device))
-    dev = gpu._parse_device(device)
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, np.ndarray):
-            with cupy.cuda.Device(dev):
-                return cupy.asarray(v)
-        if isinstance(v, list):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return conv(value)
 
 
 def _default_artifact_stream(key):

@@ -87,6 +87,14 @@ class _KeyLock:
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.offset, os.SEEK_SET)
 
 
+def on_device(rep: Reply, device: Any) -> Reply:
+    """``rep`` with its numpy values moved to CuPy arrays on ``device`` (:func:`gpu.to_device`)."""
+    from gpu import to_device
+
+    rep.value = to_device(rep.value, device)
+    return rep
+
+
 class Fabric(metaclass=abc.ABCMeta):
     """An evaluation fabric over a cassette directory (embedded node).
 
@@ -117,30 +125,36 @@ class Fabric(metaclass=abc.ABCMeta):
         metrics.track_fabric(self)
 
     # ------------------------------------------------------------------ realize
-    def realize(self, req: Request, *, timeout: float | None = None) -> Reply:
+    def realize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
         """Answer ``req``: from the cassette if held, else compute once and record.
 
         An evaluator's exception reaches the caller unchanged (type and message)
         and nothing is recorded.  ``timeout`` bounds waiting on another
         caller's identical in-flight computation (DEADLINE_EXCEEDED).
+        ``device="cuda:0"`` returns numpy values as CuPy arrays on that device
+        (:func:`gpu.to_device`; FAILED_PRECONDITION without CuPy, after recording).
         """
         key = req.key
         value = self.cassette.lookup_value(key)
         if value is not MISS:
             self.local_hits += 1
-            return Reply(key, value, "local", self.node_id)
-        return self._realize_miss(req, key, timeout)
+            rep = Reply(key, value, "local", self.node_id)
+        else:
+            rep = self._realize_miss(req, key, timeout)
+        return rep if device is None else on_device(rep, device)
 
-    async def arealize(self, req: Request, *, timeout: float | None = None) -> Reply:
+    async def arealize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
         """:meth:`realize` under trio: hits answer inline, misses compute in a worker thread."""
         key = req.key
         value = self.cassette.lookup_value(key)
         if value is not MISS:
             self.local_hits += 1
-            return Reply(key, value, "local", self.node_id)
-        import trio
+            rep = Reply(key, value, "local", self.node_id)
+        else:
+            import trio
 
-        return await trio.to_thread.run_sync(self._realize_miss, req, key, timeout)
+            rep = await trio.to_thread.run_sync(self._realize_miss, req, key, timeout)
+        return rep if device is None else on_device(rep, device)
 
     def _realize_miss(self, req: Request, key: ContentKey, timeout: float | None) -> Reply:
         metrics.MISSES.inc()

@@ -28,6 +28,7 @@ from cassette.keys import ContentKey
 from cassette.record import Record
 from fabric import artifacts
 from fabric.errors import RetryPolicy, aretry_call
+from fabric.local import Fabric, on_device
 from fabric.net import WireClient, open_connection
 from fabric.request import Reply, Request
 from fabric.serve import EVALUATOR_ERROR, verify_record
@@ -190,8 +191,9 @@ class RemoteFabric:
         """Sync :meth:`arealize_many`."""
         return self._portal(self.arealize_many, list(reqs))
 
-    async def arealize(self, req: Request, *, timeout: float | None = None) -> Reply:
-        """Realize ``req`` on the node (trio); ``timeout`` bounds the whole call (DEADLINE_EXCEEDED)."""
+    async def arealize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
+        """Realize ``req`` on the node (trio); ``timeout`` bounds the whole call (DEADLINE_EXCEEDED);
+        ``device="cuda:0"``: numpy values come back as CuPy arrays on that device."""
         if timeout is None:  # no cancel scope on the common path: it costs more than a hit's parsing
             rec, source, holder = await self.arealize_record(req)
         else:
@@ -200,14 +202,15 @@ class RemoteFabric:
                     rec, source, holder = await self.arealize_record(req)
             except trio.TooSlowError:
                 raise FabricError(StatusCode.DEADLINE_EXCEEDED, f"realize did not finish within {timeout:g} s", retryable=False) from None
-        return Reply(rec.key, codec.decode(rec.payload), source, holder)
+        rep = Reply(rec.key, codec.decode(rec.payload), source, holder)
+        return rep if device is None else on_device(rep, device)
 
-    def realize(self, req: Request, *, timeout: float | None = None) -> Reply:
+    def realize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
         """Realize ``req`` on the node (sync; runs on this client's portal thread)."""
-        return self._portal(self._arealize_kw, req, timeout)
+        return self._portal(self._arealize_kw, req, timeout, device)
 
-    async def _arealize_kw(self, req: Request, timeout: float | None) -> Reply:
-        return await self.arealize(req, timeout=timeout)
+    async def _arealize_kw(self, req: Request, timeout: float | None, device: Any) -> Reply:
+        return await self.arealize(req, timeout=timeout, device=device)
 
     # ---------------------------------------------------------------- reading
     async def afetch(self, key: ContentKey, expected_digest: bytes | None = None) -> Record:
@@ -482,13 +485,7 @@ class RemoteFabric:
         return f"<RemoteFabric {self.address} node={self.node_id}>"
 
 
-def _register_as_fabric() -> None:
-    from fabric.local import Fabric
-
-    Fabric.register(RemoteFabric)  # isinstance(fabric.open("host:port", ...), fabric.Fabric)
-
-
-_register_as_fabric()
+Fabric.register(RemoteFabric)  # isinstance(fabric.open("host:port", ...), fabric.Fabric)
 
 
 def _realize_body(req: Request) -> dict:

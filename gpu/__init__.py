@@ -24,7 +24,7 @@ import numpy as np
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 
-__all__ = ["materialize", "materialize_into", "available", "set_default_source", "require_cupy"]
+__all__ = ["materialize", "materialize_into", "to_device", "available", "set_default_source", "require_cupy"]
 
 Stream = Callable[[], tuple[dict, Iterator[bytes]]]
 _default_source: Callable[[ContentKey], tuple[dict, Iterator[bytes]]] | None = None
@@ -71,6 +71,26 @@ def _parse_device(device: Any) -> int:
     if device == "cuda":
         return 0
     raise FabricError(StatusCode.INVALID_ARGUMENT, f"device must be an int or 'cuda:N', got {device!r}")
+
+
+def to_device(value: Any, device: Any = 0) -> Any:
+    """``value`` with every numpy array in it (also inside lists and dicts) copied to a
+    CuPy array on ``device`` (``0`` or ``"cuda:0"``); other values as they are.
+    FAILED_PRECONDITION without CuPy or that device (nothing is converted)."""
+    dev = _parse_device(device)
+    cupy = require_cupy(dev)
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            return cupy.asarray(v)
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    with cupy.cuda.Device(dev):
+        return conv(value)
 
 
 def materialize(key_or_ref: Any, device: Any = 0, *, source: Any = None) -> Any:

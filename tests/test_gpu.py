@@ -103,3 +103,65 @@ def test_realize_returns_device_arrays(tmp_path, monkeypatch):
         np.testing.assert_array_equal(cupy.asnumpy(rep.value), np.arange(8, dtype=np.float32))
     finally:
         api.set_default(old).close()
+
+
+@pytest.mark.skipif(HAVE_GPU, reason="checks the no-GPU path")
+def test_every_fabric_takes_device_and_without_gpu_says_what_to_install(tmp_path):
+    """Fabric.realize / arealize (embedded and through a node) accept device=: without
+    CuPy it is FAILED_PRECONDITION naming the extra, and the reply was recorded anyway."""
+    import trio
+
+    from _nodes import SECRET, node
+
+    with fabric.open(tmp_path / "e") as f:
+        with pytest.raises(FabricError) as ei:
+            f.realize(fabric.Request("t.gpu_arr", {"n": 3}), device="cuda:0")
+        assert ei.value.status_code is StatusCode.FAILED_PRECONDITION and "evalfabric[gpu]" in ei.value.message
+        with pytest.raises(FabricError):
+            trio.run(lambda: f.arealize(fabric.Request("t.gpu_arr", {"n": 3}), device=0))
+        assert f.realize(fabric.Request("t.gpu_arr", {"n": 3})).source == "local"
+    with node(tmp_path) as (addr, proc, data):
+        with fabric.open(addr, secret=SECRET) as r:
+            req = fabric.Request("text.stats", {"text": "a b"}, version="1")
+            with pytest.raises(FabricError) as ei:
+                r.realize(req, device="cuda:0")
+            assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+            assert r.realize(req).source == "local"
+
+
+def test_to_device_moves_every_numpy_array_and_nothing_else(monkeypatch):
+    """gpu.to_device with a stand-in CuPy module: arrays anywhere in lists and dicts are
+    converted, on the requested device; other values are kept as they are."""
+    import sys
+    import types
+
+    seen = []
+
+    class FakeDevice:
+        def __init__(self, i):
+            self.i = i
+
+        def __enter__(self):
+            seen.append(("device", self.i))
+
+        def __exit__(self, *a):
+            return False
+
+    class DevArray:
+        def __init__(self, a):
+            self.host = a
+
+    fake = types.SimpleNamespace(
+        asarray=DevArray,
+        cuda=types.SimpleNamespace(Device=FakeDevice, runtime=types.SimpleNamespace(getDeviceCount=lambda: 2)),
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    value = {"a": np.arange(3), "b": [np.ones(2), "text", 4], "c": {"d": np.zeros(1)}, "e": b"raw"}
+    got = gpu.to_device(value, "cuda:1")
+    assert seen == [("device", 1)]
+    assert isinstance(got["a"], DevArray) and np.array_equal(got["a"].host, np.arange(3))
+    assert isinstance(got["b"][0], DevArray) and got["b"][1:] == ["text", 4]
+    assert isinstance(got["c"]["d"], DevArray) and got["e"] == b"raw"
+    with pytest.raises(FabricError) as ei:
+        gpu.to_device(value, "cuda:5")  # no such device
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
