@@ -21,9 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not soak" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-## long soaks, behind the `soak` marker
+## long soaks (the `soak` marker), then the default suite drawing fresh hypothesis examples
 soak: $(STAMP)
 	$(PY) -m pytest -q -m soak $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	FABRIC_HYPOTHESIS=explore $(PY) -m pytest -q -m "not soak" $(PYTEST_ARGS)
 
 ## every benchmark, one table of ratios against raw floors measured in the same run
 bench: $(STAMP)
