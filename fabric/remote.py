@@ -32,7 +32,7 @@ from fabric.local import Fabric, on_device
 from fabric.net import WireClient, open_connection
 from fabric.request import Reply, Request
 from fabric.serve import EVALUATOR_ERROR, verify_record
-from fabric.wire import StreamFrameLimits
+from fabric.wire import Metadata, Response, StreamData, StreamFrameLimits
 
 __all__ = ["RemoteFabric", "parse_address"]
 
@@ -276,24 +276,26 @@ class RemoteFabric:
 
         Exactly the embedded :meth:`fabric.local.Fabric.get_into`
         (:func:`fabric.artifacts.fill_target`): ``key`` must be an artifact key and
-        ``out`` a numpy / CuPy array (INVALID_ARGUMENT, before anything is asked of
-        the node); the manifest record comes first and ``out``'s dtype, shape and
-        writability are checked against it before any chunk is used; then each
-        chunk, verified against its key, is written in place, or, for a target that
-        cannot take the bytes as they are (not C-contiguous, other byte order), into
-        a staged copy counted in ``fabric_layout_mismatch_total``.  The content is
-        checked against the manifest digest before ``out`` counts as filled (on
-        DATA_LOSS ``out``'s content is unspecified).  The whole artifact is received
-        (op ``get``, retried under the ``get_into`` policy) before ``out`` is checked.
+        ``out`` a numpy / CuPy array (INVALID_ARGUMENT); the node sends the manifest
+        record first, and ``out``'s dtype, shape and writability are checked against
+        it before any chunk is used (a wrong target cancels the transfer); then each
+        chunk, verified against its key as it arrives, is written in place, or, for a
+        target that cannot take the bytes as they are (not C-contiguous, other byte
+        order), into a staged copy counted in ``fabric_layout_mismatch_total``.  At
+        most a few chunks are held in memory at once.  The content is checked against
+        the manifest digest before ``out`` counts as filled (on DATA_LOSS ``out``'s
+        content is unspecified).  Op ``get``, retried under the ``get_into`` policy.
         """
-        key = artifacts.artifact_key(key, "get_into")
-        return artifacts.fill_target(functools.partial(self._portal, self._aartifact_stream, key, "get_into"), key, out)
+        return self._portal(self.aget_into, key, out)
 
     async def aget_into(self, key: ContentKey | str, out: Any) -> Any:
         """:meth:`get_into` under trio (the copy into ``out`` runs on a worker thread)."""
         key = artifacts.artifact_key(key, "get_into")
-        stream = functools.partial(trio.from_thread.run, self._aartifact_stream, key, "get_into")
-        return await trio.to_thread.run_sync(artifacts.fill_target, stream, key, out)
+
+        async def go(client: WireClient):
+            return await _stream_into(client, key, out)
+
+        return await self._call("get_into", go)
 
     # ---------------------------------------------------------------- writing
     async def aput(self, data: Any, *, chunk_size: int | None = None, progress: Callable[[int], None] | None = None) -> Any:
@@ -544,19 +546,113 @@ def _take_record(reply: Any, items: list) -> tuple[bytes, list]:
     return b"".join(parts), items
 
 
+#: Verified chunks a streaming ``get_into`` lets arrive ahead of the copy into its target.
+FILL_AHEAD = 4
+
+
+async def _read_head(call: Any, key: ContentKey) -> dict:
+    """Of a ``get`` stream of artifact ``key``: the announcement, then the manifest record's
+    pieces; returns the manifest once the record is verified and is that artifact's."""
+    first = await call.receive()
+    body = first.body if isinstance(first, Metadata) else None
+    size = body.get("record_size") if isinstance(body, dict) else None
+    if type(size) is not int or size <= 0:
+        raise FabricError(StatusCode.DATA_LOSS, "node did not announce the artifact's manifest record", key=key)
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        ev = await call.receive()
+        if not isinstance(ev, StreamData) or type(ev.data) is not bytes:
+            raise FabricError(StatusCode.DATA_LOSS, f"node sent {got} of the {size} bytes of the manifest record", key=key)
+        parts.append(ev.data)
+        got += len(ev.data)
+    if got != size:
+        raise FabricError(StatusCode.DATA_LOSS, f"node sent {got} manifest record bytes, announced {size}", key=key)
+    return _manifest_of(key, verify_record(b"".join(parts), key))
+
+
+async def _stream_into(client: WireClient, key: ContentKey, out: Any) -> Any:
+    """One streaming ``get`` of artifact ``key`` into ``out``: a task reads the stream (manifest
+    first, then chunks, at most :data:`FILL_AHEAD` ahead) while a worker thread runs
+    :func:`fabric.artifacts.fill_target`, which checks ``out`` and takes each chunk as it
+    comes through :func:`fabric.artifacts.verified_chunks`."""
+    head = trio.Event()
+    state: dict[str, Any] = {}
+    errors: list[FabricError] = []  # the reader's, then the filler's
+    send, recv = trio.open_memory_channel(FILL_AHEAD)
+    async with client.stream("get", {"key": key}) as call:
+
+        async def read() -> None:
+            try:
+                manifest = state["manifest"] = await _read_head(call, key)
+                head.set()
+                for _ in manifest["chunks"]:
+                    ev = await call.receive()
+                    if not isinstance(ev, StreamData):
+                        break  # too few chunks: the filler's count check says so
+                    await send.send(ev.data)
+            except FabricError as exc:
+                errors.insert(0, exc)
+            finally:
+                head.set()
+                send.close()
+
+        def stream() -> tuple[dict, Any]:  # in the worker thread, once out is a usable target
+            trio.from_thread.run(head.wait)
+            if "manifest" not in state:
+                raise errors[0] if errors else FabricError(StatusCode.UNAVAILABLE, "get stopped before the manifest arrived", key=key, retryable=True)
+
+            def chunks():
+                while True:
+                    try:
+                        yield trio.from_thread.run(recv.receive)
+                    except trio.EndOfChannel:
+                        return
+
+            return state["manifest"], artifacts.verified_chunks(key, state["manifest"], chunks())
+
+        async with trio.open_nursery() as nursery:
+
+            async def fill() -> None:
+                try:
+                    state["out"] = await trio.to_thread.run_sync(artifacts.fill_target, stream, key, out)
+                except FabricError as exc:
+                    errors.append(exc)
+                finally:
+                    nursery.cancel_scope.cancel()  # the reader has nothing left to do for us
+
+            nursery.start_soon(read)
+            nursery.start_soon(fill)
+        if errors:
+            raise errors[0]
+        final = await call.receive()
+        if not isinstance(final, Response):
+            raise FabricError(StatusCode.DATA_LOSS, "node sent more chunks than the manifest lists", key=key)
+    return state["out"]
+
+
 async def _get_items(client: WireClient, key: ContentKey, progress: Callable[[int], None] | None) -> tuple[Any, list]:
     """Op ``get`` of ``key``: ``(reply, pushed items)``; with ``progress``, read item by item,
-    reporting the bytes received so far after each."""
+    reporting the content bytes received so far after each (for an artifact, its chunks':
+    the manifest record the node announces and pushes first is not counted)."""
     if progress is None:
         return await client.call("get", {"key": key})
     items: list = []
     got = 0
+    skip: int | None = None  # manifest record bytes still to come before the chunks
     async with client.stream("get", {"key": key}) as call:
         async for item in call:
             items.append(item)
-            if type(item) is bytes:
-                got += len(item)
-                progress(got)
+            if type(item) is not bytes:
+                continue
+            if skip is None:
+                head = call.metadata[0] if call.metadata else None
+                skip = head.get("record_size", 0) if isinstance(head, dict) and type(head.get("record_size")) is int else 0
+            if skip > 0:
+                skip -= len(item)
+                continue
+            got += len(item)
+            progress(got)
     return call.response, items
 
 

@@ -136,6 +136,11 @@ async def send_record(call: "ServerCall", raw: bytes, reply: dict) -> dict:
     """Put ``raw`` inline in ``reply``, or push it in chunks and announce its size."""
     if inline_record(raw, reply) is not None:
         return reply
+    return await push_record(call, raw, reply)
+
+
+async def push_record(call: "ServerCall", raw: bytes, reply: dict) -> dict:
+    """Push ``raw`` in :data:`RECORD_CHUNK` pieces; ``reply`` announces its size (``record_size``)."""
     for off in range(0, len(raw), RECORD_CHUNK):
         await call.send(raw[off : off + RECORD_CHUNK])
     reply["record_size"] = len(raw)
@@ -282,14 +287,18 @@ class NodeService:
         if self.caf is not None and not self.fab.cassette.contains(key):
             holder = await self.caf.obtain(key) or self.node_id  # from a live holder, verified, recorded here
         raw = self.serve.fetch(key)
-        reply = await send_record(call, raw, {"key": key, "holder": holder})
-        if key.kind == "artifact":
-            from cassette import codec
+        if key.kind != "artifact":
+            return await send_record(call, raw, {"key": key, "holder": holder})
+        # an artifact: announce, push the manifest record, then every chunk in order, so the
+        # client can check its target against the manifest and use each chunk as it arrives
+        from cassette import codec
 
-            manifest = codec.decode(unpack_record(raw).payload)
-            for ck in manifest["chunks"]:
-                await call.send(self.serve.fetch_blob(ck))
-            reply["chunks"] = len(manifest["chunks"])
+        chunks = codec.decode(unpack_record(raw).payload)["chunks"]
+        await call.send_metadata({"record_size": len(raw), "chunks": len(chunks)})
+        reply = await push_record(call, raw, {"key": key, "holder": holder})
+        for ck in chunks:
+            await call.send(self.serve.fetch_blob(ck))
+        reply["chunks"] = len(chunks)
         return reply
 
     def _begin(self) -> None:

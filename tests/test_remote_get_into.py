@@ -22,7 +22,7 @@ import gpu
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from cassette.record import pack_record
-from fabric import artifacts, metrics, remote
+from fabric import artifacts, metrics, net, remote
 from fabric.registry import load_evaluators
 from fabric.remote import RemoteFabric
 from _nodes import EVALUATORS, FABRIC, SECRET, node
@@ -194,6 +194,7 @@ def test_a_device_array_target_without_cupy_is_failed_precondition_as_embedded(b
 
 # ------------------------------------------------------------ remote only
 _GET_ITEMS = remote._get_items
+_REAL_RECEIVE = net.ClientCall.receive
 
 
 def _tampering(monkeypatch, change):
@@ -206,7 +207,31 @@ def _tampering(monkeypatch, change):
     monkeypatch.setattr(remote, "_get_items", tampered)
 
 
+def _tampering_stream(monkeypatch, change):
+    """Make every streaming request's received events pass through ``change(n, event)``
+    (``n`` counts the request's pushed items from 0; None drops the event)."""
+    from fabric.wire import StreamData
+
+    real = _REAL_RECEIVE  # never an earlier tampering's wrapper
+    counts: dict[int, int] = {}
+
+    async def receive(self):
+        while True:
+            ev = await real(self)
+            if not isinstance(ev, StreamData):
+                return ev
+            n = counts.get(id(self), 0)
+            counts[id(self)] = n + 1
+            ev = change(n, ev)
+            if ev is not None:
+                return ev
+
+    monkeypatch.setattr(net.ClientCall, "receive", receive)
+
+
 def test_a_chunk_altered_in_transit_is_data_loss(both, monkeypatch):
+    from fabric.wire import StreamData
+
     arr = np.arange(4096, dtype=np.uint32)
     ref = _put_both(both, arr, chunk_size=4096)
     rem = both["remote"]
@@ -216,17 +241,17 @@ def test_a_chunk_altered_in_transit_is_data_loss(both, monkeypatch):
         return reply, items
 
     _tampering(monkeypatch, flip)
-    for out in (np.zeros(4096, dtype=np.uint32), np.zeros(4096, dtype=">u4")):  # in place and staged
-        err = _error(rem, ref.key, out)
-        assert err.status_code is StatusCode.DATA_LOSS and err.key == ref.key and "does not match its key" in err.message
     with pytest.raises(FabricError) as ei:
         rem.get(ref.key)
     assert ei.value.status_code is StatusCode.DATA_LOSS
 
-    def drop(reply, items):
-        return reply, items[:-1]
+    # get_into streams: tamper with the pushed items as they arrive (item 0 is the manifest record)
+    _tampering_stream(monkeypatch, lambda n, ev: StreamData(ev.req_id, ev.data[:-1] + bytes([ev.data[-1] ^ 1])) if n == 2 else ev)
+    for out in (np.zeros(4096, dtype=np.uint32), np.zeros(4096, dtype=">u4")):  # in place and staged
+        err = _error(rem, ref.key, out)
+        assert err.status_code is StatusCode.DATA_LOSS and err.key == ref.key and "does not match its key" in err.message
 
-    _tampering(monkeypatch, drop)
+    _tampering_stream(monkeypatch, lambda n, ev: None if n == 4 else ev)  # the last of 4 chunks never arrives
     err = _error(rem, ref.key, np.zeros(4096, dtype=np.uint32))
     assert err.status_code is StatusCode.DATA_LOSS and "manifest lists 4" in err.message
 
@@ -245,10 +270,35 @@ def test_a_record_claiming_the_key_with_another_manifest_is_data_loss(both, monk
         return await client.call("get", {"key": key})
 
     monkeypatch.setattr(remote, "_get_items", lie)
-    for call in (lambda: rem.get(ref.key), lambda: rem.get_into(ref.key, np.zeros(64, dtype=np.int16))):
-        with pytest.raises(FabricError) as ei:
-            call()
-        assert ei.value.status_code is StatusCode.DATA_LOSS and "manifest of another artifact" in ei.value.message
+    with pytest.raises(FabricError) as ei:
+        rem.get(ref.key)
+    assert ei.value.status_code is StatusCode.DATA_LOSS and "manifest of another artifact" in ei.value.message
+
+    # get_into streams: the manifest record (pushed item 0, one piece here) is swapped in transit
+    from fabric.wire import StreamData
+
+    _tampering_stream(monkeypatch, lambda n, ev: StreamData(ev.req_id, liar) if n == 0 else ev)
+    real_head = remote._read_head
+
+    async def head_of_liar(call, key):  # the announced size must be the liar's for the swap to parse
+        from fabric.wire import Metadata
+
+        first = await call.receive()
+        assert isinstance(first, Metadata)
+
+        class Call:
+            async def receive(self):
+                if not hasattr(self, "sent"):
+                    self.sent = True
+                    return Metadata(first.req_id, {**first.body, "record_size": len(liar)})
+                return await call.receive()
+
+        return await real_head(Call(), key)
+
+    monkeypatch.setattr(remote, "_read_head", head_of_liar)
+    with pytest.raises(FabricError) as ei:
+        rem.get_into(ref.key, np.zeros(64, dtype=np.int16))
+    assert ei.value.status_code is StatusCode.DATA_LOSS and "manifest of another artifact" in ei.value.message
 
 
 def test_aget_into_under_trio(both):
@@ -358,7 +408,7 @@ def test_remote_get_reports_bytes_received(both):
     ref = _put_both(both, data, chunk_size=SMALL)
     seen: list[int] = []
     assert rem.get(ref.key, progress=seen.append) == data
-    assert len(seen) == ref.chunks  # the manifest is inline: only chunks are pushed
+    assert len(seen) == ref.chunks  # one call per chunk: the manifest record pushed first is not counted
     _check_progress(seen, len(data))
 
     async def main():
@@ -389,3 +439,28 @@ def test_cli_get_through_a_node_writes_the_file(both, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert both["remote"].get(json.loads(r.stdout)["key"]) == data[::-1]
+
+
+def test_a_wrong_target_stops_the_transfer_and_a_fill_holds_only_a_few_chunks(both):
+    """get_into through a node streams: the node announces and sends the manifest first,
+    so a target of the wrong shape is refused after a handful of the artifact's 200
+    chunks (the rest are never sent); a good fill takes exactly the announcement, the
+    manifest record, the chunks and the reply."""
+    rem = both["remote"]
+    arr = np.arange(200 * 1024, dtype=np.int32)
+    ref = _put_both(both, arr, chunk_size=4096)  # 200 chunks
+    assert ref.chunks == 200
+
+    def frames_sent() -> int:
+        return rem.stats()["wire"]["frames_sent"]
+
+    before = frames_sent()
+    err = _error(rem, ref.key, np.zeros((1024, 200), dtype=np.int32))  # right size, wrong shape
+    assert err.status_code is StatusCode.INVALID_ARGUMENT and "shape" in err.message
+    sent = frames_sent() - before - 1  # less the stats answer
+    assert sent < 40, f"the node sent {sent} frames for a refused get_into of 200 chunks"
+
+    out = np.zeros(200 * 1024, dtype=np.int32)
+    before = frames_sent()
+    assert rem.get_into(ref.key, out) is out and np.array_equal(out, arr)
+    assert frames_sent() - before - 1 == 1 + 1 + 200 + 1  # announcement, manifest record, chunks, reply
