@@ -7,7 +7,7 @@ import selectors
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +71,23 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
         proc.kill()
         raise AssertionError(f"node did not start in {timeout}s")
     return proc.stdout.readline().strip()
+
+
+@asynccontextmanager
+async def in_process_node(fab, limits=None):
+    """A node serving the embedded ``fab`` inside this trio run (127.0.0.1, ``limits`` or the
+    defaults), for tests that need node limits a subprocess does not take; yields
+    ``(address, service)`` and stops serving on exit."""
+    import trio
+
+    from fabric.net import serve
+    from fabric.serve import NodeService
+
+    service = NodeService(fab)
+    async with trio.open_nursery() as nursery:
+        at = await nursery.start(lambda task_status: serve("127.0.0.1", 0, SECRET, service.handle, limits,
+                                                           node_id=fab.node_id, task_status=task_status))
+        try:
+            yield f"{at.host}:{at.port}", service
+        finally:
+            nursery.cancel_scope.cancel()

@@ -22,7 +22,7 @@ from fabric.artifacts import ChunkPlan, build_manifest
 from fabric.net import open_connection
 from fabric.remote import RemoteFabric
 from fabric.wire import Metadata
-from _nodes import FABRIC, SECRET, node, start_node, stop_node
+from _nodes import FABRIC, SECRET, in_process_node, node, start_node, stop_node
 from test_fleet import _wait
 
 SMALL = 1 << 16  # 64 KiB chunks: many chunks from little data
@@ -179,8 +179,6 @@ def test_chunk_size_must_fit_the_nodes_frames(shared):
 def test_put_to_a_node_with_small_frames_and_streams_cuts_smaller_and_uploads_in_rounds(tmp_path):
     """In-process node whose frames are 64 KiB and whose requests carry at most 1 MiB each."""
     from fabric.local import Fabric
-    from fabric.net import serve
-    from fabric.serve import NodeService
     from fabric.wire import StreamFrameLimits
 
     blob = os.urandom(3 << 20)
@@ -188,15 +186,11 @@ def test_put_to_a_node_with_small_frames_and_streams_cuts_smaller_and_uploads_in
 
     async def main():
         with Fabric(tmp_path / "small", durability="fast") as fab:
-            svc = NodeService(fab)
-            async with trio.open_nursery() as nursery:
-                at = await nursery.start(lambda task_status: serve("127.0.0.1", 0, SECRET, svc.handle, limits,
-                                                                   node_id=fab.node_id, task_status=task_status))
-                f = RemoteFabric(f"{at.host}:{at.port}", SECRET)
+            async with in_process_node(fab, limits) as (addr, _):
+                f = RemoteFabric(addr, SECRET)
                 ref = await f.aput(blob)
                 assert ref.chunks == -(-len(blob) // ((64 << 10) - 256)) and f.chunks_uploaded == ref.chunks
                 assert fab.get(ref.key) == blob and await f.aget(ref.key) == blob
-                nursery.cancel_scope.cancel()
 
     trio.run(main)
 

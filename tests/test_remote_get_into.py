@@ -25,7 +25,7 @@ from cassette.record import pack_record
 from fabric import artifacts, metrics, net, remote
 from fabric.registry import load_evaluators
 from fabric.remote import RemoteFabric
-from _nodes import EVALUATORS, FABRIC, SECRET, node
+from _nodes import EVALUATORS, FABRIC, SECRET, in_process_node, node
 
 SMALL = 1 << 16  # 64 KiB chunks: many chunks from little data
 
@@ -379,8 +379,6 @@ def test_remote_put_reports_bytes_the_node_holds(both):
 def test_remote_put_in_rounds_reports_up_to_the_size(tmp_path):
     """An in-process node whose requests carry at most 1 MiB: a 3 MiB put takes several rounds."""
     from fabric.local import Fabric
-    from fabric.net import serve
-    from fabric.serve import NodeService
     from fabric.wire import StreamFrameLimits
 
     blob = os.urandom(3 << 20)
@@ -389,14 +387,9 @@ def test_remote_put_in_rounds_reports_up_to_the_size(tmp_path):
 
     async def main():
         with Fabric(tmp_path / "small", durability="fast") as fab:
-            svc = NodeService(fab)
-            async with trio.open_nursery() as nursery:
-                at = await nursery.start(lambda task_status: serve("127.0.0.1", 0, SECRET, svc.handle, limits,
-                                                                   node_id=fab.node_id, task_status=task_status))
-                f = RemoteFabric(f"{at.host}:{at.port}", SECRET)
-                ref = await f.aput(blob, progress=seen.append)
+            async with in_process_node(fab, limits) as (addr, _):
+                ref = await RemoteFabric(addr, SECRET).aput(blob, progress=seen.append)
                 assert fab.get(ref.key) == blob
-                nursery.cancel_scope.cancel()
 
     trio.run(main)
     _check_progress(seen, len(blob), strict=False)  # each round starts with what the last one ended at
