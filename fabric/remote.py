@@ -233,11 +233,22 @@ class RemoteFabric:
     async def aget(self, key: ContentKey | str, *, progress: Callable[[int], None] | None = None) -> Any:
         """An artifact (bytes / numpy) or a reply value from the node, every chunk verified.
 
-        ``progress(n)``: ``n`` bytes received so far in this attempt (pushed record pieces
-        and chunks), per item; the total is not known until the last one (the manifest
-        comes with the node's final reply).  A retried attempt counts from 0 again.
+        An artifact streams (as :meth:`get_into` does): the manifest comes first and each
+        verified chunk is copied into the result as it arrives, so the artifact is held
+        once, not twice.  ``progress(n)``: ``n`` content bytes received so far in this
+        attempt, per pushed item (for an artifact, per chunk, ending at its size; called
+        from a worker thread).  A retried attempt counts from 0 again.
         """
         key = ContentKey.parse(key)
+        if key.kind == "artifact":
+
+            def assemble(stream: Callable[[], tuple[dict, Any]]) -> Any:
+                return artifacts.assemble(*stream(), progress)
+
+            async def go(client: WireClient):
+                return await _stream_artifact(client, key, assemble)
+
+            return await self._call("get", go)
         reply, items = await self._aget_items(key, "get", progress)
         if key.kind == "blob":
             data = items[0] if items else b""
@@ -245,11 +256,7 @@ class RemoteFabric:
                 raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=key)
             return data
         raw, items = _take_record(reply, items)
-        rec = verify_record(raw, key)
-        if key.kind == "request":
-            return codec.decode(rec.payload)
-        manifest = _manifest_of(key, rec)
-        return artifacts.assemble(manifest, artifacts.verified_chunks(key, manifest, items))
+        return codec.decode(verify_record(raw, key).payload)
 
     def get(self, key: ContentKey | str, *, progress: Callable[[int], None] | None = None) -> Any:
         """Sync :meth:`aget` (``progress`` is called on this client's portal thread)."""
@@ -293,7 +300,7 @@ class RemoteFabric:
         key = artifacts.artifact_key(key, "get_into")
 
         async def go(client: WireClient):
-            return await _stream_into(client, key, out)
+            return await _stream_artifact(client, key, functools.partial(artifacts.fill_target, key=key, out=out))
 
         return await self._call("get_into", go)
 
@@ -571,11 +578,13 @@ async def _read_head(call: Any, key: ContentKey) -> dict:
     return _manifest_of(key, verify_record(b"".join(parts), key))
 
 
-async def _stream_into(client: WireClient, key: ContentKey, out: Any) -> Any:
-    """One streaming ``get`` of artifact ``key`` into ``out``: a task reads the stream (manifest
-    first, then chunks, at most :data:`FILL_AHEAD` ahead) while a worker thread runs
-    :func:`fabric.artifacts.fill_target`, which checks ``out`` and takes each chunk as it
-    comes through :func:`fabric.artifacts.verified_chunks`."""
+async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callable[[Callable[[], tuple[dict, Any]]], Any]) -> Any:
+    """One streaming ``get`` of artifact ``key``: a task reads the stream (manifest first,
+    then chunks, at most :data:`FILL_AHEAD` ahead) while a worker thread runs
+    ``consume(stream)``, where ``stream()`` gives ``(manifest, chunks)``, the chunks
+    verified as they come (:func:`fabric.artifacts.verified_chunks`) — e.g.
+    :func:`fabric.artifacts.fill_target`, which checks its target before calling it.
+    Returns what ``consume`` returns."""
     head = trio.Event()
     state: dict[str, Any] = {}
     errors: list[FabricError] = []  # the reader's, then the filler's
@@ -615,7 +624,7 @@ async def _stream_into(client: WireClient, key: ContentKey, out: Any) -> Any:
 
             async def fill() -> None:
                 try:
-                    state["out"] = await trio.to_thread.run_sync(artifacts.fill_target, stream, key, out)
+                    state["out"] = await trio.to_thread.run_sync(consume, stream)
                 except FabricError as exc:
                     errors.append(exc)
                 finally:
@@ -632,27 +641,19 @@ async def _stream_into(client: WireClient, key: ContentKey, out: Any) -> Any:
 
 
 async def _get_items(client: WireClient, key: ContentKey, progress: Callable[[int], None] | None) -> tuple[Any, list]:
-    """Op ``get`` of ``key``: ``(reply, pushed items)``; with ``progress``, read item by item,
-    reporting the content bytes received so far after each (for an artifact, its chunks':
-    the manifest record the node announces and pushes first is not counted)."""
+    """Op ``get`` of ``key`` (a reply's or a blob's; artifacts stream, :func:`_stream_artifact`):
+    ``(reply, pushed items)``; with ``progress``, read item by item, reporting the bytes
+    received so far after each."""
     if progress is None:
         return await client.call("get", {"key": key})
     items: list = []
     got = 0
-    skip: int | None = None  # manifest record bytes still to come before the chunks
     async with client.stream("get", {"key": key}) as call:
         async for item in call:
             items.append(item)
-            if type(item) is not bytes:
-                continue
-            if skip is None:
-                head = call.metadata[0] if call.metadata else None
-                skip = head.get("record_size", 0) if isinstance(head, dict) and type(head.get("record_size")) is int else 0
-            if skip > 0:
-                skip -= len(item)
-                continue
-            got += len(item)
-            progress(got)
+            if type(item) is bytes:
+                got += len(item)
+                progress(got)
     return call.response, items
 
 

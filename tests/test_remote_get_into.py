@@ -193,18 +193,7 @@ def test_a_device_array_target_without_cupy_is_failed_precondition_as_embedded(b
 
 
 # ------------------------------------------------------------ remote only
-_GET_ITEMS = remote._get_items
 _REAL_RECEIVE = net.ClientCall.receive
-
-
-def _tampering(monkeypatch, change):
-    """Make the client see the node's answers to op ``get`` through ``change(reply, items)``."""
-
-    async def tampered(client, key, progress):
-        reply, items = await _GET_ITEMS(client, key, progress)
-        return change(reply, items)
-
-    monkeypatch.setattr(remote, "_get_items", tampered)
 
 
 def _tampering_stream(monkeypatch, change):
@@ -236,20 +225,14 @@ def test_a_chunk_altered_in_transit_is_data_loss(both, monkeypatch):
     ref = _put_both(both, arr, chunk_size=4096)
     rem = both["remote"]
 
-    def flip(reply, items):
-        items[2] = items[2][:-1] + bytes([items[2][-1] ^ 1])
-        return reply, items
-
-    _tampering(monkeypatch, flip)
-    with pytest.raises(FabricError) as ei:
-        rem.get(ref.key)
-    assert ei.value.status_code is StatusCode.DATA_LOSS
-
-    # get_into streams: tamper with the pushed items as they arrive (item 0 is the manifest record)
+    # get and get_into stream: tamper with the pushed items as they arrive (item 0 is the manifest record)
     _tampering_stream(monkeypatch, lambda n, ev: StreamData(ev.req_id, ev.data[:-1] + bytes([ev.data[-1] ^ 1])) if n == 2 else ev)
     for out in (np.zeros(4096, dtype=np.uint32), np.zeros(4096, dtype=">u4")):  # in place and staged
         err = _error(rem, ref.key, out)
         assert err.status_code is StatusCode.DATA_LOSS and err.key == ref.key and "does not match its key" in err.message
+    with pytest.raises(FabricError) as ei:
+        rem.get(ref.key)
+    assert ei.value.status_code is StatusCode.DATA_LOSS and "does not match its key" in ei.value.message
 
     _tampering_stream(monkeypatch, lambda n, ev: None if n == 4 else ev)  # the last of 4 chunks never arrives
     err = _error(rem, ref.key, np.zeros(4096, dtype=np.uint32))
@@ -263,18 +246,7 @@ def test_a_record_claiming_the_key_with_another_manifest_is_data_loss(both, monk
     other_payload = both["embedded"].cassette.get_record(other.key).payload
     liar = pack_record(ref.key, other_payload, evaluator="", version="", created=0.0, compute_s=0.0, node="liar")
 
-    async def lie(client, key, progress):
-        if key == ref.key:
-            _, items = await client.call("get", {"key": other.key})
-            return {"key": key, "record": liar}, items
-        return await client.call("get", {"key": key})
-
-    monkeypatch.setattr(remote, "_get_items", lie)
-    with pytest.raises(FabricError) as ei:
-        rem.get(ref.key)
-    assert ei.value.status_code is StatusCode.DATA_LOSS and "manifest of another artifact" in ei.value.message
-
-    # get_into streams: the manifest record (pushed item 0, one piece here) is swapped in transit
+    # the manifest record (pushed item 0, one piece here) is swapped in transit
     from fabric.wire import StreamData
 
     _tampering_stream(monkeypatch, lambda n, ev: StreamData(ev.req_id, liar) if n == 0 else ev)
@@ -296,9 +268,10 @@ def test_a_record_claiming_the_key_with_another_manifest_is_data_loss(both, monk
         return await real_head(Call(), key)
 
     monkeypatch.setattr(remote, "_read_head", head_of_liar)
-    with pytest.raises(FabricError) as ei:
-        rem.get_into(ref.key, np.zeros(64, dtype=np.int16))
-    assert ei.value.status_code is StatusCode.DATA_LOSS and "manifest of another artifact" in ei.value.message
+    for call in (lambda: rem.get(ref.key), lambda: rem.get_into(ref.key, np.zeros(64, dtype=np.int16))):
+        with pytest.raises(FabricError) as ei:
+            call()
+        assert ei.value.status_code is StatusCode.DATA_LOSS and "manifest of another artifact" in ei.value.message
 
 
 def test_aget_into_under_trio(both):
