@@ -430,3 +430,25 @@ def test_a_wrong_target_stops_the_transfer_and_a_fill_holds_only_a_few_chunks(bo
     before = frames_sent()
     assert rem.get_into(ref.key, out) is out and np.array_equal(out, arr)
     assert frames_sent() - before - 1 == 1 + 1 + 200 + 1  # announcement, manifest record, chunks, reply
+
+
+def test_cancelling_a_streaming_get_into_is_prompt_and_leaves_the_client_usable(both):
+    """A deadline that expires while chunks stream in stops get_into at once (the reader
+    task, the worker thread copying and the request at the node all end), and the next
+    get_into on the same client fills the target."""
+    arr = np.arange(2 << 20, dtype=np.int32)  # 8 MiB in 128 chunks
+    ref = _put_both(both, arr, chunk_size=SMALL)
+
+    async def main():
+        rf = RemoteFabric(both["addr"], SECRET)
+        out = np.zeros_like(arr)
+        for deadline in (0.0005, 0.005, 0.02):
+            t0 = trio.current_time()
+            with trio.move_on_after(deadline) as scope:
+                await rf.aget_into(ref.key, out)
+            if scope.cancelled_caught:
+                assert trio.current_time() - t0 < deadline + 2.0
+        out[:] = 0
+        assert await rf.aget_into(ref.key, out) is out and np.array_equal(out, arr)
+
+    trio.run(main)
