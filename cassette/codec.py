@@ -114,7 +114,7 @@ _ORDER_CACHE_MAX = 4096
 #: key tuples (all exactly str) already in canonical order: the request fast path's test
 _CANONICAL_KEYS: set[tuple] = set()
 #: value types msgpack (strict types) packs canonically as they are, ints in range
-_PLAIN_TYPES = frozenset((str, bytes, bool, int, type(None)))
+_PLAIN_TYPES = _SCALAR_TYPES | {int}
 
 
 def _key_order(keys: tuple) -> tuple:

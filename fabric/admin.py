@@ -143,11 +143,11 @@ def verify_report(reply: Any, node_id: str = "") -> NodeVerifyReport:
 async def _serve_verify(call: "ServerCall", service: "NodeService") -> dict:
     _no_body(call)
     async with service.scrub_lock:  # one scrub at a time per node: concurrent verifies queue
-        steps = service.fab.cassette.scrub()  # short read transactions; stops between steps if cancelled
         rep = VerifyReport()
+        steps = service.fab.cassette.scrub(rep)  # short read transactions; stops between steps if cancelled
         try:
-            while (step := await trio.to_thread.run_sync(next, steps, None)) is not None:
-                rep = step
+            while await trio.to_thread.run_sync(next, steps, None) is not None:
+                pass
         finally:
             steps.close()
     log.info("verify for %s: %d rows, %d index entries, %d blobs, %d problem(s)", call.peer, rep.records, rep.indexed,

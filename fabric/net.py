@@ -658,6 +658,10 @@ class _Slot:
         if self.waiter is not None:
             self.waiter.set()
 
+    def pushed(self) -> list:
+        """The data of the items pushed so far, in order (metadata left out)."""
+        return [ev.data for ev in self.items if isinstance(ev, StreamData)]
+
 
 class WireClient:
     """An authenticated client connection that pipelines requests.
@@ -738,7 +742,7 @@ class WireClient:
         final, slot = await self._unary(lambda rid: Request(rid, op, body, True, credit, _remaining_s()), collect=True)
         if isinstance(final, Fault):
             raise final.error
-        return final.body, [ev.data for ev in slot.items if isinstance(ev, StreamData)]
+        return final.body, slot.pushed()
 
     async def call_many(self, op: str, bodies: Sequence[Any], *, credit: int = DEFAULT_CREDIT,
                         then: Callable[[int, Any, list], Any] | None = None) -> list[Any]:
@@ -781,7 +785,8 @@ class WireClient:
                     self._inflight.release()
                     results[i] = exc
                     continue
-                live.append((i, rid, self._slots.setdefault(rid, _Slot(True))))
+                slot = self._slots[rid] = _Slot(True)
+                live.append((i, rid, slot))
                 if len(live) % MANY_FLUSH_EVERY == 0:
                     await self._link.flush()
             await self._link.flush()
@@ -813,7 +818,7 @@ class WireClient:
         if isinstance(final, Fault):
             results[i] = final.error
             return
-        items = [ev.data for ev in slot.items if isinstance(ev, StreamData)]
+        items = slot.pushed()
         if then is None:
             results[i] = (final.body, items)
             return

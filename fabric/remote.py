@@ -222,13 +222,13 @@ class RemoteFabric:
         reply, raw = await self._call("get", go)
         return verify_record(raw, key, expected_digest)
 
-    async def _aget_items(self, key: ContentKey, op: str, progress: Callable[[int], None] | None) -> tuple[Any, list]:
+    async def _aget_items(self, key: ContentKey, progress: Callable[[int], None] | None) -> tuple[Any, list]:
         """The node's answer to op ``get`` of ``key``: ``(reply, pushed items)``, unverified."""
 
         async def go(client: WireClient):
             return await _get_items(client, key, progress)
 
-        return await self._call(op, go)
+        return await self._call("get", go)
 
     async def aget(self, key: ContentKey | str, *, progress: Callable[[int], None] | None = None) -> Any:
         """An artifact (bytes / numpy) or a reply value from the node, every chunk verified.
@@ -249,7 +249,7 @@ class RemoteFabric:
                 return await _stream_artifact(client, key, assemble)
 
             return await self._call("get", go)
-        reply, items = await self._aget_items(key, "get", progress)
+        reply, items = await self._aget_items(key, progress)
         if key.kind == "blob":
             data = items[0] if items else b""
             if type(data) is not bytes or ContentKey.of("blob", data) != key:
@@ -265,9 +265,9 @@ class RemoteFabric:
     async def _aget_kw(self, key: ContentKey | str, progress: Callable[[int], None] | None) -> Any:
         return await self.aget(key, progress=progress)
 
-    async def _aartifact_stream(self, key: ContentKey, op: str) -> tuple[dict, Any]:
+    async def _aartifact_stream(self, key: ContentKey) -> tuple[dict, Any]:
         """``(verified manifest, iterator that verifies each chunk as it yields it)`` of artifact ``key``."""
-        reply, items = await self._aget_items(key, op, None)
+        reply, items = await self._aget_items(key, None)
         raw, items = _take_record(reply, items)
         manifest = _manifest_of(key, verify_record(raw, key))
         return manifest, artifacts.verified_chunks(key, manifest, items)
@@ -276,7 +276,7 @@ class RemoteFabric:
         """``(manifest, iterator of verified chunk bytes)`` of an artifact held by or through the
         node: the source :mod:`gpu` materializes from (as :meth:`fabric.local.Fabric.artifact_stream`)."""
         key = artifacts.artifact_key(key, "materialize")
-        return self._portal(self._aartifact_stream, key, "get")
+        return self._portal(self._aartifact_stream, key)
 
     def get_into(self, key: ContentKey | str, out: Any) -> Any:
         """Fill the preallocated numpy or CuPy array ``out`` with an artifact from the node; returns ``out``.
