@@ -37,7 +37,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import lmdb
 
@@ -427,6 +427,29 @@ class Cassette:
         try:
             row = self._row(txn, key)
             return None if row is None else bytes(row[0])
+        finally:
+            txn.abort()
+            slot.active = False
+
+    def get_raw_many(self, keys: Sequence[ContentKey], max_bytes: int) -> list[bytes | None]:
+        """:meth:`get_raw` of each of ``keys`` in one read transaction, in order.
+
+        A held row is returned while the rows returned so far plus it stay within
+        ``max_bytes``; a key not held, whose row fails its check, or whose row no
+        longer fits gives ``None`` (later, smaller rows may still fit).
+        """
+        out: list[bytes | None] = []
+        left = max_bytes
+        slot, txn = self._begin_read()
+        try:
+            for key in keys:
+                row = self._row(txn, key)
+                if row is None or len(row[0]) > left:
+                    out.append(None)
+                    continue
+                left -= len(row[0])
+                out.append(bytes(row[0]))
+            return out
         finally:
             txn.abort()
             slot.active = False

@@ -679,8 +679,9 @@ class WireClient:
     hands the socket to one other waiting request.
 
     Attributes: ``address`` (``"host:port"``), ``peer_node_id``,
-    ``peer_limits`` (:class:`~fabric.wire.AdvertisedLimits`), ``welcome`` (the
-    server's welcome map), ``closed``.
+    ``peer_limits`` (:class:`~fabric.wire.AdvertisedLimits`), ``limits`` (this
+    side's :class:`~fabric.wire.StreamFrameLimits`: what it accepts),
+    ``welcome`` (the server's welcome map), ``closed``.
     """
 
     def __init__(self, link: _Link, address: str, welcome: Any) -> None:
@@ -690,6 +691,7 @@ class WireClient:
         self.peer_node_id: str | None = link.conn.peer_node_id
         limits: AdvertisedLimits = link.conn.peer_limits  # type: ignore[assignment]
         self.peer_limits = limits
+        self.limits: StreamFrameLimits = link.conn.limits
         self.welcome = welcome
         self._inflight = trio.Semaphore(limits.max_inflight_requests)
         self._uploads = trio.Semaphore(limits.max_streams)

@@ -157,14 +157,18 @@ class RemoteFabric:
         return _check_realized(req, reply, raw)
 
     async def arealize_many(self, reqs: list[Request]) -> list[Reply]:
-        """Realize every request of ``reqs`` on the node, pipelined on one connection
-        (:meth:`fabric.net.WireClient.call_many`): about one round trip plus the
-        per-request work, instead of one round trip each.  Replies come in the order of
-        ``reqs``, each verified as :meth:`arealize` verifies it.  If any request fails,
-        every one is still answered (the node records what it computed) and the error of
-        the first failing one, in order, is raised.  A broken connection retries the
-        whole batch (realize is idempotent: what was computed is a hit the second time);
-        the retry deadline is the realize deadline times the number of requests.
+        """Realize every request of ``reqs`` on the node over one connection: about one or
+        two round trips plus the per-request work, instead of one round trip each.
+
+        First the node is asked, in ``lookup`` requests of up to :data:`LOOKUP_BATCH` keys,
+        for the records it already holds (hits, answered at once); every other request is
+        then realized, pipelined (:meth:`fabric.net.WireClient.call_many`).  Replies come in
+        the order of ``reqs``, each verified as :meth:`arealize` verifies it.  If any
+        request fails, every one is still answered (the node records what it computed) and
+        the error of the first failing one, in order, is raised.  A broken connection
+        retries the whole batch (realize is idempotent: what was computed is a hit the
+        second time); the retry deadline is the realize deadline times the number of
+        requests.
         """
         import dataclasses
 
@@ -179,7 +183,13 @@ class RemoteFabric:
             return Reply(rec.key, codec.decode(rec.payload), source, holder)
 
         async def go(client: WireClient):
-            return await client.call_many("realize", bodies, then=check)
+            answers: list[Any] = [None] * len(reqs)
+            todo = await _lookup_hits(client, reqs, answers)
+            if todo:
+                got = await client.call_many("realize", [bodies[i] for i in todo], then=lambda j, reply, items: check(todo[j], reply, items))
+                for i, answer in zip(todo, got):
+                    answers[i] = answer
+            return answers
 
         answers = await self._call("realize", go, policy)
         for answer in answers:
@@ -505,16 +515,67 @@ def _realize_body(req: Request) -> dict:
     return body
 
 
+#: Request keys per ``lookup`` request of :meth:`RemoteFabric.arealize_many` (the node takes up to ``fabric.serve.LOOKUP_MAX``).
+LOOKUP_BATCH = 256
+#: Room left in a ``lookup`` reply frame for everything but the records (nil entries, bin headers, the holder).
+LOOKUP_MARGIN = 8192
+
+
+async def _lookup_hits(client: WireClient, reqs: list[Request], answers: list[Any]) -> list[int]:
+    """Ask the node for the records it holds of ``reqs`` (op ``lookup``); put each verified
+    hit's :class:`Reply` (or the DATA_LOSS of a record that fails verification) in
+    ``answers`` and return the indexes still to realize, in order.  Requests without a
+    version (their key depends on the node's choice) and every request of a lookup the
+    node refused are left to realize."""
+    asked = [i for i, r in enumerate(reqs) if r.version is not None]
+    max_bytes = min(client.limits.max_frame_bytes, client.limits.max_bytes_per_stream) - LOOKUP_MARGIN
+    if not asked or max_bytes <= 0:
+        return list(range(len(reqs)))
+    batches = [asked[j : j + LOOKUP_BATCH] for j in range(0, len(asked), LOOKUP_BATCH)]
+
+    def take(b: int, reply: Any, items: list) -> None:
+        idx = batches[b]
+        records = reply.get("records") if type(reply) is dict else None
+        holder = reply.get("holder") if type(reply) is dict else None
+        if type(records) is not list or len(records) != len(idx) or type(holder) is not str:
+            raise FabricError(StatusCode.DATA_LOSS, "malformed lookup reply from node")
+        for i, raw in zip(idx, records):
+            if raw is None:
+                continue
+            req = reqs[i]
+            try:
+                if type(raw) is not bytes:
+                    raise FabricError(StatusCode.DATA_LOSS, "malformed lookup reply from node: record is not bytes", key=req.key)
+                rec = _check_record(req, req.key, raw)
+                answers[i] = Reply(rec.key, codec.decode(rec.payload), "local", holder)
+            except FabricError as exc:
+                answers[i] = exc
+
+    got = await client.call_many("lookup", [{"keys": [reqs[i].key for i in b], "max_bytes": max_bytes} for b in batches], then=take)
+    for b, result in enumerate(got):
+        if isinstance(result, FabricError):  # refused or malformed: these requests are realized instead
+            for i in batches[b]:
+                answers[i] = None
+    return [i for i, a in enumerate(answers) if a is None]
+
+
+def _check_record(req: Request, key: ContentKey, raw: bytes) -> Record:
+    """The verified record ``raw`` of ``key``, which must be the key of ``req`` (recomputed
+    from the record's version when ``req`` names none); DATA_LOSS otherwise."""
+    rec = verify_record(raw, key)
+    expect = req.key if req.version is not None else ContentKey.for_request(req.evaluator, rec.version, req.args)
+    if key != expect or rec.evaluator != req.evaluator:
+        raise FabricError(StatusCode.DATA_LOSS, "node answered with the record of another request", key=expect)
+    return rec
+
+
 def _check_realized(req: Request, reply: Any, raw: bytes) -> tuple[Record, str, str]:
     """``(record, source, holder)`` of a realize answer, once the record is verified and is
     the one of ``req`` (recomputed from the version the node used); DATA_LOSS otherwise."""
     key = reply.get("key")
     if type(key) is not ContentKey:
         raise FabricError(StatusCode.DATA_LOSS, "node answered realize without a content key")
-    rec = verify_record(raw, key)
-    expect = req.key if req.version is not None else ContentKey.for_request(req.evaluator, rec.version, req.args)
-    if key != expect or rec.evaluator != req.evaluator:
-        raise FabricError(StatusCode.DATA_LOSS, "node answered with the record of another request", key=expect)
+    rec = _check_record(req, key, raw)
     source = reply.get("source")
     if source not in ("local", "peer", "computed"):
         raise FabricError(StatusCode.DATA_LOSS, f"node answered with an unknown source {source!r}", key=key)

@@ -9,6 +9,8 @@ Ops (normative: ``specs/wire.md`` section 13):
 * ``get`` ``{"key"}``: a reply's record, or an artifact's manifest record
   followed by its chunks.
 * ``holders`` ``{"key"}``: node ids known to hold the key.
+* ``lookup`` ``{"keys", "max_bytes"}``: the records of those request keys this
+  node holds, answered at once as realize hits; never computes nor asks peers.
 * ``put`` ``{"manifest"}`` (an upload): the chunks this node lacks, verified as
   they arrive; the manifest recorded once all are held (:mod:`fabric.upload`).
 * ``verify``, ``export``, ``replay``: scrub this node's cassette, stream its
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
     from fabric.local import Fabric
     from fabric.net import ServerCall
 
-__all__ = ["ContentServeFabric", "NodeService", "INLINE_MAX", "RECORD_CHUNK", "verify_record", "EVALUATOR_ERROR"]
+__all__ = ["ContentServeFabric", "NodeService", "INLINE_MAX", "RECORD_CHUNK", "LOOKUP_MAX", "LOOKUP_REPLY_MAX",
+           "verify_record", "EVALUATOR_ERROR"]
 
 log = logging.getLogger("fabric.node")
 
@@ -46,6 +49,10 @@ log = logging.getLogger("fabric.node")
 INLINE_MAX = 1 << 20
 #: Chunk size for pushed records and artifact chunks.
 RECORD_CHUNK = 1 << 20
+#: Most request keys one ``lookup`` may name (its rows are read inline, in the event loop).
+LOOKUP_MAX = 256
+#: Most record bytes one ``lookup`` reply carries, whatever the client allows.
+LOOKUP_REPLY_MAX = 2 << 20
 #: Message prefix marking an evaluator's own exception carried in a fault.
 EVALUATOR_ERROR = "evaluator raised "
 
@@ -194,6 +201,8 @@ class NodeService:
             return DEFER if reply is None else reply
         if op == "holders":
             return self.holders(_key_field(body))
+        if op == "lookup":
+            return self.lookup(body)
         return DEFER
 
     async def handle(self, call: "ServerCall") -> Any:
@@ -208,6 +217,8 @@ class NodeService:
             return await self.get(call)
         if op == "holders":
             return self.holders(_key_field(call.body))
+        if op == "lookup":
+            return self.lookup(call.body)
         if op == "put":
             from fabric.upload import serve_put
 
@@ -221,6 +232,26 @@ class NodeService:
                 raise FabricError(StatusCode.FAILED_PRECONDITION, "this node does not run gossip")
             return await self.fleet.handle(call)
         raise FabricError(StatusCode.UNIMPLEMENTED, f"unknown op {op!r}")
+
+    def lookup(self, body: Any) -> dict:
+        """Answer op ``lookup`` ``{"keys": [request ContentKey], "max_bytes": int}``: for each
+        key, in order, the raw record this node holds (verified as a hit is), or nil when it
+        does not hold it or the record would take the reply past ``max_bytes`` (capped at
+        :data:`LOOKUP_REPLY_MAX`).  Each record answered counts as a local hit.  Never computes
+        and never asks peers or an upstream: the client realizes what comes back nil."""
+        if type(body) is not dict:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"body: expected a map, got {type(body).__name__}")
+        keys, max_bytes = body.get("keys"), body.get("max_bytes")
+        if type(keys) is not list or len(keys) > LOOKUP_MAX:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"body.keys: expected a list of at most {LOOKUP_MAX} request keys")
+        for i, k in enumerate(keys):
+            if type(k) is not ContentKey or k.kind != "request":
+                raise FabricError(StatusCode.INVALID_ARGUMENT, f"body.keys[{i}]: expected a request ContentKey")
+        if type(max_bytes) is not int or max_bytes < 0:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, "body.max_bytes: expected an int >= 0")
+        records = self.fab.cassette.get_raw_many(keys, min(max_bytes, LOOKUP_REPLY_MAX))
+        self.fab.local_hits += sum(r is not None for r in records)
+        return {"holder": self.node_id, "records": records}
 
     def holders(self, key: ContentKey) -> list[str]:
         """Node ids known to hold ``key`` (this node, plus what the fleet index knows)."""

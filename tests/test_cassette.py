@@ -518,6 +518,7 @@ def test_flipped_payload_byte_is_data_loss_never_a_wrong_value(tmp_path):
         assert cas.lookup_value(key) is MISS
         assert cas.get_record(key) is None
         assert cas.get_raw(key) is None
+        assert cas.get_raw_many([key, other.key], 1 << 20) == [None, cas.get_raw(other.key)]
         assert corrupt_seen and set(corrupt_seen) == {key}
         # the other key is untouched
         assert cas.lookup_value(other.key)["marker"] == _marker_bytes(8)
@@ -539,6 +540,21 @@ def test_flipped_payload_byte_is_data_loss_never_a_wrong_value(tmp_path):
         rep2 = fab.realize(req)
         assert (rep2.source, rep2.value) == ("local", {"n": 7, "marker": _marker_bytes(7)})
         assert _RUNS["tc.marker"] == 3
+
+
+def test_get_raw_many_answers_in_order_within_a_byte_budget(tmp_path):
+    with Cassette(tmp_path / "c", durability="fast") as cas:
+        keys = [ContentKey.of("request", f"k{i}".encode()) for i in range(4)]
+        for i, k in enumerate(keys[:3]):
+            cas.put(k, codec.encode(b"x" * (100 * (i + 1))), evaluator="e", version="1")
+        raws = [cas.get_raw(k) for k in keys]
+        assert raws[3] is None and all(r is not None for r in raws[:3])
+        assert cas.get_raw_many(keys, 1 << 20) == raws
+        assert cas.get_raw_many(keys[::-1], 1 << 20) == raws[::-1]
+        # a row that does not fit what is left is skipped; a later, smaller one may still fit
+        assert cas.get_raw_many([keys[1], keys[2], keys[0]], len(raws[1]) + len(raws[0])) == [raws[1], None, raws[0]]
+        assert cas.get_raw_many(keys, 0) == [None] * 4
+        assert cas.get_raw_many([], 10) == []
 
 
 def test_corrupt_indexed_row_then_put_appends_fresh_row(tmp_path):
