@@ -63,13 +63,34 @@ def _raise_fault(exc: FabricError) -> None:
     raise exc
 
 
+class _HitBatch:
+    """Requests of concurrent ``arealize`` calls, asked of the node in one ``lookup``.
+
+    ``answers`` (one per request: a verified :class:`Reply`, the DATA_LOSS of a record
+    that failed verification, or None to realize) is set once the lookup succeeded;
+    ``done`` is set when it is over either way, so no caller waits on a cancelled one.
+    """
+
+    __slots__ = ("reqs", "answers", "done", "leader")
+
+    def __init__(self) -> None:
+        self.reqs: list[Request] = []
+        self.answers: list[Any] | None = None
+        self.done = trio.Event()
+        self.leader = trio.lowlevel.current_task()  # the call that sends the lookup
+
+
 class _Conns:
-    """One connection per trio run, re-dialled after it breaks."""
+    """One connection per trio run, re-dialled after it breaks; and the run's
+    ``arealize`` calls in progress, which share lookups while more than one is."""
 
     def __init__(self, owner: "RemoteFabric") -> None:
         self.owner = owner
         self.client: WireClient | None = None
         self.lock = trio.Lock()
+        self.busy = 0  # arealize calls in progress
+        self.gathering: _HitBatch | None = None  # open for more requests until its leader sends it
+        self.sending: _HitBatch | None = None  # the latest batch whose lookup is in flight
 
     async def get(self) -> WireClient:
         c = self.client
@@ -203,17 +224,67 @@ class RemoteFabric:
 
     async def arealize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
         """Realize ``req`` on the node (trio); ``timeout`` bounds the whole call (DEADLINE_EXCEEDED);
-        ``device="cuda:0"``: numpy values come back as CuPy arrays on that device."""
+        ``device="cuda:0"``: numpy values come back as CuPy arrays on that device.
+
+        A call made while others of this trio run are in progress on this fabric joins
+        theirs: the requests that arrive in one scheduler pass are asked of the node in one
+        ``lookup``, and only those it does not hold are realized one by one (each reply
+        verified either way).  A lone call is one ``realize`` round trip."""
         if timeout is None:  # no cancel scope on the common path: it costs more than a hit's parsing
-            rec, source, holder = await self.arealize_record(req)
+            rep = await self._arealize(req)
         else:
             try:
                 with trio.fail_after(timeout):
-                    rec, source, holder = await self.arealize_record(req)
+                    rep = await self._arealize(req)
             except trio.TooSlowError:
                 raise FabricError(StatusCode.DEADLINE_EXCEEDED, f"realize did not finish within {timeout:g} s", retryable=False) from None
-        rep = Reply(rec.key, codec.decode(rec.payload), source, holder)
         return rep if device is None else on_device(rep, device)
+
+    async def _arealize(self, req: Request) -> Reply:
+        conns = self._conns()
+        together = conns.busy > 0 and req.version is not None
+        conns.busy += 1
+        try:
+            if together:
+                got = await self._hit_together(conns, req)
+                if isinstance(got, FabricError):
+                    raise got
+                if got is not None:
+                    return got
+            rec, source, holder = await self.arealize_record(req)
+            return Reply(rec.key, codec.decode(rec.payload), source, holder)
+        finally:
+            conns.busy -= 1
+
+    async def _hit_together(self, conns: _Conns, req: Request) -> Reply | FabricError | None:
+        """``req``'s answer from a lookup shared with the calls of this scheduler pass: a
+        verified hit, the DATA_LOSS of a bad record, or None (not held, or the lookup did
+        not happen: refused, failed, or its sender was cancelled) to realize instead."""
+        batch = conns.gathering
+        if batch is not None:
+            i = len(batch.reqs)
+            batch.reqs.append(req)
+            await batch.done.wait()
+            return None if batch.answers is None else batch.answers[i]
+        batch = conns.gathering = _HitBatch()
+        batch.reqs.append(req)
+        try:
+            try:
+                await trio.lowlevel.checkpoint()  # the calls runnable in this pass join
+            finally:
+                conns.gathering = None
+            conns.sending = batch
+            answers: list[Any] = [None] * len(batch.reqs)
+            try:
+                await self._call("realize", lambda client: _lookup_hits(client, batch.reqs, answers))
+            except FabricError:
+                return None  # every caller realizes on its own, and meets the error there if it lasts
+            batch.answers = answers
+            return answers[0]
+        finally:
+            if conns.sending is batch:
+                conns.sending = None
+            batch.done.set()
 
     def realize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
         """Realize ``req`` on the node (sync; runs on this client's portal thread)."""

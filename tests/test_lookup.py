@@ -103,30 +103,51 @@ def _record(req: fabric.Request, value) -> bytes:
                        created=0.0, compute_s=0.0, node="fake")
 
 
+def _serve_fake(lookup=None, realize_delay=0.0):
+    """A handler for an in-process server: ``lookup`` answers held keys (``lookup(body)``, or
+    all held), ``realize`` answers truthfully as computed; ops and lookup sizes are logged."""
+    log: list[tuple[str, int]] = []
+    held: dict[ContentKey, bytes] = {}
+
+    async def handler(call):
+        if call.op == "lookup":
+            log.append(("lookup", len(call.body["keys"])))
+            if lookup is not None:
+                return await lookup(call.body)
+            return {"holder": "fake", "records": [held.get(k) for k in call.body["keys"]]}
+        log.append(("realize", 1))
+        await trio.sleep(realize_delay)
+        b = call.body
+        req = fabric.Request(b["evaluator"], b["args"], version=b["version"])
+        return {"key": req.key, "source": "computed", "holder": "fake", "record": _record(req, {"n": req.args["n"]})}
+
+    return handler, log, held
+
+
+async def _with_server(handler, fn):
+    async with trio.open_nursery() as nursery:
+        at = await nursery.start(lambda task_status: serve("127.0.0.1", 0, SECRET, handler, task_status=task_status))
+        try:
+            return await fn(RemoteFabric(f"{at.host}:{at.port}", SECRET))
+        finally:
+            nursery.cancel_scope.cancel()
+
+
 def _run_fake(reqs, answer_lookup):
     """``arealize_many(reqs)`` against an in-process server that answers ``lookup`` with
     ``answer_lookup(body)`` and every ``realize`` truthfully; returns (result or error, ops seen)."""
-    by_key = {r.key: r for r in reqs}
-    ops: list[str] = []
+    async def lookup(body):
+        return answer_lookup(body)
 
-    async def handler(call):
-        ops.append(call.op)
-        if call.op == "lookup":
-            return answer_lookup(call.body)
-        req = by_key[call.body["key"]]
-        return {"key": req.key, "source": "computed", "holder": "fake", "record": _record(req, {"n": req.args["n"]})}
+    handler, log, _ = _serve_fake(lookup=lookup)
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            at = await nursery.start(lambda task_status: serve("127.0.0.1", 0, SECRET, handler, task_status=task_status))
-            try:
-                return await RemoteFabric(f"{at.host}:{at.port}", SECRET).arealize_many(reqs)
-            except FabricError as exc:
-                return exc
-            finally:
-                nursery.cancel_scope.cancel()
+    async def many(rf):
+        try:
+            return await rf.arealize_many(reqs)
+        except FabricError as exc:
+            return exc
 
-    return trio.run(main), ops
+    return trio.run(_with_server, handler, many), [op for op, _ in log]
 
 
 REQS = [fabric.Request("text.stats", {"n": i}, version="1") for i in range(3)]
@@ -163,3 +184,106 @@ def test_a_refused_or_malformed_lookup_falls_back_to_realize(answer):
     got, ops = _run_fake(REQS, answer)
     assert [(r.source, r.value) for r in got] == [("computed", {"n": i}) for i in range(3)]
     assert ops == ["lookup"] + ["realize"] * 3
+
+
+# ------------------------------------------- concurrent arealize calls share lookups
+async def _all_at_once(rf, reqs) -> dict[int, fabric.Reply]:
+    """``rf.arealize`` of every request, each in its own task, all started in one pass."""
+    got: dict[int, fabric.Reply] = {}
+
+    async def one(i):
+        got[i] = await rf.arealize(reqs[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(reqs)):
+            nursery.start_soon(one, i)
+    return got
+
+
+def test_concurrent_arealize_hits_share_lookups_and_each_gets_its_own_verified_reply():
+    reqs = [fabric.Request("text.stats", {"n": i}, version="1") for i in range(32)]
+    handler, log, held = _serve_fake()
+    held.update({r.key: _record(r, {"n": r.args["n"]}) for r in reqs})
+
+    got = trio.run(_with_server, handler, lambda rf: _all_at_once(rf, reqs))
+    assert [got[i].value for i in range(32)] == [{"n": i} for i in range(32)]
+    assert [got[i].key for i in range(32)] == [r.key for r in reqs]
+    assert {got[i].source for i in range(32)} <= {"local", "computed"}
+    asked = sum(n for op, n in log if op == "lookup")
+    realized = sum(1 for op, _ in log if op == "realize")
+    assert asked + realized == 32 and realized < 4  # the calls of one pass went out as one lookup
+    assert max(n for op, n in log if op == "lookup") >= 16
+
+
+def test_concurrent_arealize_misses_are_realized_each_after_a_shared_lookup():
+    reqs = [fabric.Request("text.stats", {"n": i}, version="1") for i in range(8)]
+    handler, log, _ = _serve_fake()
+
+    got = trio.run(_with_server, handler, lambda rf: _all_at_once(rf, reqs))
+    assert [(got[i].source, got[i].value) for i in range(8)] == [("computed", {"n": i}) for i in range(8)]
+    assert sum(1 for op, _ in log if op == "realize") == 8
+
+
+def test_a_cancelled_lookup_sender_never_strands_the_calls_that_joined_it():
+    """The call sending a shared lookup is cancelled while the node sits on it: the calls
+    that joined realize on their own and get their replies."""
+    reqs = [fabric.Request("text.stats", {"n": i}, version="1") for i in range(4)]
+    stuck = trio.Event()
+
+    async def lookup(body):
+        stuck.set()
+        await trio.sleep_forever()
+
+    handler, log, _ = _serve_fake(lookup=lookup, realize_delay=0.05)
+
+    async def main(rf):
+        scopes: dict = {}
+        got: dict[int, fabric.Reply] = {}
+
+        async def one(i):
+            with trio.CancelScope() as cs:
+                scopes[trio.lowlevel.current_task()] = cs
+                got[i] = await rf.arealize(reqs[i])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, 0)  # a lone call: one realize, in flight for 50 ms
+            await trio.sleep(0.01)
+            for i in (1, 2, 3):  # these find a call in progress: they share one lookup
+                nursery.start_soon(one, i)
+            with trio.fail_after(10):
+                await stuck.wait()
+            batch = rf._conns().sending
+            assert batch is not None and len(batch.reqs) == 3
+            scopes[batch.leader].cancel()
+        return got, batch
+
+    got, batch = trio.run(_with_server, handler, main)
+    cancelled = [i for i in (1, 2, 3) if reqs[i] is batch.reqs[0]]
+    assert len(cancelled) == 1 and sorted(got) == sorted({0, 1, 2, 3} - set(cancelled))
+    assert all(got[i].value == {"n": i} for i in got)
+    assert [op for op, _ in log].count("lookup") == 1
+
+
+def test_many_tasks_on_one_remote_fabric_evaluate_each_distinct_request_once(tmp_path):
+    """Through a real node: 16 tasks, overlapping requests, hits and misses mixed in shared lookups."""
+    log = tmp_path / "evals.log"
+    texts = [f"shared text {i}" for i in range(24)]
+    with node(tmp_path, env={"FABRIC_EVAL_LOG": str(log)}) as (addr, proc, data):
+        async def main():
+            rf = RemoteFabric(addr, SECRET)
+            got: list[tuple[str, int]] = []
+
+            async def agent(j):
+                for n in range(30):
+                    t = texts[(j * 7 + n) % len(texts)]
+                    rep = await rf.arealize(fabric.Request("text.stats", {"text": t}, version="1"))
+                    got.append((t, rep.value["words"]))
+
+            async with trio.open_nursery() as nursery:
+                for j in range(16):
+                    nursery.start_soon(agent, j)
+            return got
+
+        got = trio.run(main)
+        assert len(got) == 16 * 30 and all(words == 3 for _, words in got)
+        assert sorted(ln.split()[0] for ln in log.read_text().splitlines()) == ["text.stats"] * len(texts)
