@@ -70,18 +70,32 @@ async def test_echo_values_stats_and_welcome():
             assert ei.value.status_code is StatusCode.UNAVAILABLE
 
 
+class _Barrier:
+    """Holds each arriving handler until ``n`` have arrived, then lets them all through;
+    ``reset()`` re-arms it for another round."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.reset()
+
+    def reset(self) -> None:
+        self.arrived = 0
+        self.all_in = trio.Event()
+
+    async def arrive(self) -> None:
+        self.arrived += 1
+        if self.arrived == self.n:
+            self.all_in.set()
+        await self.all_in.wait()
+
+
 @pytest.mark.trio
 async def test_64_concurrent_pipelined_requests_on_one_connection():
     n = 64
-    arrived = 0
-    all_in = trio.Event()
+    gate = _Barrier(n)
 
     async def barrier(call):
-        nonlocal arrived
-        arrived += 1
-        if arrived == n:
-            all_in.set()
-        await all_in.wait()  # only returns if all 64 are in flight at once
+        await gate.arrive()  # only returns if all 64 are in flight at once
         return {"i": call.body, "req": call.req_id}
 
     results: dict[int, dict] = {}
@@ -492,15 +506,10 @@ async def test_call_many_pipelines_keeps_order_and_fails_only_the_faulting_reque
     when 40 are in), replies come back in request order with their pushed items, a fault
     or an unsendable body fails only its own position, and the connection stays usable."""
     n = 40
-    arrived = 0
-    all_in = trio.Event()
+    gate = _Barrier(n - 1)  # every sendable body (one is refused before sending)
 
     async def handler(call):
-        nonlocal arrived
-        arrived += 1
-        if arrived == n - 1:  # every sendable body (one is refused before sending)
-            all_in.set()
-        await all_in.wait()
+        await gate.arrive()
         if call.body == 13:
             raise FabricError(StatusCode.NOT_FOUND, "no 13 here")
         if call.body % 5 == 0:
@@ -520,7 +529,7 @@ async def test_call_many_pipelines_keeps_order_and_fails_only_the_faulting_reque
                         raise FabricError(StatusCode.DATA_LOSS, "the caller refuses reply 3")
                     return ("seen", i, reply["i"], len(items))
 
-                arrived, all_in = 0, trio.Event()
+                gate.reset()
                 mapped = await client.call_many("op", bodies, then=then)
     assert len(got) == n
     for i, r in enumerate(got):
