@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import threading
+import weakref
 from typing import Any, Callable
 
 import trio
@@ -125,6 +127,8 @@ class RemoteFabric:
         self._portal_thread: threading.Thread | None = None
         self._portal_stop: trio.Event | None = None
         self._portal_lock = threading.Lock()
+        self._portal_nursery: trio.Nursery | None = None
+        self._streams: set[threading.Event] = set()  # releases of open artifact_stream iterators
         self._closed = False
         #: chunks (and their bytes) this client pushed to the node in puts, resumed ones included
         self.chunks_uploaded = 0
@@ -346,18 +350,73 @@ class RemoteFabric:
     async def _aget_kw(self, key: ContentKey | str, progress: Callable[[int], None] | None) -> Any:
         return await self.aget(key, progress=progress)
 
-    async def _aartifact_stream(self, key: ContentKey) -> tuple[dict, Any]:
-        """``(verified manifest, iterator that verifies each chunk as it yields it)`` of artifact ``key``."""
-        reply, items = await self._aget_items(key, None)
-        raw, items = _take_record(reply, items)
-        manifest = _manifest_of(key, verify_record(raw, key))
-        return manifest, artifacts.verified_chunks(key, manifest, items)
-
     def artifact_stream(self, key: ContentKey | str) -> tuple[dict, Any]:
         """``(manifest, iterator of verified chunk bytes)`` of an artifact held by or through the
-        node: the source :mod:`gpu` materializes from (as :meth:`fabric.local.Fabric.artifact_stream`)."""
+        node: the source :mod:`gpu` materializes from (as :meth:`fabric.local.Fabric.artifact_stream`).
+
+        Streams: returns once the manifest record has arrived and is verified (op ``get``,
+        retried under its policy until then), and each chunk is verified against its key as
+        the iterator yields it, the whole against the manifest digest at the end (DATA_LOSS
+        otherwise).  At most :data:`FILL_AHEAD` chunks wait here and the node pushes only
+        within its credit, so the artifact is never gathered in memory.  A failure after the
+        manifest is raised by the iterator (not retried).  The stream stays open on the node
+        until the iterator is exhausted, closed (``close()``), dropped, or this client is
+        closed; then the node's side is cancelled.
+        """
         key = artifacts.artifact_key(key, "materialize")
-        return self._portal(self._aartifact_stream, key)
+        if self._closed:
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed")
+        token = self._ensure_portal()
+        handoff: queue.SimpleQueue = queue.SimpleQueue()
+        release = threading.Event()
+        try:
+            trio.from_thread.run_sync(self._start_stream, key, handoff, release, trio_token=token)
+        except trio.RunFinishedError:
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed") from None
+        got = handoff.get()
+        if isinstance(got, BaseException):
+            raise got
+        manifest, chunks = got
+        return manifest, _ChunkIter(chunks, release, self)
+
+    def _start_stream(self, key: ContentKey, handoff: queue.SimpleQueue, release: threading.Event) -> None:
+        if self._closed or self._portal_nursery is None:
+            handoff.put(FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed"))
+            return
+        self._streams.add(release)
+        self._portal_nursery.start_soon(self._pump_artifact, key, handoff, release)
+
+    async def _pump_artifact(self, key: ContentKey, handoff: queue.SimpleQueue, release: threading.Event) -> None:
+        """In the portal: run one streaming ``get`` whose consumer is the caller's thread, handing it
+        ``(manifest, verified chunks)`` (or the error that ended the attempts) through ``handoff``, and
+        keep the stream open until ``release`` is set."""
+        handed = False
+
+        def consume(stream: Callable[[], tuple[dict, Any]]) -> None:  # a trio worker thread
+            nonlocal handed
+            manifest, chunks = stream()
+            handed = True
+            handoff.put((manifest, chunks))
+            release.wait()
+
+        async def go(client: WireClient) -> None:
+            try:
+                await _stream_artifact(client, key, consume)
+            except FabricError:
+                if not handed:
+                    raise  # retried: nothing reached the caller yet
+                # else the caller's iterator raises it (the reader's error ends its chunks)
+
+        try:
+            await self._call("get", go)
+        except BaseException as exc:
+            if not handed:
+                handoff.put(exc if isinstance(exc, FabricError) else
+                            FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed"))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._streams.discard(release)
 
     def get_into(self, key: ContentKey | str, out: Any) -> Any:
         """Fill the preallocated numpy or CuPy array ``out`` with an artifact from the node; returns ``out``.
@@ -536,10 +595,13 @@ class RemoteFabric:
             ready = threading.Event()
 
             async def main():
-                self._portal_token = trio.lowlevel.current_trio_token()
-                self._portal_stop = trio.Event()
-                ready.set()
-                await self._portal_stop.wait()
+                async with trio.open_nursery() as nursery:  # artifact_stream's pumps run here
+                    self._portal_nursery = nursery
+                    self._portal_token = trio.lowlevel.current_trio_token()
+                    self._portal_stop = trio.Event()
+                    ready.set()
+                    await self._portal_stop.wait()
+                    nursery.cancel_scope.cancel()
                 c = self._conns().client
                 if c is not None:
                     with trio.move_on_after(2):
@@ -557,6 +619,8 @@ class RemoteFabric:
         if self._closed:
             return
         self._closed = True
+        for release in list(self._streams):
+            release.set()  # open artifact_stream iterators: their pumps end (the iterators raise FAILED_PRECONDITION)
         if self._portal_token is not None and self._portal_stop is not None:
             try:
                 trio.from_thread.run_sync(self._portal_stop.set, trio_token=self._portal_token)
@@ -576,6 +640,42 @@ class RemoteFabric:
 
 
 Fabric.register(RemoteFabric)  # isinstance(fabric.open("host:port", ...), fabric.Fabric)
+
+
+class _ChunkIter:
+    """The chunk iterator :meth:`RemoteFabric.artifact_stream` returns: yields verified chunk
+    bytes; exhausting, closing or dropping it ends the stream on the node."""
+
+    def __init__(self, chunks: Any, release: threading.Event, owner: RemoteFabric) -> None:
+        self._chunks = chunks
+        self._owner = owner
+        self._done = weakref.finalize(self, release.set)
+
+    def __iter__(self) -> "_ChunkIter":
+        return self
+
+    def __next__(self) -> bytes:
+        if not self._done.alive:
+            raise StopIteration
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            self.close()
+            raise
+        except (FabricError, trio.RunFinishedError) as exc:
+            self.close()
+            if self._owner._closed:
+                raise FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self._owner.address} is closed") from None
+            if isinstance(exc, trio.RunFinishedError):
+                raise FabricError(StatusCode.UNAVAILABLE, "artifact stream ended with its client", retryable=True) from None
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """End the stream (idempotent); the node's side is cancelled if it is still open."""
+        self._done()
 
 
 def _realize_body(req: Request) -> dict:
@@ -721,6 +821,7 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
     state: dict[str, Any] = {}
     errors: list[FabricError] = []  # the reader's, then the filler's
     send, recv = trio.open_memory_channel(FILL_AHEAD)
+    token = trio.lowlevel.current_trio_token()  # stream() also works from a thread trio did not start
     async with client.stream("get", {"key": key}) as call:
 
         async def read() -> None:
@@ -739,15 +840,17 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
                 send.close()
 
         def stream() -> tuple[dict, Any]:  # in the worker thread, once out is a usable target
-            trio.from_thread.run(head.wait)
+            trio.from_thread.run(head.wait, trio_token=token)
             if "manifest" not in state:
                 raise errors[0] if errors else FabricError(StatusCode.UNAVAILABLE, "get stopped before the manifest arrived", key=key, retryable=True)
 
             def chunks():
                 while True:
                     try:
-                        yield trio.from_thread.run(recv.receive)
+                        yield trio.from_thread.run(recv.receive, trio_token=token)
                     except trio.EndOfChannel:
+                        if errors:
+                            raise errors[0] from None  # what stopped the reader, not a short count
                         return
 
             return state["manifest"], artifacts.verified_chunks(key, state["manifest"], chunks())

@@ -17,6 +17,7 @@ CPU path of evalfabric keeps working.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -104,18 +105,36 @@ def materialize(key_or_ref: Any, device: Any = 0, *, source: Any = None) -> Any:
     key = ContentKey.parse(getattr(key_or_ref, "key", key_or_ref))
     stream = _stream_for(key, source)
     manifest, chunks = stream()
-    dtype = np.dtype(manifest["dtype"] or "|u1")
-    shape = tuple(manifest["shape"]) if manifest["shape"] is not None else (manifest["size"],)
-    with cupy.cuda.Device(dev):
-        out = cupy.empty(shape, dtype=dtype)
-        _copy_chunks(cupy, manifest, chunks, out)
+    with _closing(chunks):
+        dtype = np.dtype(manifest["dtype"] or "|u1")
+        shape = tuple(manifest["shape"]) if manifest["shape"] is not None else (manifest["size"],)
+        with cupy.cuda.Device(dev):
+            out = cupy.empty(shape, dtype=dtype)
+            _copy_chunks(cupy, manifest, chunks, out)
     return out
+
+
+@contextlib.contextmanager
+def _closing(chunks: Any) -> Iterator[None]:
+    """Close a source's chunk iterator on the way out, when it can be closed (a remote
+    source's stream then ends on its node at once, not when the iterator is collected)."""
+    try:
+        yield
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def materialize_into(stream: Stream, out: Any) -> Any:
     """Fill a preallocated CuPy array from ``stream()``; staged copy if ``out`` is not C-contiguous."""
     cupy = require_cupy(out.device.id)
     manifest, chunks = stream()
+    with _closing(chunks):
+        return _fill(cupy, manifest, chunks, out)
+
+
+def _fill(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -> Any:
     want_dtype = np.dtype(manifest["dtype"] or "|u1")
     size = manifest["size"]
     if out.nbytes != size:
