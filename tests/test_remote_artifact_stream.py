@@ -56,6 +56,14 @@ def pushed(monkeypatch):
     return seen
 
 
+def _no_stream_left(rf, timeout: float = 10.0) -> None:
+    """Every artifact_stream pump of ``rf`` has ended (they end soon after their iterator)."""
+    deadline = time.monotonic() + timeout
+    while rf._streams and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not rf._streams
+
+
 def test_chunks_come_verified_in_order_and_join_to_the_content(served):
     addr, ref, content = served
     with fabric.open(addr, secret=SECRET) as rf:
@@ -123,10 +131,7 @@ def test_an_abandoned_iterator_ends_the_stream_and_the_client_goes_on(served, ho
             else:
                 del chunks
                 gc.collect()
-        deadline = time.monotonic() + 10
-        while rf._streams and time.monotonic() < deadline:  # the pumps end once released
-            time.sleep(0.02)
-        assert not rf._streams
+        _no_stream_left(rf)
         assert rf.get(ref.key).tobytes() == content
 
 
@@ -171,3 +176,23 @@ def test_gpu_materialize_through_a_node_without_cupy_is_failed_precondition(serv
             gpu.materialize(ref, source=rf)
         assert ei.value.status_code is StatusCode.FAILED_PRECONDITION and "evalfabric[gpu]" in ei.value.message
         assert not rf._streams
+
+
+def test_a_node_killed_mid_stream_is_unavailable_from_the_iterator_not_a_hang(tmp_path):
+    import os
+    import signal
+
+    with node(tmp_path, "doomed", "--durability", "fast") as (addr, proc, _):
+        with fabric.open(addr, secret=SECRET) as rf:
+            ref = rf.put(np.arange(1 << 18, dtype=np.uint32), chunk_size=CHUNK)  # 64 chunks
+            _, chunks = rf.artifact_stream(ref.key)
+            next(chunks)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            taken = 1
+            with pytest.raises(FabricError) as ei:
+                for _ in chunks:
+                    taken += 1
+            assert ei.value.status_code is StatusCode.UNAVAILABLE and ei.value.retryable
+            assert taken < ref.chunks  # what had arrived, verified; then the error, not a short count
+            _no_stream_left(rf)
