@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("file")
 
-    p = sub.add_parser("get", help="fetch KEY (artifact bytes, or a reply as JSON)")
+    p = sub.add_parser("get", help="fetch KEY (artifact bytes, or a reply as JSON)",
+                       description="Fetch KEY: an artifact's bytes (streamed chunk by chunk, each verified before it "
+                                   "is written; FILE appears only once the whole artifact is in and verified), "
+                                   "a blob's bytes, or a reply's value as JSON.")
     _common(p)
     p.add_argument("key")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
@@ -204,12 +207,17 @@ def cmd_get(args: argparse.Namespace) -> int:
     from fabric import artifacts
 
     key = ContentKey.parse(args.key)
-    with _open(args) as fab:
-        cb, stop = _progress(None, f"getting {key.short()}", nbytes=True) if key.kind == "artifact" else (None, lambda: None)
+    if key.kind == "artifact":
+        sink = _Sink(args.output)  # before any transfer: a bad -o fails at once
         try:
-            value = fab.get(key, progress=cb) if _node_address(args) else artifacts.get(fab.cassette, key, progress=cb)
+            with _open(args) as fab:
+                _stream_to(sink, fab, key)
+            sink.commit()
         finally:
-            stop()
+            sink.discard()
+        return 0
+    with _open(args) as fab:
+        value = fab.get(key) if _node_address(args) else artifacts.get(fab.cassette, key)
     if key.kind == "request":
         text = json.dumps(_jsonable(value)) + "\n"
         data = text.encode()
@@ -223,6 +231,66 @@ def cmd_get(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     return 0
+
+
+class _Sink:
+    """Where ``fabric get`` writes an artifact: stdout, or ``FILE`` through a temporary file
+    beside it (``.FILE.<random>.part``) that replaces ``FILE`` only once every byte is in and
+    verified; :meth:`discard` removes it otherwise."""
+
+    def __init__(self, output: str | None) -> None:
+        self.final: Path | None = None
+        self.tmp: Path | None = None
+        if output is None:
+            self.f = sys.stdout.buffer
+            return
+        import secrets
+
+        self.final = Path(output)
+        self.tmp = self.final.with_name(f".{self.final.name}.{secrets.token_hex(4)}.part")
+        try:
+            self.f = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+        except OSError as exc:
+            self.tmp = None
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {output}: {exc.strerror or exc}") from None
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+
+    def commit(self) -> None:
+        if self.tmp is None:
+            self.f.flush()
+            return
+        self.f.close()
+        os.replace(self.tmp, self.final)
+        self.tmp = None
+
+    def discard(self) -> None:
+        """Remove the temporary file if :meth:`commit` did not happen (idempotent)."""
+        if self.tmp is not None:
+            self.f.close()
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+
+def _stream_to(sink: _Sink, fab: Any, key: Any) -> None:
+    """Write artifact ``key``'s content to ``sink`` chunk by chunk, each verified against its key
+    before it is written and the whole against the manifest digest at the end (DATA_LOSS
+    otherwise): a few chunks in memory at a time, whatever the artifact's size."""
+    manifest, chunks = fab.artifact_stream(key)
+    cb, stop = _progress(manifest["size"], f"getting {key.short()}", nbytes=True)
+    try:
+        done = 0
+        for data in chunks:
+            sink.write(data)
+            done += len(data)
+            if cb is not None:
+                cb(done)
+    finally:
+        stop()
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def cmd_holders(args: argparse.Namespace) -> int:

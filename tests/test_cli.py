@@ -259,3 +259,32 @@ def test_get_of_a_rotted_artifact_is_data_loss_and_writes_no_file(cli, tmp_path)
     assert not (tmp_path / "out.bin").exists()  # no partial output
     v = cli("verify", "--data", data)
     assert v.returncode == 1 and "DATA_LOSS" in v.stderr.decode()
+
+
+def test_get_of_an_artifact_rotted_past_its_first_chunks_leaves_the_old_file_and_no_partial_one(cli, tmp_path):
+    data = tmp_path / "d"
+    content = os.urandom(3 << 20) + b"tail"  # 4 chunks of 1 MiB (the last short)
+    (tmp_path / "in.bin").write_bytes(content)
+    key = json.loads(cli("put", tmp_path / "in.bin", "--data", data).stdout)["key"]
+    flip_in_file(data / "data.mdb", content[(2 << 20) + 5000 : (2 << 20) + 5100])  # inside chunk 3
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"what was there before")
+    p = cli("get", key, "-o", out, "--data", data)
+    assert p.returncode == 1
+    last = p.stderr.decode().strip().splitlines()[-1]  # after the cassette's warning naming the corrupt row
+    assert last.startswith("fabric get: error: DATA_LOSS: ") and key in last
+    assert out.read_bytes() == b"what was there before"  # two verified chunks were written, then dropped
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["d", "in.bin", "out.bin"]  # no .part left behind
+    # to stdout the verified chunks stream out before the bad one is found: a prefix of the content, then the error
+    p = cli("get", key, "--data", data)
+    assert p.returncode == 1 and "DATA_LOSS" in p.stderr.decode()
+    assert content.startswith(p.stdout) and len(p.stdout) == 2 << 20
+
+
+def test_get_to_a_file_in_a_missing_directory_names_the_file_before_any_transfer(cli, tmp_path):
+    data = tmp_path / "d"
+    (tmp_path / "in.bin").write_bytes(b"x" * 10)
+    key = json.loads(cli("put", tmp_path / "in.bin", "--data", data).stdout)["key"]
+    target = tmp_path / "missing" / "out.bin"
+    line = _one_error_line(cli("get", key, "-o", target, "--data", data), "FAILED_PRECONDITION")
+    assert f"cannot write {target}" in line and ".part" not in line
