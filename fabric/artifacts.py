@@ -18,6 +18,7 @@ sends it), so equal content and chunk size give one artifact key everywhere.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -311,7 +312,7 @@ class ChunkPlan:
         keys: list[ContentKey] = []
         sizes: list[int] = []
         try:
-            for part in [*parts, None]:
+            for part in itertools.chain(parts, (None,)):  # lazily: a file or iterator is never read whole
                 for c in cut.feed(part) if part is not None else cut.finish():
                     keys.append(ContentKey.of("blob", c))
                     sizes.append(len(c))

@@ -365,31 +365,52 @@ _CLI_WITH_PEAK_RSS = ("import sys; from fabric.cli import main; rc = main(sys.ar
                       "print('VmHWM', hwm, file=sys.stderr); sys.exit(rc)")
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc (Linux)")
+def _cli_peak_rss(*args: str, timeout: float = 120) -> tuple[int, str]:
+    """Run ``fabric ARGS`` in a fresh interpreter (it must succeed): ``(peak RSS in bytes, stdout)``."""
+    r = subprocess.run([sys.executable, "-c", _CLI_WITH_PEAK_RSS, *args], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert r.returncode == 0, r.stderr
+    return int(r.stderr.split("VmHWM")[-1].split()[0]) << 10, r.stdout
+
+
+_PROC_STATUS = pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc (Linux)")
+_BIG = 96 << 20  # bytes: 96 chunks of 1 MiB; holding it whole (or twice) shows far above the bound
+
+
+@_PROC_STATUS
 def test_cli_get_through_a_node_streams_an_artifact_to_the_file_in_bounded_memory(tmp_path):
     import numpy as np
 
-    size = 96 << 20
-    content = np.random.default_rng(11).integers(0, 256, size, dtype=np.uint8)
+    content = np.random.default_rng(11).integers(0, 256, _BIG, dtype=np.uint8)
     with fabric.open(tmp_path / "node", durability="fast") as f:
         small = f.put(b"one small chunk")
         big = f.put(content)
     assert big.chunks == 96
     with node(tmp_path) as (addr, proc, _):
-        peak = {}
-        for name, ref in (("small", small), ("big", big)):
-            out = tmp_path / f"{name}.bin"
-            r = subprocess.run([sys.executable, "-c", _CLI_WITH_PEAK_RSS, "get", str(ref.key), "--node", addr,
-                                "--secret-file", str(tmp_path / "secret"), "-o", str(out)],
-                               capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
-            assert r.returncode == 0, r.stderr
-            peak[name] = int(r.stderr.split("VmHWM")[-1].split()[0]) << 10
+        via = ["--node", addr, "--secret-file", str(tmp_path / "secret")]
+        peak = {name: _cli_peak_rss("get", str(ref.key), *via, "-o", str(tmp_path / f"{name}.bin"))[0]
+                for name, ref in (("small", small), ("big", big))}
         assert (tmp_path / "big.bin").read_bytes() == content.tobytes()
         assert (tmp_path / "small.bin").read_bytes() == b"one small chunk"
         # a few chunks in flight, never the artifact: gathering it (and copying it once to write) costs >= 2 x 96 MiB
         grew = peak["big"] - peak["small"]
-        assert grew < size // 2, f"fabric get of a 96 MiB artifact peaked {grew >> 20} MiB above a one-chunk get"
+        assert grew < _BIG // 2, f"fabric get of a 96 MiB artifact peaked {grew >> 20} MiB above a one-chunk get"
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+@_PROC_STATUS
+def test_cli_put_of_a_file_through_a_node_reads_it_a_chunk_at_a_time(tmp_path):
+    content = os.urandom(_BIG)
+    (tmp_path / "big.bin").write_bytes(content)
+    (tmp_path / "small.bin").write_bytes(b"one small chunk")
+    with node(tmp_path) as (addr, proc, _):
+        via = ["--node", addr, "--secret-file", str(tmp_path / "secret")]
+        runs = {name: _cli_peak_rss("put", str(tmp_path / f"{name}.bin"), *via) for name in ("small", "big")}
+        grew = runs["big"][0] - runs["small"][0]
+        assert grew < _BIG // 2, f"fabric put of a 96 MiB file through a node peaked {grew >> 20} MiB above a one-chunk put"
+        key = json.loads(runs["big"][1])["key"]
+        with fabric.open(addr, secret=SECRET) as rf:
+            assert rf.get(key) == content
 
 
 def test_cli_get_and_stats_through_a_node(tmp_path):
