@@ -144,6 +144,9 @@ class _Slot:
 #: rows (or bytes) one :meth:`Cassette.scrub` step checks in one read transaction
 SCRUB_ROWS = 4096
 SCRUB_BYTES = 64 << 20
+#: bytes of rows (or blobs) a scan copies out of one short read transaction before it yields
+#: them (at least one): what a ledger or blob scan holds in memory at once, whatever the sizes
+SCAN_BATCH_BYTES = 8 << 20
 
 
 def _scrub_row(txn: Any, k: Any, v: Any, rep: "VerifyReport") -> None:
@@ -499,12 +502,14 @@ class Cassette:
         seq = start
         while True:
             batch: list[tuple[int, bytes]] = []
+            nbytes = 0
             with self._reading() as txn:
                 cur = txn.cursor(db=self._ledger)
                 if cur.set_range(_pack_seq(seq)):
                     for k, v in cur:
                         batch.append((_unpack_seq(k)[0], bytes(v)))
-                        if len(batch) >= 1024:
+                        nbytes += len(v)
+                        if len(batch) >= 1024 or nbytes >= SCAN_BATCH_BYTES:
                             break
             if not batch:
                 return
@@ -1089,6 +1094,7 @@ class Cassette:
         after = b""
         while True:
             batch: list[tuple[bytes, bytes]] = []
+            nbytes = 0
             with self._reading() as txn:
                 cur = txn.cursor(db=self._blobs)
                 found = cur.set_range(after) if after else cur.first()
@@ -1096,7 +1102,8 @@ class Cassette:
                     k = bytes(cur.key())
                     if k != after:
                         batch.append((k, bytes(cur.value())))
-                        if len(batch) >= 64:
+                        nbytes += len(batch[-1][1])
+                        if len(batch) >= 64 or nbytes >= SCAN_BATCH_BYTES:
                             break
                     found = cur.next()
             if not batch:
