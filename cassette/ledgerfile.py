@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAGIC", "LEDGER_FILE_VERSION", "EXPORT_CHUNK", "TRAILER_SIZE", "write_ledger_file", "read_ledger_file",
     "iter_ledger_file", "iter_ledger_file_bytes", "LedgerFileBytes", "validate_entry", "validate_ledger_file",
-    "EntryReader", "entry_header",
+    "EntryReader", "entry_header", "REPLAY_BATCH", "REPLAY_BATCH_BYTES",
 ]
 
 MAGIC = b"EVALFABRIC-LEDGER\n"
@@ -49,6 +49,10 @@ _MAX_ENTRY = 1 << 34  # 16 GiB: refuse absurd lengths before allocating
 
 #: Default chunk size of :func:`iter_ledger_file_bytes`.
 EXPORT_CHUNK = 1 << 20
+#: A replay stores its entries once this many are pending, or this many bytes (memory stays
+#: bounded whatever the entry sizes; one group commit per batch).
+REPLAY_BATCH = 1024
+REPLAY_BATCH_BYTES = 8 << 20
 #: Bytes of the trailer: tag, length, records, check.
 TRAILER_SIZE = _ENTRY.size + 40
 
@@ -280,20 +284,28 @@ def read_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Call
         appended = 0
         seen = 0
         blobs = 0
-        pending: list[bytes] = []
+        records: list[bytes] = []
+        chunks: list[tuple[ContentKey, bytes]] = []
+        pending_bytes = 0
         for tag, body, _ in iter_ledger_file(f, path=name):
             if tag == b"R":
-                pending.append(body)
+                records.append(body)
                 seen += 1
-                if len(pending) >= 1024:
-                    appended += sum(r.appended for r in cas.put_raw_many(pending))
-                    pending.clear()
-                    if progress is not None:
-                        progress(seen)
             else:
-                cas.put_verified_blobs([(ContentKey.from_bytes(body[:33]), body[33:])])
+                chunks.append((ContentKey.from_bytes(body[:33]), body[33:]))
                 blobs += 1
-        appended += sum(r.appended for r in cas.put_raw_many(pending))
+            pending_bytes += len(body)
+            if len(records) + len(chunks) >= REPLAY_BATCH or pending_bytes >= REPLAY_BATCH_BYTES:
+                if records:
+                    appended += sum(r.appended for r in cas.put_raw_many(records))  # records first, as in the file
+                if chunks:
+                    cas.put_verified_blobs(chunks)
+                records, chunks, pending_bytes = [], [], 0
+                if progress is not None:
+                    progress(seen)
+        appended += sum(r.appended for r in cas.put_raw_many(records))
+        if chunks:
+            cas.put_verified_blobs(chunks)
     if counts is not None:
         counts.update(records=seen, blobs=blobs)
     return appended

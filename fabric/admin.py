@@ -52,6 +52,8 @@ from cassette.ledgerfile import (
     EXPORT_CHUNK,
     LEDGER_FILE_VERSION,
     MAGIC,
+    REPLAY_BATCH,
+    REPLAY_BATCH_BYTES,
     TRAILER_SIZE,
     EntryReader,
     entry_header,
@@ -88,9 +90,6 @@ ADMIN_POLICY = RetryPolicy(attempts=2, deadline_s=math.inf)
 MAX_PROBLEMS = 100
 #: Bytes of entries one ``replay`` request carries at most (less when the node's per-stream budget is smaller).
 REPLAY_ROUND_BYTES = 64 << 20
-#: A node stores verified replay entries once this many are pending, or this many bytes.
-REPLAY_BATCH = 1024
-REPLAY_BATCH_BYTES = 8 << 20
 #: ``max_bytes_per_stream`` a client advertises on its export connection: the file is written as it comes.
 EXPORT_STREAM_BYTES = 2**63 - 1
 _HEAD = len(MAGIC) + 4

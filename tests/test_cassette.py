@@ -1100,3 +1100,32 @@ def test_ledger_and_blob_scans_hold_a_bounded_number_of_bytes_whatever_the_row_s
                 tracemalloc.stop()
             assert got >= n
             assert peak < store.SCAN_BATCH_BYTES + 8 * size, f"a scan peaked at {peak >> 20} MiB"
+
+
+def test_a_replay_of_large_entries_stores_them_in_batches_of_bounded_bytes(tmp_path):
+    import os
+    import tracemalloc
+
+    from cassette.ledgerfile import REPLAY_BATCH_BYTES, read_ledger_file, write_ledger_file
+
+    n, size = 40, 1 << 20
+    with Cassette(tmp_path / "src", durability="fast") as cas:
+        keys = [ContentKey.of("request", f"big{i}".encode()) for i in range(n)]
+        for k in keys:
+            cas.put(k, codec.encode(os.urandom(size)), evaluator="e", version="1")
+        blobs = cas.put_blobs([os.urandom(size) for _ in range(n)])
+        write_ledger_file(cas, tmp_path / "l.efl")
+        want = {k: cas.get_raw(k) for k in keys}
+    with Cassette(tmp_path / "dst", durability="fast") as dst:
+        commits = dst.commits
+        tracemalloc.start()
+        try:
+            counts: dict = {}
+            assert read_ledger_file(dst, tmp_path / "l.efl", counts=counts) == n
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert counts == {"records": n, "blobs": n}
+        assert all(dst.get_raw(k) == v for k, v in want.items()) and all(dst.get_blob(b) is not None for b in blobs)
+        assert peak < 2 * REPLAY_BATCH_BYTES + 8 * size, f"the replay peaked at {peak >> 20} MiB"  # a batch, its commit, the file reads
+        assert dst.commits - commits <= 2 * n * size // REPLAY_BATCH_BYTES + 2  # a batch per ~8 MiB, not a commit per blob
