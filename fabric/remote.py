@@ -15,7 +15,9 @@ cancellation travels to the node as the request's timeout / ``cancel``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 import queue
 import threading
@@ -29,7 +31,7 @@ from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from cassette.record import Record
 from fabric import artifacts
-from fabric.errors import RetryPolicy, aretry_call
+from fabric.errors import RetryPolicy, aretry_call, policy_for
 from fabric.local import Fabric, on_device
 from fabric.net import WireClient, open_connection
 from fabric.request import Reply, Request
@@ -162,6 +164,16 @@ class RemoteFabric:
                 raise
 
         return await aretry_call(attempt, op=op, policy=policy)
+
+    async def _call_transfer(self, op: str, fn: Callable[[WireClient, float], Any]) -> Any:
+        """``_call`` for a streamed artifact transfer: ``fn(client, wait_s)`` runs with ``op``'s
+        attempts, and ``op``'s deadline becomes ``wait_s``, the bound of each wait for the node
+        (the manifest, then every chunk: see :func:`_stream_artifact`) instead of the bound of
+        the whole transfer, so a large artifact takes as long as it needs while it keeps coming
+        (as Bazel's remote cache times byte-stream reads).  The caller's own deadline still
+        bounds everything and travels to the node."""
+        pol = policy_for(op)
+        return await self._call(op, functools.partial(fn, wait_s=pol.deadline_s), policy=dataclasses.replace(pol, deadline_s=math.inf))
 
     # ---------------------------------------------------------------- realize
     async def arealize_record(self, req: Request) -> tuple[Record, str, str]:
@@ -330,10 +342,10 @@ class RemoteFabric:
             def assemble(stream: Callable[[], tuple[dict, Any]]) -> Any:
                 return artifacts.assemble(*stream(), progress)
 
-            async def go(client: WireClient):
-                return await _stream_artifact(client, key, assemble)
+            async def go(client: WireClient, wait_s: float):
+                return await _stream_artifact(client, key, assemble, wait_s)
 
-            return await self._call("get", go)
+            return await self._call_transfer("get", go)
         reply, items = await self._aget_items(key, progress)
         if key.kind == "blob":
             data = items[0] if items else b""
@@ -399,16 +411,16 @@ class RemoteFabric:
             handoff.put((manifest, chunks))
             release.wait()
 
-        async def go(client: WireClient) -> None:
+        async def go(client: WireClient, wait_s: float) -> None:
             try:
-                await _stream_artifact(client, key, consume)
+                await _stream_artifact(client, key, consume, wait_s)
             except FabricError:
                 if not handed:
                     raise  # retried: nothing reached the caller yet
                 # else the caller's iterator raises it (the reader's error ends its chunks)
 
         try:
-            await self._call("get", go)
+            await self._call_transfer("get", go)
         except BaseException as exc:
             if not handed:
                 handoff.put(exc if isinstance(exc, FabricError) else
@@ -439,10 +451,10 @@ class RemoteFabric:
         """:meth:`get_into` under trio (the copy into ``out`` runs on a worker thread)."""
         key = artifacts.artifact_key(key, "get_into")
 
-        async def go(client: WireClient):
-            return await _stream_artifact(client, key, functools.partial(artifacts.fill_target, key=key, out=out))
+        async def go(client: WireClient, wait_s: float):
+            return await _stream_artifact(client, key, functools.partial(artifacts.fill_target, key=key, out=out), wait_s)
 
-        return await self._call("get_into", go)
+        return await self._call_transfer("get_into", go)
 
     # ---------------------------------------------------------------- writing
     async def aput(self, data: Any, *, chunk_size: int | None = None, progress: Callable[[int], None] | None = None) -> Any:
@@ -810,13 +822,20 @@ async def _read_head(call: Any, key: ContentKey) -> dict:
     return _manifest_of(key, verify_record(b"".join(parts), key))
 
 
-async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callable[[Callable[[], tuple[dict, Any]]], Any]) -> Any:
+def _stalled(key: ContentKey, wait_s: float, what: str) -> FabricError:
+    return FabricError(StatusCode.DEADLINE_EXCEEDED, f"get: {what} did not arrive within {wait_s:g} s", key=key, retryable=True)
+
+
+async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callable[[Callable[[], tuple[dict, Any]]], Any],
+                           wait_s: float = math.inf) -> Any:
     """One streaming ``get`` of artifact ``key``: a task reads the stream (manifest first,
     then chunks, at most :data:`FILL_AHEAD` ahead) while a worker thread runs
     ``consume(stream)``, where ``stream()`` gives ``(manifest, chunks)``, the chunks
     verified as they come (:func:`fabric.artifacts.verified_chunks`) — e.g.
     :func:`fabric.artifacts.fill_target`, which checks its target before calling it.
-    Returns what ``consume`` returns."""
+    Returns what ``consume`` returns.  ``wait_s`` bounds each wait for the node: the manifest,
+    then each chunk (not the waits for ``consume`` to take one); a longer one is a retryable
+    DEADLINE_EXCEEDED naming what did not arrive."""
     head = trio.Event()
     state: dict[str, Any] = {}
     errors: list[FabricError] = []  # the reader's, then the filler's
@@ -826,10 +845,16 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
 
         async def read() -> None:
             try:
-                manifest = state["manifest"] = await _read_head(call, key)
+                with trio.move_on_after(wait_s) as waited:
+                    manifest = state["manifest"] = await _read_head(call, key)
+                if waited.cancelled_caught:
+                    raise _stalled(key, wait_s, "the manifest")
                 head.set()
-                for _ in manifest["chunks"]:
-                    ev = await call.receive()
+                for i in range(len(manifest["chunks"])):
+                    with trio.move_on_after(wait_s) as waited:
+                        ev = await call.receive()
+                    if waited.cancelled_caught:
+                        raise _stalled(key, wait_s, f"chunk {i}")
                     if not isinstance(ev, StreamData):
                         break  # too few chunks: the filler's count check says so
                     await send.send(ev.data)

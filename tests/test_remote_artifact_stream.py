@@ -196,3 +196,60 @@ def test_a_node_killed_mid_stream_is_unavailable_from_the_iterator_not_a_hang(tm
             assert ei.value.status_code is StatusCode.UNAVAILABLE and ei.value.retryable
             assert taken < ref.chunks  # what had arrived, verified; then the error, not a short count
             _no_stream_left(rf)
+
+
+# ---------------------------------------------------------------- deadlines
+@pytest.fixture
+def short_get_deadline(monkeypatch):
+    """The get / get_into policies with a 0.3 s deadline (their attempts unchanged)."""
+    import dataclasses
+
+    from fabric import errors
+
+    wait = 0.3
+    for op in ("get", "get_into"):
+        monkeypatch.setitem(errors.DEFAULT_POLICIES, op, dataclasses.replace(errors.DEFAULT_POLICIES[op], deadline_s=wait))
+    return wait
+
+
+def test_a_transfer_longer_than_the_get_deadline_completes_while_chunks_keep_coming(served, short_get_deadline):
+    addr, ref, content = served
+    pause = 2 * short_get_deadline / N_CHUNKS * 4  # the whole transfer takes ~8 deadlines; no wait for the node takes one
+    with fabric.open(addr, secret=SECRET) as rf:
+        t0 = time.monotonic()
+        _, chunks = rf.artifact_stream(ref.key)
+        got = []
+        for c in chunks:
+            got.append(c)
+            time.sleep(pause)
+        assert b"".join(got) == content and time.monotonic() - t0 > 4 * short_get_deadline
+
+        t0 = time.monotonic()
+        value = rf.get(ref.key, progress=lambda n: time.sleep(pause))  # a slow consumer: the copy side waits
+        assert value.tobytes() == content and time.monotonic() - t0 > 4 * short_get_deadline
+
+
+def test_a_node_that_stops_sending_mid_transfer_is_deadline_exceeded_after_the_wait(tmp_path, short_get_deadline):
+    import os
+    import signal
+
+    with node(tmp_path, "paused", "--durability", "fast") as (addr, proc, _):
+        with fabric.open(addr, secret=SECRET) as rf:
+            ref = rf.put(np.arange(1 << 18, dtype=np.uint32), chunk_size=CHUNK)  # 64 chunks
+            _, chunks = rf.artifact_stream(ref.key)
+            next(chunks)
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(FabricError) as ei:
+                    for _ in chunks:
+                        pass
+                stalled = time.monotonic() - t0
+                assert ei.value.status_code is StatusCode.DEADLINE_EXCEEDED and "did not arrive within 0.3 s" in ei.value.message
+                assert stalled < 10
+                with pytest.raises(FabricError) as ei:
+                    rf.get(ref.key)  # every attempt stalls: the last one's error, after a few waits
+                assert ei.value.status_code is StatusCode.DEADLINE_EXCEEDED
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            assert rf.get(ref.key).tobytes() == np.arange(1 << 18, dtype=np.uint32).tobytes()  # serving again
