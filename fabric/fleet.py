@@ -299,6 +299,7 @@ class ContentAddressedFabric:
         self.fab = fab
         self.fleet = fleet
         self._obtaining: dict[ContentKey, trio.Event] = {}  # single-flight of obtain, per key
+        self._fetched: dict[ContentKey, int] = {}  # verified chunk bytes fetched so far, per artifact being obtained
 
     async def realize(self, call: "ServerCall", req: Any, *, at_home: bool, begin, end) -> dict:
         """Answer a realize for ``req`` (version resolved) as the module docstring says."""
@@ -351,7 +352,12 @@ class ContentAddressedFabric:
             return await self._obtain(key)
         finally:
             del self._obtaining[key]
+            self._fetched.pop(key, None)
             done.set()
+
+    def obtaining_bytes(self, key: ContentKey) -> int:
+        """Verified chunk bytes of artifact ``key`` fetched so far by the obtain in progress (0 if none)."""
+        return self._fetched.get(key, 0)
 
     async def _obtain(self, key: ContentKey) -> str | None:
         got = await self._from_holders(key)
@@ -410,6 +416,7 @@ class ContentAddressedFabric:
                                  ck.short(), key.short(), node_id, exc.status_code.name)
                     return
                 self.fleet.count_fetch(node_id, len(data))
+                self._fetched[key] = self._fetched.get(key, 0) + len(data)
                 batch.append((ck, data))
                 del data
                 if len(batch) >= FETCH_BATCH:

@@ -801,10 +801,18 @@ def _take_record(reply: Any, items: list) -> tuple[bytes, list]:
 FILL_AHEAD = 4
 
 
-async def _read_head(call: Any, key: ContentKey) -> dict:
-    """Of a ``get`` stream of artifact ``key``: the announcement, then the manifest record's
-    pieces; returns the manifest once the record is verified and is that artifact's."""
-    first = await call.receive()
+async def _read_head(call: Any, key: ContentKey, wait_s: float = math.inf) -> dict:
+    """Of a ``get`` stream of artifact ``key``: the announcement (after any ``obtaining``
+    heartbeats of a fleet member fetching it), then the manifest record's pieces; returns the
+    manifest once the record is verified and is that artifact's.  Each wait for the node is
+    bounded by ``wait_s`` (a heartbeat starts a new one)."""
+    while True:
+        with trio.move_on_after(wait_s) as waited:
+            first = await call.receive()
+        if waited.cancelled_caught:
+            raise _stalled(key, wait_s, "the manifest")
+        if not (isinstance(first, Metadata) and isinstance(first.body, dict) and set(first.body) == {"obtaining"}):
+            break
     body = first.body if isinstance(first, Metadata) else None
     size = body.get("record_size") if isinstance(body, dict) else None
     if type(size) is not int or size <= 0:
@@ -812,7 +820,10 @@ async def _read_head(call: Any, key: ContentKey) -> dict:
     parts: list[bytes] = []
     got = 0
     while got < size:
-        ev = await call.receive()
+        with trio.move_on_after(wait_s) as waited:
+            ev = await call.receive()
+        if waited.cancelled_caught:
+            raise _stalled(key, wait_s, "the manifest")
         if not isinstance(ev, StreamData) or type(ev.data) is not bytes:
             raise FabricError(StatusCode.DATA_LOSS, f"node sent {got} of the {size} bytes of the manifest record", key=key)
         parts.append(ev.data)
@@ -845,10 +856,7 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
 
         async def read() -> None:
             try:
-                with trio.move_on_after(wait_s) as waited:
-                    manifest = state["manifest"] = await _read_head(call, key)
-                if waited.cancelled_caught:
-                    raise _stalled(key, wait_s, "the manifest")
+                manifest = state["manifest"] = await _read_head(call, key, wait_s)
                 head.set()
                 for i in range(len(manifest["chunks"])):
                     with trio.move_on_after(wait_s) as waited:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from fabric.net import ServerCall
 
 __all__ = ["ContentServeFabric", "NodeService", "INLINE_MAX", "RECORD_CHUNK", "LOOKUP_MAX", "LOOKUP_REPLY_MAX",
-           "verify_record", "EVALUATOR_ERROR"]
+           "OBTAIN_HEARTBEAT_S", "verify_record", "EVALUATOR_ERROR"]
 
 log = logging.getLogger("fabric.node")
 
@@ -55,6 +55,10 @@ LOOKUP_MAX = 256
 LOOKUP_REPLY_MAX = 2 << 20
 #: Message prefix marking an evaluator's own exception carried in a fault.
 EVALUATOR_ERROR = "evaluator raised "
+#: While a fleet member obtains an artifact for a ``get`` (before its manifest can go out), it
+#: sends a ``metadata`` ``{"obtaining": bytes held so far}`` this often, so a client that bounds
+#: each wait for the node (fabric.remote) sees progress and does not give up on a long fetch.
+OBTAIN_HEARTBEAT_S = 5.0
 
 
 def verify_record(raw: bytes, key: ContentKey, expected_digest: bytes | None = None) -> Record:
@@ -316,7 +320,9 @@ class NodeService:
             return {"key": key, "chunks": 1}
         holder = self.node_id
         if self.caf is not None and not self.fab.cassette.contains(key):
-            holder = await self.caf.obtain(key) or self.node_id  # from a live holder, verified, recorded here
+            # from a live holder, verified, recorded here; an artifact's client hears progress meanwhile
+            obtain = self.caf.obtain(key) if key.kind != "artifact" else self._obtain_telling(call, key)
+            holder = await obtain or self.node_id
         raw = self.serve.fetch(key)
         if key.kind != "artifact":
             return await send_record(call, raw, {"key": key, "holder": holder})
@@ -331,6 +337,22 @@ class NodeService:
             await call.send(self.serve.fetch_blob(ck))
         reply["chunks"] = len(chunks)
         return reply
+
+    async def _obtain_telling(self, call: "ServerCall", key: ContentKey) -> str | None:
+        """``caf.obtain(key)``, sending ``call`` a ``metadata`` ``{"obtaining": bytes held}`` every
+        :data:`OBTAIN_HEARTBEAT_S` until it returns."""
+        got: dict[str, str | None] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def tell() -> None:
+                while True:
+                    await trio.sleep(OBTAIN_HEARTBEAT_S)
+                    await call.send_metadata({"obtaining": self.caf.obtaining_bytes(key)})
+
+            nursery.start_soon(tell)
+            got["holder"] = await self.caf.obtain(key)
+            nursery.cancel_scope.cancel()
+        return got["holder"]
 
     def _begin(self) -> None:
         self.active_computations += 1

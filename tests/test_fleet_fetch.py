@@ -338,3 +338,43 @@ def test_a_holder_killed_while_gossip_lists_it_live_costs_a_log_line_not_the_fet
     with fabric.open(c_data) as fc:  # nothing unverified was recorded
         assert fc.stats()["blobs"] == ARTIFACT_CHUNKS and fc.cassette.contains(ref.key)
         assert fc.cassette.verify(raise_errors=False).problems == []
+
+
+def test_a_client_waiting_while_a_member_obtains_an_artifact_hears_it_working(tmp_path, source, monkeypatch):
+    """The member fetches for ~2 s before the manifest can go out; the client bounds each wait
+    for the node by 0.3 s, and the member's ``obtaining`` heartbeats (every 0.05 s here) keep
+    it waiting instead of failing with DEADLINE_EXCEEDED (which its 3 attempts would reach)."""
+    import dataclasses
+
+    from fabric import errors, serve
+    from _nodes import in_process_node
+
+    src, ref, data = source  # 40 chunks
+    monkeypatch.setattr(serve, "OBTAIN_HEARTBEAT_S", 0.05)
+    monkeypatch.setitem(errors.DEFAULT_POLICIES, "get", dataclasses.replace(errors.DEFAULT_POLICIES["get"], deadline_s=0.3))
+    peer = _Peer("holder", src.cassette, delay=0.2)  # 4 lanes x 10 chunks x 0.2 s
+    dst = fabric.open(tmp_path / "dst", durability="fast")
+    fleet = _Fleet([peer], src.cassette.get_record(ref.key).digest)
+    beats: list = []
+    real_send_metadata = __import__("fabric.net", fromlist=["ServerCall"]).ServerCall.send_metadata
+
+    async def send_metadata(self, body):
+        beats.append(body)
+        await real_send_metadata(self, body)
+
+    monkeypatch.setattr("fabric.net.ServerCall.send_metadata", send_metadata)
+
+    async def go():
+        async with in_process_node(dst) as (addr, service):
+            service.caf = ContentAddressedFabric(dst, fleet)
+            rf = fabric.open(addr, secret=SECRET)
+            return await rf.aget(ref.key)
+
+    try:
+        got = trio.run(go)
+    finally:
+        dst.close()
+    assert got == data
+    heartbeats = [b["obtaining"] for b in beats if set(b) == {"obtaining"}]
+    assert len(heartbeats) >= 10 and heartbeats == sorted(heartbeats) and heartbeats[-1] <= len(data)
+    assert sorted(peer.served) == sorted(_chunks(src, ref))  # each chunk fetched once: one obtain, never restarted
