@@ -347,7 +347,10 @@ class NodeService:
             async def tell() -> None:
                 while True:
                     await trio.sleep(OBTAIN_HEARTBEAT_S)
-                    await call.send_metadata({"obtaining": self.caf.obtaining_bytes(key)})
+                    try:
+                        await call.send_metadata({"obtaining": self.caf.obtaining_bytes(key)})
+                    except FabricError:
+                        return  # the client is gone: the fetch goes on (it serves the next asker too)
 
             nursery.start_soon(tell)
             got["holder"] = await self.caf.obtain(key)
