@@ -11,6 +11,7 @@ included) propagates at once, unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -28,6 +29,7 @@ __all__ = [
     "is_retryable",
     "retry_call",
     "aretry_call",
+    "bounded_wait",
 ]
 
 T = TypeVar("T")
@@ -163,6 +165,22 @@ def _deadline_error(op: str, pol: RetryPolicy, last: FabricError | None) -> Fabr
         retryable=False,
         key=None if last is None else last.key,
     )
+
+
+@contextlib.contextmanager
+def bounded_wait(wait_s: float, what: str, key: Any = None) -> Iterator[None]:
+    """Under trio: one wait for the other side of a long transfer, bounded by ``wait_s``.
+
+    If ``wait_s`` passes first, the wait is cancelled and a retryable DEADLINE_EXCEEDED
+    ``"<what> did not arrive within <wait_s> s"`` is raised: the per-wait deadline that
+    streamed transfers use instead of an overall one (specs/errors.md "Long transfers").
+    """
+    import trio
+
+    with trio.move_on_after(wait_s) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise FabricError(StatusCode.DEADLINE_EXCEEDED, f"{what} did not arrive within {wait_s:g} s", retryable=True, key=key)
 
 
 def remaining(deadline: float | None, clock: Callable[[], float] = time.monotonic) -> float:

@@ -31,7 +31,7 @@ from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from cassette.record import Record
 from fabric import artifacts
-from fabric.errors import RetryPolicy, aretry_call, policy_for
+from fabric.errors import RetryPolicy, aretry_call, bounded_wait, policy_for
 from fabric.local import Fabric, on_device
 from fabric.net import WireClient, open_connection
 from fabric.request import Reply, Request
@@ -484,7 +484,7 @@ class RemoteFabric:
         size = upload.chunk_size_for(await self._call("put", limits), chunk_size)
         plan = await trio.to_thread.run_sync(functools.partial(ChunkPlan, data, chunk_size=size))
         try:
-            await upload.upload(functools.partial(self._call, "put"), plan, self._count_upload, progress)
+            await upload.upload(functools.partial(self._call_transfer, "put"), plan, self._count_upload, progress)
         finally:
             plan.close()
         return plan.ref
@@ -807,10 +807,8 @@ async def _read_head(call: Any, key: ContentKey, wait_s: float = math.inf) -> di
     manifest once the record is verified and is that artifact's.  Each wait for the node is
     bounded by ``wait_s`` (a heartbeat starts a new one)."""
     while True:
-        with trio.move_on_after(wait_s) as waited:
+        with bounded_wait(wait_s, "get: the manifest", key):
             first = await call.receive()
-        if waited.cancelled_caught:
-            raise _stalled(key, wait_s, "the manifest")
         if not (isinstance(first, Metadata) and isinstance(first.body, dict) and set(first.body) == {"obtaining"}):
             break
     body = first.body if isinstance(first, Metadata) else None
@@ -820,10 +818,8 @@ async def _read_head(call: Any, key: ContentKey, wait_s: float = math.inf) -> di
     parts: list[bytes] = []
     got = 0
     while got < size:
-        with trio.move_on_after(wait_s) as waited:
+        with bounded_wait(wait_s, "get: the manifest", key):
             ev = await call.receive()
-        if waited.cancelled_caught:
-            raise _stalled(key, wait_s, "the manifest")
         if not isinstance(ev, StreamData) or type(ev.data) is not bytes:
             raise FabricError(StatusCode.DATA_LOSS, f"node sent {got} of the {size} bytes of the manifest record", key=key)
         parts.append(ev.data)
@@ -831,10 +827,6 @@ async def _read_head(call: Any, key: ContentKey, wait_s: float = math.inf) -> di
     if got != size:
         raise FabricError(StatusCode.DATA_LOSS, f"node sent {got} manifest record bytes, announced {size}", key=key)
     return _manifest_of(key, verify_record(b"".join(parts), key))
-
-
-def _stalled(key: ContentKey, wait_s: float, what: str) -> FabricError:
-    return FabricError(StatusCode.DEADLINE_EXCEEDED, f"get: {what} did not arrive within {wait_s:g} s", key=key, retryable=True)
 
 
 async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callable[[Callable[[], tuple[dict, Any]]], Any],
@@ -859,10 +851,8 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
                 manifest = state["manifest"] = await _read_head(call, key, wait_s)
                 head.set()
                 for i in range(len(manifest["chunks"])):
-                    with trio.move_on_after(wait_s) as waited:
+                    with bounded_wait(wait_s, f"get: chunk {i}", key):
                         ev = await call.receive()
-                    if waited.cancelled_caught:
-                        raise _stalled(key, wait_s, f"chunk {i}")
                     if not isinstance(ev, StreamData):
                         break  # too few chunks: the filler's count check says so
                     await send.send(ev.data)

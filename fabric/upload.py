@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
@@ -42,6 +43,7 @@ import trio
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from fabric import artifacts
+from fabric.errors import bounded_wait
 
 if TYPE_CHECKING:
     from fabric.net import ServerCall, WireClient
@@ -78,9 +80,9 @@ def chunk_size_for(limits: "AdvertisedLimits", chunk_size: int | None = None) ->
 async def upload(run: Callable[[Callable[["WireClient"], Awaitable[Any]]], Awaitable[Any]], plan: artifacts.ChunkPlan,
                  on_chunk: Callable[[int], None] | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Run ``put`` rounds until the node records ``plan``'s manifest; returns the node's final
-    reply.  ``run(fn)`` awaits ``fn(client)`` on a connection to the node, with the caller's
-    retries, once per round (so the put deadline bounds a round, not a long upload; a retried
-    round sends only what the node still lacks).  ``on_chunk(nbytes)`` is called per chunk pushed.
+    reply.  ``run(fn)`` awaits ``fn(client)`` (or ``fn(client, wait_s=...)``, bounding each wait
+    for the node) on a connection to the node, with the caller's retries, once per round (a
+    retried round sends only what the node still lacks).  ``on_chunk(nbytes)`` is called per chunk pushed.
     ``progress(n)``: ``n`` bytes of the content the node holds, as far as this upload knows —
     once per round when the node has said what it lacks, then after each chunk pushed (a chunk
     that occurs several times in the content counts at each place); the last call, once the
@@ -94,8 +96,10 @@ async def upload(run: Callable[[Callable[["WireClient"], Awaitable[Any]]], Await
 
 
 async def _round(client: "WireClient", *, plan: artifacts.ChunkPlan, on_chunk: Callable[[int], None] | None,
-                 progress: Callable[[int], None] | None = None) -> tuple[dict, int]:
-    """One ``put`` request: learn what the node lacks, push what fits its per-stream budget, end."""
+                 progress: Callable[[int], None] | None = None, wait_s: float = math.inf) -> tuple[dict, int]:
+    """One ``put`` request: learn what the node lacks, push what fits its per-stream budget, end.
+    ``wait_s`` bounds each wait for the node (its list, its credit for the next chunk, its
+    answer), not the round (specs/errors.md "Long transfers")."""
     from fabric.wire import Metadata
 
     limits = client.peer_limits
@@ -109,7 +113,8 @@ async def _round(client: "WireClient", *, plan: artifacts.ChunkPlan, on_chunk: C
     budget = limits.max_bytes_per_stream - len(plan.payload) - STREAM_MARGIN
     sizes = plan.manifest["sizes"]
     async with client.stream("put", {"manifest": plan.payload}, upload=True, credit=0) as call:
-        first = await call.receive()
+        with bounded_wait(wait_s, "put: the node's list of missing chunks", plan.key):
+            first = await call.receive()
         if not isinstance(first, Metadata):
             raise FabricError(StatusCode.INTERNAL, "node answered put without listing the chunks it lacks", key=plan.key)
         sent = used = 0
@@ -119,7 +124,9 @@ async def _round(client: "WireClient", *, plan: artifacts.ChunkPlan, on_chunk: C
             cost = sizes[i] + PUSH_OVERHEAD
             if sent and used + cost > budget:
                 break  # the rest goes in the next round (a fresh per-stream budget)
-            await call.send(plan.chunk(i))
+            data = plan.chunk(i)
+            with bounded_wait(wait_s, f"put: the node's credit for chunk {i}", plan.key):
+                await call.send(data)
             sent += 1
             used += cost
             if on_chunk is not None:
@@ -127,7 +134,8 @@ async def _round(client: "WireClient", *, plan: artifacts.ChunkPlan, on_chunk: C
             if held is not None:
                 held.pushed(i)
         await call.end()
-        reply = await call.result()
+        with bounded_wait(wait_s, "put: the node's answer", plan.key):
+            reply = await call.result()
     if not isinstance(reply, dict) or reply.get("key") != plan.key or reply.get("received") != sent:
         raise FabricError(StatusCode.INTERNAL, f"node's put reply does not match the upload: {_short(reply)}", key=plan.key)
     return reply, sent

@@ -177,3 +177,23 @@ def test_is_retryable():
     assert is_retryable(FabricError(StatusCode.ABORTED, "x"))
     assert not is_retryable(FabricError(StatusCode.DATA_LOSS, "x"))
     assert not is_retryable(ValueError("x"))
+
+
+def test_bounded_wait_raises_a_retryable_deadline_exceeded_naming_what_did_not_arrive():
+    from fabric.errors import bounded_wait
+
+    key = ContentKey.of("blob", b"x")
+
+    async def main():
+        with bounded_wait(1.0, "get: chunk 7", key):
+            await trio.sleep(0.999)  # in time: nothing raised, nothing cancelled
+        t0 = trio.current_time()
+        with pytest.raises(FabricError) as ei:
+            with bounded_wait(1.0, "get: chunk 8", key):
+                await trio.sleep(5)
+        assert trio.current_time() - t0 == pytest.approx(1.0)
+        return ei.value
+
+    err = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert err.status_code is StatusCode.DEADLINE_EXCEEDED and err.retryable and err.key == key
+    assert err.message == "get: chunk 8 did not arrive within 1 s"

@@ -224,3 +224,22 @@ def test_put_on_one_fleet_member_is_announced_and_gettable_through_another(tmp_p
             stop_node(b_proc)
     finally:
         stop_node(a_proc)
+
+
+def test_an_upload_longer_than_the_put_deadline_completes_while_the_node_keeps_taking_chunks(shared, tmp_path, monkeypatch):
+    """The put deadline bounds each wait for the node, not the upload: a 0.3 s deadline and a
+    ~2 s upload (the sending side slowed between chunks) store the artifact in one round."""
+    import dataclasses
+    import time
+
+    from fabric import errors
+
+    addr, _, _ = shared
+    monkeypatch.setitem(errors.DEFAULT_POLICIES, "put", dataclasses.replace(errors.DEFAULT_POLICIES["put"], deadline_s=0.3))
+    data = os.urandom(64 * SMALL)
+    with RemoteFabric(addr, SECRET) as f:
+        t0 = time.monotonic()
+        ref = f.put(data, chunk_size=SMALL, progress=lambda n: time.sleep(0.03))
+        assert time.monotonic() - t0 > 1.5
+        assert f.chunks_uploaded == 64 and f.get(ref.key) == data
+    assert ref.key == _embedded_key(tmp_path, data, chunk_size=SMALL)
