@@ -8,7 +8,10 @@ abandoning the iterator (or the client) ends the stream without hanging anything
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import signal
 import threading
 import time
 
@@ -178,24 +181,30 @@ def test_gpu_materialize_through_a_node_without_cupy_is_failed_precondition(serv
         assert not rf._streams
 
 
-def test_a_node_killed_mid_stream_is_unavailable_from_the_iterator_not_a_hang(tmp_path):
-    import os
-    import signal
-
-    with node(tmp_path, "doomed", "--durability", "fast") as (addr, proc, _):
+@contextlib.contextmanager
+def _streaming_from_own_node(tmp_path, name: str):
+    """A node of this test's own holding a 64-chunk artifact, a client, and an open stream of it
+    whose first chunk was taken: yields ``(client, node process, ref, chunk iterator)``."""
+    with node(tmp_path, name, "--durability", "fast") as (addr, proc, _):
         with fabric.open(addr, secret=SECRET) as rf:
-            ref = rf.put(np.arange(1 << 18, dtype=np.uint32), chunk_size=CHUNK)  # 64 chunks
+            ref = rf.put(np.arange(1 << 18, dtype=np.uint32), chunk_size=CHUNK)
+            assert ref.chunks == N_CHUNKS
             _, chunks = rf.artifact_stream(ref.key)
             next(chunks)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-            taken = 1
-            with pytest.raises(FabricError) as ei:
-                for _ in chunks:
-                    taken += 1
-            assert ei.value.status_code is StatusCode.UNAVAILABLE and ei.value.retryable
-            assert taken < ref.chunks  # what had arrived, verified; then the error, not a short count
-            _no_stream_left(rf)
+            yield rf, proc, ref, chunks
+
+
+def test_a_node_killed_mid_stream_is_unavailable_from_the_iterator_not_a_hang(tmp_path):
+    with _streaming_from_own_node(tmp_path, "doomed") as (rf, proc, ref, chunks):
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        taken = 1
+        with pytest.raises(FabricError) as ei:
+            for _ in chunks:
+                taken += 1
+        assert ei.value.status_code is StatusCode.UNAVAILABLE and ei.value.retryable
+        assert taken < ref.chunks  # what had arrived, verified; then the error, not a short count
+        _no_stream_left(rf)
 
 
 # ---------------------------------------------------------------- deadlines
@@ -230,26 +239,18 @@ def test_a_transfer_longer_than_the_get_deadline_completes_while_chunks_keep_com
 
 
 def test_a_node_that_stops_sending_mid_transfer_is_deadline_exceeded_after_the_wait(tmp_path, short_get_deadline):
-    import os
-    import signal
-
-    with node(tmp_path, "paused", "--durability", "fast") as (addr, proc, _):
-        with fabric.open(addr, secret=SECRET) as rf:
-            ref = rf.put(np.arange(1 << 18, dtype=np.uint32), chunk_size=CHUNK)  # 64 chunks
-            _, chunks = rf.artifact_stream(ref.key)
-            next(chunks)
-            os.kill(proc.pid, signal.SIGSTOP)
-            try:
-                t0 = time.monotonic()
-                with pytest.raises(FabricError) as ei:
-                    for _ in chunks:
-                        pass
-                stalled = time.monotonic() - t0
-                assert ei.value.status_code is StatusCode.DEADLINE_EXCEEDED and "did not arrive within 0.3 s" in ei.value.message
-                assert stalled < 10
-                with pytest.raises(FabricError) as ei:
-                    rf.get(ref.key)  # every attempt stalls: the last one's error, after a few waits
-                assert ei.value.status_code is StatusCode.DEADLINE_EXCEEDED
-            finally:
-                os.kill(proc.pid, signal.SIGCONT)
-            assert rf.get(ref.key).tobytes() == np.arange(1 << 18, dtype=np.uint32).tobytes()  # serving again
+    with _streaming_from_own_node(tmp_path, "paused") as (rf, proc, ref, chunks):
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(FabricError) as ei:
+                for _ in chunks:
+                    pass
+            assert ei.value.status_code is StatusCode.DEADLINE_EXCEEDED and "did not arrive within 0.3 s" in ei.value.message
+            assert time.monotonic() - t0 < 10
+            with pytest.raises(FabricError) as ei:
+                rf.get(ref.key)  # every attempt stalls: the last one's error, after a few waits
+            assert ei.value.status_code is StatusCode.DEADLINE_EXCEEDED
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert rf.get(ref.key).tobytes() == np.arange(1 << 18, dtype=np.uint32).tobytes()  # serving again
