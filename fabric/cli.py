@@ -277,20 +277,20 @@ def _stream_to(sink: _Sink, fab: Any, key: Any) -> None:
     """Write artifact ``key``'s content to ``sink`` chunk by chunk, each verified against its key
     before it is written and the whole against the manifest digest at the end (DATA_LOSS
     otherwise): a few chunks in memory at a time, whatever the artifact's size."""
+    import contextlib
+
     manifest, chunks = fab.artifact_stream(key)
     cb, stop = _progress(manifest["size"], f"getting {key.short()}", nbytes=True)
-    try:
-        done = 0
-        for data in chunks:
-            sink.write(data)
-            done += len(data)
-            if cb is not None:
-                cb(done)
-    finally:
-        stop()
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+    with contextlib.closing(chunks):  # a stream through a node ends there at once
+        try:
+            done = 0
+            for data in chunks:
+                sink.write(data)
+                done += len(data)
+                if cb is not None:
+                    cb(done)
+        finally:
+            stop()
 
 
 def cmd_holders(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ LOOKUP_REPLY_MAX = 2 << 20
 #: Message prefix marking an evaluator's own exception carried in a fault.
 EVALUATOR_ERROR = "evaluator raised "
 #: While a fleet member obtains an artifact for a ``get`` (before its manifest can go out), it
-#: sends a ``metadata`` ``{"obtaining": bytes held so far}`` this often, so a client that bounds
+#: sends a ``metadata`` ``{"obtaining": verified chunk bytes fetched so far}`` this often, so a client that bounds
 #: each wait for the node (fabric.remote) sees progress and does not give up on a long fetch.
 OBTAIN_HEARTBEAT_S = 5.0
 
@@ -339,9 +339,8 @@ class NodeService:
         return reply
 
     async def _obtain_telling(self, call: "ServerCall", key: ContentKey) -> str | None:
-        """``caf.obtain(key)``, sending ``call`` a ``metadata`` ``{"obtaining": bytes held}`` every
+        """``caf.obtain(key)``, sending ``call`` a ``metadata`` ``{"obtaining": bytes fetched}`` every
         :data:`OBTAIN_HEARTBEAT_S` until it returns."""
-        got: dict[str, str | None] = {}
         async with trio.open_nursery() as nursery:
 
             async def tell() -> None:
@@ -353,9 +352,9 @@ class NodeService:
                         return  # the client is gone: the fetch goes on (it serves the next asker too)
 
             nursery.start_soon(tell)
-            got["holder"] = await self.caf.obtain(key)
+            holder = await self.caf.obtain(key)
             nursery.cancel_scope.cancel()
-        return got["holder"]
+        return holder
 
     def _begin(self) -> None:
         self.active_computations += 1
