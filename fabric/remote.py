@@ -377,14 +377,14 @@ class RemoteFabric:
         """
         key = artifacts.artifact_key(key, "materialize")
         if self._closed:
-            raise FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed")
+            raise self._closed_error()
         token = self._ensure_portal()
         handoff: queue.SimpleQueue = queue.SimpleQueue()
         release = threading.Event()
         try:
             trio.from_thread.run_sync(self._start_stream, key, handoff, release, trio_token=token)
         except trio.RunFinishedError:
-            raise FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed") from None
+            raise self._closed_error() from None
         got = handoff.get()
         if isinstance(got, BaseException):
             raise got
@@ -393,7 +393,7 @@ class RemoteFabric:
 
     def _start_stream(self, key: ContentKey, handoff: queue.SimpleQueue, release: threading.Event) -> None:
         if self._closed or self._portal_nursery is None:
-            handoff.put(FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed"))
+            handoff.put(self._closed_error())
             return
         self._streams.add(release)
         self._portal_nursery.start_soon(self._pump_artifact, key, handoff, release)
@@ -423,8 +423,7 @@ class RemoteFabric:
             await self._call_transfer("get", go)
         except BaseException as exc:
             if not handed:
-                handoff.put(exc if isinstance(exc, FabricError) else
-                            FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed"))
+                handoff.put(exc if isinstance(exc, FabricError) else self._closed_error())
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -594,9 +593,13 @@ class RemoteFabric:
         return await self.areplay(path, progress=progress)
 
     # ----------------------------------------------------------------- portal
+    def _closed_error(self) -> FabricError:
+        """What a call on this client raises once it is closed."""
+        return FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed")
+
     def _portal(self, afn, *args: Any) -> Any:
         if self._closed:
-            raise FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed")
+            raise self._closed_error()
         token = self._ensure_portal()
         return trio.from_thread.run(afn, *args, trio_token=token)
 
@@ -677,7 +680,7 @@ class _ChunkIter:
         except (FabricError, trio.RunFinishedError) as exc:
             self.close()
             if self._owner._closed:
-                raise FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self._owner.address} is closed") from None
+                raise self._owner._closed_error() from None
             if isinstance(exc, trio.RunFinishedError):
                 raise FabricError(StatusCode.UNAVAILABLE, "artifact stream ended with its client", retryable=True) from None
             raise
