@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--durability", choices=("sync", "fast"), default="sync")
     p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, wait this long for in-flight computations")
     p.add_argument("--gossip-interval", type=float, default=0.5, help="seconds between gossip rounds and probes")
+    p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
+                   help="close a client connection with no request in flight that sent nothing for S seconds (default 300)")
 
     p = sub.add_parser("realize", help="realize EVALUATOR on JSON_ARGS and print the reply as JSON")
     _common(p)

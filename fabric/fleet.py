@@ -84,14 +84,15 @@ class PeerPool:
         self.rtt: dict[str, float] = {}
 
     async def client(self, addr: str) -> WireClient:
-        """A connected client for ``addr`` (dialled on first use or after a break)."""
+        """A connected client for ``addr`` (dialled on first use, after a break, or once the peer
+        closed it: see :meth:`~fabric.net.WireClient.reusable`)."""
         c = self._clients.get(addr)
-        if c is not None and not c.closed:
+        if c is not None and c.reusable():
             return c
         lock = self._locks.setdefault(addr, trio.Lock())
         async with lock:
             c = self._clients.get(addr)
-            if c is None or c.closed:
+            if c is None or not c.reusable():
                 host, port = parse_address(addr)
                 c = self._clients[addr] = await open_connection(host, port, self.secret)
             return c

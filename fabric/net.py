@@ -71,6 +71,7 @@ __all__ = [
     "UPLOAD_WINDOW",
     "DEFAULT_CREDIT",
     "MANY_FLUSH_EVERY",
+    "REUSE_CHECK_AFTER_S",
 ]
 
 log = logging.getLogger("fabric.net")
@@ -85,6 +86,9 @@ UPLOAD_WINDOW = 8
 DEFAULT_CREDIT = 8
 #: Requests :meth:`WireClient.call_many` queues per write (so the server starts on them while more are encoded).
 MANY_FLUSH_EVERY = 8
+#: A connection quiet this long (seconds) is checked for the peer's goodbye before it is reused
+#: (:meth:`WireClient.reusable`): a node closes connections idle past its ``idle_timeout_s``.
+REUSE_CHECK_AFTER_S = 1.0
 
 _NET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -162,6 +166,23 @@ class _Link:
             return True
         del self._pending[:n]
         return not self._pending
+
+    def read_now(self) -> bytes | None:
+        """What the peer already sent (at most READ_BYTES) without waiting: ``None`` when
+        nothing is there, ``b""`` at EOF or when the read fails (as :meth:`receive`)."""
+        if self._fd < 0:
+            return b""
+        try:
+            return os.read(self._fd, READ_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def close_now(self) -> None:
+        """Close the socket without waiting (a later :meth:`aclose` does nothing more)."""
+        self._fd = -1
+        self.stream.socket.close()
 
     async def receive(self) -> None:
         """Read what the peer sent (at most READ_BYTES) into the connection; a failed read is EOF."""
@@ -715,6 +736,34 @@ class WireClient:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
+
+    def reusable(self) -> bool:
+        """Whether a new request may go out on this connection, decided without waiting.
+
+        False once it is closed; also False when it has been quiet for
+        :data:`REUSE_CHECK_AFTER_S` or more and the peer has meanwhile closed it
+        (a node closes connections idle past its ``idle_timeout_s``): what the
+        peer sent is taken in here, its goodbye or EOF closes this side too.  A
+        pool asks before each reuse and dials a new connection on False, so a
+        request is not sent into a connection the peer has left, which would
+        cost the caller a failed attempt and a backoff.
+        """
+        if self._failure is not None:
+            return False
+        if self._reading or self._slots:
+            return True  # a request is in flight: its reader takes in whatever the peer says
+        now = trio.current_time()
+        if now - self._conn.last_activity < REUSE_CHECK_AFTER_S:
+            return True
+        data = self._link.read_now()
+        if data is None:
+            return True
+        self._conn.receive_data(data, now=now)
+        self._drain()
+        if self._failure is None:
+            return True  # connection-level metadata, or a late frame of a finished request
+        self._link.close_now()
+        return False
 
     # ---------------------------------------------------------------- public API
 

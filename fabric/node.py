@@ -1,7 +1,7 @@
 """``fabric node``: one peer node process.
 
 ``fabric node --data DIR --listen HOST:PORT --secret-file F [--evaluators M ...]
-[--relay HOST:PORT] [--metrics-port N]`` serves the wire ops of
+[--relay HOST:PORT] [--metrics-port N] [--idle-timeout S]`` serves the wire ops of
 :mod:`fabric.serve` until SIGTERM or SIGINT.  Its first line on stdout is
 ``listening on HOST:PORT node=NODE_ID``.  Shutdown: stop accepting, let
 in-flight computations finish and their records commit (bounded by
@@ -37,12 +37,14 @@ async def run_node(args: argparse.Namespace) -> int:
     from fabric.registry import load_evaluators, registered
     from fabric.remote import RemoteFabric, parse_address
     from fabric.serve import NodeService
+    from fabric.wire import StreamFrameLimits
 
     if not args.secret_file and not api._secret_from_env():
         raise FabricError(StatusCode.INVALID_ARGUMENT, "a node needs --secret-file F (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
     secret = api.read_secret_file(args.secret_file) if args.secret_file else api._secret_from_env()
     assert secret is not None
     host, port = parse_address(args.listen, listen=True)
+    limits = StreamFrameLimits(idle_timeout_s=getattr(args, "idle_timeout", StreamFrameLimits.idle_timeout_s))
     for spec in args.evaluators:
         load_evaluators(spec)
     data = Path(args.data) if args.data else api.default_home()
@@ -62,7 +64,7 @@ async def run_node(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 listening = await nursery.start(
                     lambda task_status: serve(
-                        host, port, secret, service.handle, node_id=fab.node_id, fast=service.handle_now,
+                        host, port, secret, service.handle, limits, node_id=fab.node_id, fast=service.handle_now,
                         stats=lambda: _node_stats(fab, service), welcome={"node": fab.node_id, "capabilities": caps},
                         task_status=task_status,
                     )

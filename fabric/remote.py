@@ -98,10 +98,10 @@ class _Conns:
 
     async def get(self) -> WireClient:
         c = self.client
-        if c is not None and not c.closed:
+        if c is not None and c.reusable():
             return c
         async with self.lock:
-            if self.client is None or self.client.closed:
+            if self.client is None or not self.client.reusable():
                 o = self.owner
                 self.client = await open_connection(o.host, o.port, o.secret, o.limits)
             return self.client

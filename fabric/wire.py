@@ -734,6 +734,11 @@ class WireConnection:
         return ConnectionState.HANDSHAKE
 
     @property
+    def last_activity(self) -> float:
+        """The caller's clock at the latest ``receive_data`` / ``send`` given a ``now`` (or creation)."""
+        return self._last_activity
+
+    @property
     def buffered_bytes(self) -> int:
         """Received bytes held for an incomplete frame; always below 4 + the frame limit."""
         return len(self._rbuf)

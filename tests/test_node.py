@@ -9,11 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings, strategies as st
+from prometheus_client import REGISTRY
 
 import fabric
 from cassette import codec
@@ -349,10 +351,43 @@ def test_sigterm_during_a_write_burst_keeps_every_acknowledged_record(tmp_path):
             assert c.verify().ok
 
 
+def _retries(op: str, status: str) -> float:
+    return REGISTRY.get_sample_value("fabric_operation_retries_total", {"op": op, "status": status}) or 0.0
+
+
+def test_a_connection_the_node_closed_as_idle_is_redialled_without_a_failed_attempt(tmp_path, monkeypatch):
+    """A node closes connections idle past ``--idle-timeout``; the client's next request must
+    go out on a fresh connection, not into the closed one (which costs an attempt and a backoff)."""
+    monkeypatch.setattr("fabric.net.REUSE_CHECK_AFTER_S", 0.05)
+    with node(tmp_path, "node", "--idle-timeout", "0.2") as (addr, proc, data):
+        f = fabric.open(addr, secret=SECRET)
+        try:
+            req = fabric.Request("text.stats", {"text": "idle then busy"}, version="1")
+            assert f.realize(req).source == "computed"
+            deadline = time.monotonic() + 20
+            while "closing idle connection" not in proc.log_path.read_text():
+                assert time.monotonic() < deadline, "the node never closed the idle connection"
+                time.sleep(0.05)
+            before = _retries("realize", "UNAVAILABLE")
+            for _ in range(3):  # each quiet spell ends with the node's goodbye
+                rep = f.realize(req)
+                assert rep.source == "local" and rep.value["words"] == 3
+                time.sleep(0.4)
+            assert _retries("realize", "UNAVAILABLE") == before
+        finally:
+            f.close()
+    assert proc.log_path.read_text().count("closing idle connection") >= 3
+
+
 def test_node_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([FABRIC, "node", "--data", str(tmp_path / "d"), "--listen", "nonsense"], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "secret").write_bytes(SECRET)
+    r = subprocess.run([FABRIC, "node", "--data", str(tmp_path / "d"), "--secret-file", str(tmp_path / "secret"),
+                        "--idle-timeout", "0"], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "INVALID_ARGUMENT" in r.stderr and "idle_timeout_s" in r.stderr
     r = subprocess.run([FABRIC, "node", "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "--listen" in r.stdout
 

@@ -363,6 +363,45 @@ async def test_idle_timeout_closes_the_connection(caplog):
 
 
 @pytest.mark.trio
+async def test_reusable_takes_in_the_goodbye_of_a_connection_the_server_closed_as_idle(monkeypatch):
+    monkeypatch.setattr(net, "REUSE_CHECK_AFTER_S", 0.05)
+    limits = StreamFrameLimits(idle_timeout_s=0.4)
+    with trio.fail_after(TIME_LIMIT):
+        async with running(echo, limits) as addr:
+            client = await net.open_connection(addr.host, addr.port, SECRET)
+            assert await client.request("echo", 1) == 1
+            await trio.sleep(0.1)
+            assert client.reusable() and not client.closed  # quiet, still open at the server: nothing taken away
+            assert await client.request("echo", 2) == 2
+            while client.reusable():  # until the server's idle goodbye is there
+                await trio.sleep(0.02)
+            assert client.closed and client._link.stream.socket.fileno() == -1  # our socket closed too
+            with pytest.raises(FabricError) as ei:
+                await client.request("echo", 3)
+            assert ei.value.status_code is StatusCode.UNAVAILABLE and ei.value.retryable
+            await client.aclose()
+
+
+@pytest.mark.trio
+async def test_a_peer_pool_redials_a_connection_the_peer_closed_as_idle(monkeypatch):
+    from fabric.fleet import PeerPool
+
+    monkeypatch.setattr(net, "REUSE_CHECK_AFTER_S", 0.05)
+    with trio.fail_after(TIME_LIMIT):
+        async with running(echo, StreamFrameLimits(idle_timeout_s=0.2)) as addr:
+            where = f"{addr.host}:{addr.port}"
+            pool = PeerPool(SECRET)
+            first = await pool.client(where)
+            assert await pool.request(where, "echo", 1) == 1
+            assert await pool.client(where) is first
+            await trio.lowlevel.wait_readable(first._link.stream.socket)  # the server's goodbye is there, unread
+            assert not first.closed
+            assert await pool.request(where, "echo", 2) == 2  # on a new connection, at the first attempt
+            assert await pool.client(where) is not first
+            await (await pool.client(where)).aclose()
+
+
+@pytest.mark.trio
 async def test_a_long_request_is_not_idle():
     limits = StreamFrameLimits(idle_timeout_s=0.1)
 
