@@ -139,6 +139,10 @@ _FIELDS: dict[str, frozenset[str]] = {
 _LIMIT_FIELDS = ("max_frame_bytes", "max_inflight_requests", "max_streams", "max_bytes_per_stream")
 # frames whose message bytes count towards max_bytes_per_stream
 _COUNTED = frozenset({"open", "stats", "metadata", "push", "close"})
+# push data of at least this many bytes is framed in place, never copied into an interim message
+_IN_PLACE_BYTES = 64 * 1024
+# the envelope's MAC field: bin 8 of MAC_BYTES
+_MAC_HEADER = b"\xc4" + bytes((MAC_BYTES,))
 
 
 # --------------------------------------------------------------------------- limits
@@ -427,11 +431,64 @@ def session_key(pkey: bytes, transcript: bytes) -> bytes:
 
 def frame_mac(skey: bytes, direction: int, seq: int, msg: bytes) -> bytes:
     """Keyed BLAKE3 (key ``skey``) of ``direction byte || u64be(seq) || msg``."""
+    return _mac_of(skey, direction, seq, (msg,))
+
+
+def _mac_of(skey: bytes, direction: int, seq: int, pieces: tuple) -> bytes:
+    """:func:`frame_mac` of the message whose bytes are ``pieces`` joined (never joined here)."""
     h = blake3.blake3(key=skey)
     h.update(bytes((direction,)))
     h.update(seq.to_bytes(8, "big"))
-    h.update(msg)
+    for piece in pieces:
+        h.update(piece)
     return h.digest()
+
+
+def _bin_header(n: int) -> bytes:
+    """msgpack's header of a bin of ``n`` bytes, in its shortest form (as msgpack packs it)."""
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def _push_pieces(rid: int, data: bytes) -> tuple:
+    """The bytes of ``codec.pack({"t": "push", "id": rid, "data": data})`` as pieces, ``data`` itself last."""
+    return (b"\x83\xa1t\xa4push\xa2id" + msgpack.packb(rid) + b"\xa4data" + _bin_header(len(data)), data)
+
+
+def _envelope_in_place(body: memoryview) -> tuple[int, memoryview, memoryview] | None:
+    """``[seq, msg, mac]`` of a sealed frame body as :meth:`WireConnection._seal` writes it
+    (fixarray 3, a uint, two bins, nothing after), with ``msg`` and ``mac`` as views of
+    ``body``; ``None`` for any other bytes (the general decoder then judges them)."""
+    n = len(body)
+    if n < 4 or body[0] != 0x93:
+        return None
+    b = body[1]
+    if b < 0x80:
+        seq, pos = b, 2
+    elif 0xCC <= b <= 0xCF:
+        size = 1 << (b - 0xCC)
+        seq, pos = int.from_bytes(body[2 : 2 + size], "big"), 2 + size
+    else:
+        return None
+    fields = []
+    for _ in range(2):
+        if pos >= n or not 0xC4 <= body[pos] <= 0xC6:
+            return None
+        size = 1 << (body[pos] - 0xC4)
+        start = pos + 1 + size
+        if start > n:
+            return None
+        end = start + int.from_bytes(body[pos + 1 : start], "big")
+        if end > n:
+            return None
+        fields.append(body[start:end])
+        pos = end
+    if pos != n:
+        return None
+    return seq, fields[0], fields[1]
 
 
 def _proof(pkey: bytes, role: str, transcript: bytes, auth_fields: dict) -> bytes:
@@ -873,10 +930,13 @@ class WireConnection:
                     break
                 if total - pos - 4 < n:
                     break
-                body = bytes(mv[pos + 4 : pos + 4 + n])
+                body = mv[pos + 4 : pos + 4 + n]  # a view: parsed in place, released before the buffer changes
                 pos += 4 + n
                 self._counters["frames_received"] += 1
-                self._on_frame(body)
+                try:
+                    self._on_frame(body)
+                finally:
+                    body.release()
         finally:
             rest = mv[pos:] if self._phase != _PH_CLOSED else mv[:0]
             keep = bytearray(rest) if (pos or src is not self._rbuf) else None
@@ -921,21 +981,26 @@ class WireConnection:
             )
         msg, commit = self._prepare(event)
         stream_id = msg["id"]
-        raw = codec.pack(msg, root=type(event).__name__)
+        data = msg.get("data")
+        if msg["t"] == "push" and type(data) is bytes and len(data) >= _IN_PLACE_BYTES:
+            pieces = _push_pieces(stream_id, data)  # no interim copy of a large chunk
+        else:
+            pieces = (codec.pack(msg, root=type(event).__name__),)
+        size = sum(map(len, pieces))
         st = self._streams.get(stream_id)
         counted = st is not None and msg["t"] in _COUNTED
-        if counted and st.sent_bytes + len(raw) > self.peer_limits.max_bytes_per_stream:
+        if counted and st.sent_bytes + size > self.peer_limits.max_bytes_per_stream:
             raise FabricError(
                 StatusCode.RESOURCE_EXHAUSTED,
-                f"request {stream_id}: {st.sent_bytes + len(raw)} bytes would exceed the peer's "
+                f"request {stream_id}: {st.sent_bytes + size} bytes would exceed the peer's "
                 f"max_bytes_per_stream {self.peer_limits.max_bytes_per_stream}",
             )
-        if st is None and msg["t"] in ("open", "stats") and len(raw) > self.peer_limits.max_bytes_per_stream:
+        if st is None and msg["t"] in ("open", "stats") and size > self.peer_limits.max_bytes_per_stream:
             raise FabricError(
                 StatusCode.RESOURCE_EXHAUSTED,
-                f"request {stream_id}: open of {len(raw)} bytes exceeds the peer's max_bytes_per_stream",
+                f"request {stream_id}: open of {size} bytes exceeds the peer's max_bytes_per_stream",
             )
-        frame = self._seal(raw)
+        frame = self._seal(pieces, size)
         if len(frame) - 4 > self.peer_limits.max_frame_bytes:
             raise FabricError(
                 StatusCode.RESOURCE_EXHAUSTED,
@@ -947,11 +1012,14 @@ class WireConnection:
         commit()
         st = self._streams.get(stream_id)
         if st is not None and msg["t"] in _COUNTED:
-            st.sent_bytes += len(raw)
-        self._emit(frame)
+            st.sent_bytes += size
         if now is not None:
             self._last_activity = max(self._last_activity, float(now))
-        return self.data_to_send()
+        if self._out:
+            self._emit(frame)
+            return self.data_to_send()
+        self._count(frame)
+        return frame  # nothing queued before it: no copy through the queue
 
     def _prepare(self, ev: Any) -> tuple[dict, Any]:
         """Validate a local event against the state; return its message and a commit action."""
@@ -1099,20 +1167,29 @@ class WireConnection:
 
     def _emit(self, frame: bytes) -> None:
         self._out += frame
+        self._count(frame)
+
+    def _count(self, frame: bytes) -> None:
         self._counters["frames_sent"] += 1
         self._counters["bytes_sent"] += len(frame)
 
     def _queue_plain(self, body: bytes) -> None:
         self._emit(len(body).to_bytes(4, "big") + body)
 
-    def _seal(self, raw: bytes) -> bytes:
-        mac = frame_mac(self._skey, _DIRECTION[self.role], self._send_seq, raw)
-        body = msgpack.packb([self._send_seq, raw, mac], use_bin_type=True)  # int, bin, bin: one encoding
-        return len(body).to_bytes(4, "big") + body
+    def _seal(self, pieces: tuple, size: int) -> bytes:
+        """The frame of the message whose ``size`` bytes are ``pieces`` joined: the length
+        prefix and ``msgpack.packb([seq, msg, mac])`` (int, bin, bin: one encoding), built in
+        one join, so a chunk's bytes are copied once."""
+        seq = self._send_seq
+        mac = _mac_of(self._skey, _DIRECTION[self.role], seq, pieces)
+        head = b"\x93" + msgpack.packb(seq) + _bin_header(size)
+        n = len(head) + size + len(_MAC_HEADER) + len(mac)
+        return b"".join((n.to_bytes(4, "big"), head, *pieces, _MAC_HEADER, mac))
 
     def _queue_msg(self, msg: dict) -> None:
         """Seal and queue a small control message (goodbye, fault) outside send()."""
-        self._emit(self._seal(codec.pack(msg)))
+        raw = codec.pack(msg)
+        self._emit(self._seal((raw,), len(raw)))
         self._send_seq += 1
 
     def _drop(self, req_id: int) -> None:
@@ -1181,7 +1258,7 @@ class WireConnection:
             if self._phase == _PH_OPEN:
                 self._on_sealed(body)
             else:
-                self._on_handshake(body)
+                self._on_handshake(bytes(body))
         except _Violation as v:
             err = v.error
             if self._phase != _PH_OPEN:
@@ -1246,34 +1323,51 @@ class WireConnection:
 
     # after the handshake -----------------------------------------------------
 
-    def _on_sealed(self, body: bytes) -> None:
+    def _unseal(self, body: memoryview) -> tuple[Any, int]:
+        """The message of a sealed frame and its size, once its MAC and sequence number verified.
+
+        A long envelope is parsed in place (its fields are views of ``body``, released
+        before this returns, so the read buffer may grow again); short ones, and bytes
+        in any other encoding, go through the general decoder, which judges them.
+        """
         seq = self._recv_seq
-        env = _decode(body, f"frame seq {seq}: envelope", strict=False)
-        if (
-            type(env) is not list
-            or len(env) != 3
-            or type(env[0]) is not int
-            or type(env[1]) is not bytes
-            or type(env[2]) is not bytes
-        ):
-            raise _Violation(
-                StatusCode.INVALID_ARGUMENT,
-                f"frame seq {seq}: expected an envelope [seq, msg, mac] - at `$`",
-            )
-        claimed, raw, mac = env
-        expected = frame_mac(self._skey, _DIRECTION[self._peer_role], seq, raw)
-        if not hmac.compare_digest(mac, expected):
-            if claimed != seq:
+        env = _envelope_in_place(body) if len(body) >= _IN_PLACE_BYTES else None  # msgpack is quicker on short ones
+        if env is None:
+            env = _decode(body, f"frame seq {seq}: envelope", strict=False)
+            if (
+                type(env) is not list
+                or len(env) != 3
+                or type(env[0]) is not int
+                or type(env[1]) is not bytes
+                or type(env[2]) is not bytes
+            ):
                 raise _Violation(
-                    StatusCode.UNAUTHENTICATED,
-                    f"frame out of sequence: got seq {claimed}, expected {seq} (replayed, reordered or dropped frame)",
+                    StatusCode.INVALID_ARGUMENT,
+                    f"frame seq {seq}: expected an envelope [seq, msg, mac] - at `$`",
                 )
-            raise _Violation(StatusCode.UNAUTHENTICATED, f"frame MAC mismatch at seq {seq} (altered frame)")
-        if claimed != seq:
-            raise _Violation(StatusCode.UNAUTHENTICATED, f"frame seq field altered at seq {seq}")
+        claimed, raw, mac = env
+        try:
+            expected = frame_mac(self._skey, _DIRECTION[self._peer_role], seq, raw)
+            if not hmac.compare_digest(mac, expected):
+                if claimed != seq:
+                    raise _Violation(
+                        StatusCode.UNAUTHENTICATED,
+                        f"frame out of sequence: got seq {claimed}, expected {seq} (replayed, reordered or dropped frame)",
+                    )
+                raise _Violation(StatusCode.UNAUTHENTICATED, f"frame MAC mismatch at seq {seq} (altered frame)")
+            if claimed != seq:
+                raise _Violation(StatusCode.UNAUTHENTICATED, f"frame seq field altered at seq {seq}")
+            return _decode(raw, f"frame seq {seq}", strict=False), len(raw)
+        finally:
+            if type(raw) is memoryview:
+                raw.release()
+                mac.release()
+
+    def _on_sealed(self, body: memoryview) -> None:
+        seq = self._recv_seq
+        m, size = self._unseal(body)
         self._recv_seq += 1
         where = f"frame seq {seq}"
-        m = _decode(raw, where, strict=False)
         allowed = (
             ("open", "next", "push", "close", "cancel", "fault", "metadata", "stats")
             if self.role == "server"
@@ -1286,7 +1380,7 @@ class WireConnection:
             self._on_connection_msg(t, m, where)
             return
         if self.role == "server" and t in ("open", "stats"):
-            self._on_open(t, m, rid, len(raw), where)
+            self._on_open(t, m, rid, size, where)
             return
         if self.role == "server" and t == "fault":
             raise _Violation(StatusCode.INVALID_ARGUMENT, f"{where}: a client abandons a request with `cancel`")
@@ -1296,7 +1390,7 @@ class WireConnection:
                 return  # a late frame for a finished or cancelled request: ignored
             raise _Violation(StatusCode.INVALID_ARGUMENT, f"{where}: request {rid} was never opened - at `$.id`")
         if t in _COUNTED:
-            st.recv_bytes += len(raw)
+            st.recv_bytes += size
             if st.recv_bytes > self.limits.max_bytes_per_stream:
                 raise _Violation(
                     StatusCode.RESOURCE_EXHAUSTED,

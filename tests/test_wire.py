@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -344,6 +345,100 @@ def test_any_single_byte_change_in_a_sealed_frame_closes_the_connection(data):
     at = data.draw(st.integers(4, len(frame) - 1), label="offset")
     frame[at] ^= data.draw(st.integers(1, 255), label="xor")
     events = deliver(p.client, p.server, bytes(frame))
+    err = closed_reason(events)
+    assert len(events) == 1, "an altered frame must never yield an event"
+    assert err.status_code in {StatusCode.UNAUTHENTICATED, StatusCode.INVALID_ARGUMENT}
+
+
+# --------------------------------------------------------------------------- large frames: framed and parsed in place
+
+#: push data sizes around the in-place threshold and msgpack's bin8/16/32 boundaries
+_PUSH_SIZES = st.sampled_from([0, 1, 255, 256, 65_535, 65_536, 65_537, 70_000, 1 << 20])
+
+
+def _download(p: Pair, credit: int = 8) -> int:
+    p.c2s(Request(1, "get", None, True, credit))
+    return 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=_PUSH_SIZES, seq_skip=st.integers(0, 300), fill=st.integers(0, 255))
+def test_a_push_frame_is_the_msgpack_envelope_of_the_packed_message_whatever_its_size(size, seq_skip, fill):
+    """A large chunk is framed from pieces without copying it into an interim message: the
+    bytes must still be exactly ``u32 len || msgpack.packb([seq, codec.pack(msg), mac])``."""
+    p = Pair()
+    rid = _download(p, credit=min(seq_skip + 1, 300))
+    for _ in range(seq_skip):  # move the sequence number across msgpack's int widths
+        p.server.send(Metadata(rid, None))
+    data = bytes([fill]) * size
+    frame = p.server.send(StreamData(rid, data))
+    body = frame[4:]
+    assert int.from_bytes(frame[:4], "big") == len(body)
+    seq, raw, mac = msgpack.unpackb(body)
+    assert seq == seq_skip
+    assert msgpack.packb([seq, raw, mac], use_bin_type=True) == body
+    assert raw == codec.pack({"t": "push", "id": rid, "data": data})
+    assert mac == frame_mac(p.skey, 2, seq, raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq=st.integers(0, 2**64 - 1), msg=st.binary(max_size=300), mac=st.binary(max_size=40),
+       seq_form=st.sampled_from(["packb", "u8", "u16", "u32", "u64"]), bin_form=st.sampled_from(["packb", "bin16", "bin32"]),
+       tail=st.binary(max_size=3), cut=st.integers(0, 3))
+def test_the_in_place_envelope_parser_agrees_with_the_general_decoder(seq, msg, mac, seq_form, bin_form, tail, cut):
+    """Every envelope the in-place parser accepts decodes generally to the same values; it
+    refuses (and leaves to the decoder) anything that is not a whole [uint, bin, bin]."""
+    from fabric.wire import _envelope_in_place
+
+    widths = {"u8": (0xCC, 1), "u16": (0xCD, 2), "u32": (0xCE, 4), "u64": (0xCF, 8)}
+    if seq_form == "packb" or seq >= 1 << (8 * widths[seq_form][1]):
+        seq_bytes = msgpack.packb(seq)
+    else:
+        code, width = widths[seq_form]
+        seq_bytes = bytes([code]) + seq.to_bytes(width, "big")
+
+    def binary(b: bytes) -> bytes:
+        if bin_form == "bin16":
+            return b"\xc5" + len(b).to_bytes(2, "big") + b
+        if bin_form == "bin32":
+            return b"\xc6" + len(b).to_bytes(4, "big") + b
+        return msgpack.packb(b, use_bin_type=True)
+
+    whole = b"\x93" + seq_bytes + binary(msg) + binary(mac)
+    body = (whole + tail)[: len(whole) + len(tail) - cut] if cut else whole + tail
+    got = _envelope_in_place(memoryview(body))
+    if got is None:
+        assert body != whole, "a whole [uint, bin, bin] envelope must parse in place"
+        return
+    assert body == whole
+    assert (got[0], bytes(got[1]), bytes(got[2])) == (seq, msg, mac)
+    assert codec.decode(body) == [seq, msg, mac]
+
+
+def test_a_large_frame_fed_in_pieces_arrives_whole_and_the_read_buffer_stays_usable():
+    p = Pair()
+    rid = _download(p)
+    chunks = [bytes([i]) * (300_000 + i) for i in range(3)]
+    wire = b"".join(p.server.send(StreamData(rid, c)) for c in chunks)
+    got = []
+    for at in range(0, len(wire), 65_536):  # the way a socket hands them over
+        p.client.receive_data(wire[at : at + 65_536])
+        got += drain(p.client)
+    assert [e.data for e in got] == chunks
+    assert p.client.buffered_bytes == 0
+    assert p.s2c(Response(rid, "done")) == [Response(rid, "done")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_single_byte_change_in_a_large_frame_closes_the_connection(data):
+    p = Pair()
+    rid = _download(p)
+    frame = bytearray(p.server.send(StreamData(rid, bytes(range(256)) * 400)))
+    at = data.draw(st.one_of(st.integers(4, 40), st.integers(4, len(frame) - 1), st.integers(len(frame) - 40, len(frame) - 1)),
+                   label="offset")
+    frame[at] ^= data.draw(st.integers(1, 255), label="xor")
+    events = deliver(p.server, p.client, bytes(frame))
     err = closed_reason(events)
     assert len(events) == 1, "an altered frame must never yield an event"
     assert err.status_code in {StatusCode.UNAUTHENTICATED, StatusCode.INVALID_ARGUMENT}
