@@ -429,6 +429,32 @@ def test_a_large_frame_fed_in_pieces_arrives_whole_and_the_read_buffer_stays_usa
     assert p.s2c(Response(rid, "done")) == [Response(rid, "done")]
 
 
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 3, 1000, 65_535, 65_536, 200_000]), min_size=1, max_size=6),
+       cuts=st.lists(st.integers(0, 700_000), max_size=10))
+def test_large_and_small_frames_in_any_chunking_arrive_in_order_and_intact(sizes, cuts):
+    """Long envelopes are parsed as views of the read buffer: however the bytes are cut, the
+    events are the same, and the buffer keeps taking bytes after each (no view left behind)."""
+    p = Pair()
+    rid = _download(p, credit=len(sizes))
+    items = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    wire = b""
+    for i, item in enumerate(items):
+        wire += p.server.send(StreamData(rid, item))
+        wire += p.server.send(Metadata(rid, {"after": i}))
+    wire += p.server.send(Response(rid, "done"))
+    points = sorted({min(x, len(wire)) for x in cuts} | {0, len(wire)})
+    got = []
+    for a, b in zip(points, points[1:]):
+        p.client.receive_data(bytearray(wire[a:b]))  # any bytes-like, as a socket hands them over
+        got += drain(p.client)
+    expected = []
+    for i, item in enumerate(items):
+        expected += [StreamData(rid, item), Metadata(rid, {"after": i})]
+    assert got == expected + [Response(rid, "done")]
+    assert p.client.buffered_bytes == 0
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_any_single_byte_change_in_a_large_frame_closes_the_connection(data):
