@@ -365,19 +365,17 @@ def test_a_connection_the_node_closed_as_idle_is_redialled_without_a_failed_atte
         try:
             req = fabric.Request("text.stats", {"text": "idle then busy"}, version="1")
             assert f.realize(req).source == "computed"
-            deadline = time.monotonic() + 20
-            while "closing idle connection" not in proc.log_path.read_text():
-                assert time.monotonic() < deadline, "the node never closed the idle connection"
-                time.sleep(0.05)
             before = _retries("realize", "UNAVAILABLE")
-            for _ in range(3):  # each quiet spell ends with the node's goodbye
+            for n in range(1, 4):  # each quiet spell ends with the node's goodbye (logged once it is sent)
+                deadline = time.monotonic() + 20
+                while proc.log_path.read_text().count("closing idle connection") < n:
+                    assert time.monotonic() < deadline, "the node never closed the idle connection"
+                    time.sleep(0.05)
                 rep = f.realize(req)
                 assert rep.source == "local" and rep.value["words"] == 3
-                time.sleep(0.4)
             assert _retries("realize", "UNAVAILABLE") == before
         finally:
             f.close()
-    assert proc.log_path.read_text().count("closing idle connection") >= 3
 
 
 def test_node_cli_errors_are_one_line(tmp_path):
