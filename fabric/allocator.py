@@ -14,7 +14,6 @@ process call it; importing evalfabric as a library never does.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 
 __all__ = ["keep_freed_memory", "TRIM_THRESHOLD_BYTES", "MMAP_THRESHOLD_BYTES"]
@@ -46,7 +45,7 @@ def _mallopt(param: int, value: int) -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1
+        mallopt = ctypes.CDLL(None).mallopt  # the interpreter's own libc (no library search: ~20 ms)
+        return mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1
     except (OSError, AttributeError):
         return False
