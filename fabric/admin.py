@@ -455,11 +455,10 @@ async def _serve_replay(call: "ServerCall", service: "NodeService") -> dict:
         results, error = await trio.to_thread.run_sync(_store_batch, cas, batch, where)  # hashing off the node's loop
         counts["records"] += len(results)
         counts["blobs"] += sum(tag == b"B" for tag, _, _ in batch)
-        for r in results:
-            if r.appended:
-                counts["appended"] += 1
-                if service.fleet is not None:
-                    await service.fleet.announce(r.key, r.digest)
+        appended = sum(1 for r in results if r.appended)
+        counts["appended"] += appended
+        if appended and service.fleet is not None:
+            await service.fleet.announce_recorded()
         if error is not None:
             raise error
 

@@ -188,14 +188,33 @@ class Fleet:
         self._seen_conflicts = 0
         #: verified bytes fetched from each peer (records and chunks), by node id
         self.fetched_bytes: dict[str, int] = {}
+        self._taken = 0  # the last ledger seq whose row became a fact (see _take_ledger)
 
     def replay_ledger(self) -> int:
         """Seed the index with this node's own ledger, in ledger order (no announcement)."""
-        n = 0
-        for rec in self.fab.cassette.iter_ledger(verify=False):
-            self.gossip.add_local(rec.key, rec.digest, announce=False)
-            n += 1
-        return n
+        return self._take_ledger(announce=False)
+
+    def _take_ledger(self, *, announce: bool) -> int:
+        """Make every ledger row after the last one taken a fact of this node, in ledger order;
+        returns how many facts were new.
+
+        Live announcements and a restart's replay both number facts this way, so
+        ``(node, seq)`` names the same record before and after a restart (specs/gossip.md
+        section 2), whatever order the tasks that recorded them resumed in and whoever
+        wrote the rows (another process on the same data dir too).  A row that does not
+        read back is skipped, as replay skips it.
+        """
+        new = 0
+        for rec in self.fab.cassette.iter_ledger(self._taken + 1, verify=False):
+            self._taken = rec.seq
+            before = len(self.gossip.index)
+            try:
+                self.gossip.add_local(rec.key, rec.digest, announce=announce)
+            except FabricError as exc:  # a second row for a key with another digest: a corrupt or forged ledger
+                log.warning("gossip: ledger row %d (%s) not announced: %s", rec.seq, rec.key.short(), exc.message)
+                continue
+            new += len(self.gossip.index) - before
+        return new
 
     async def run(self, seeds: list[str], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run gossip until cancelled: the tick loop, the inbox, and joining ``seeds``."""
@@ -239,9 +258,12 @@ class Fleet:
         metrics.PEER_FETCH_BYTES.inc(nbytes)
         self.fetched_bytes[node_id] = self.fetched_bytes.get(node_id, 0) + nbytes
 
-    async def announce(self, rec_key: ContentKey, digest: bytes) -> None:
-        """Tell the fleet this node now holds ``rec_key``."""
-        await self.runner.add_local(rec_key, digest)
+    async def announce_recorded(self) -> None:
+        """Tell the fleet what this node recorded: every row its ledger gained since the
+        last call (or the replay), in ledger order (see :meth:`_take_ledger`)."""
+        if self._take_ledger(announce=True):
+            self.runner.facts_added()
+        await trio.lowlevel.checkpoint()
 
     def live_holders(self, key: ContentKey) -> list[tuple[str, str, bytes]]:
         """``(node_id, addr, digest)`` of live holders other than this node, nearest first."""
@@ -281,6 +303,7 @@ class Fleet:
             "gossip_rounds": st.rounds,
             "gossip_facts_new": st.facts_new,
             "gossip_conflicts": st.conflicts,
+            "gossip_equivocations": len(self.gossip.index.equivocations()),
             "gossip_dropped": self.dropped,
             "gossip_bytes_sent": self.runner.bytes_sent,
             "peer_fetch_bytes_by_node": dict(self.fetched_bytes),
@@ -329,10 +352,9 @@ class ContentAddressedFabric:
             raise evaluator_fault(exc, key) from None
         finally:
             end()
-        rec = self.fab.cassette.get_record(key)
-        if rec is None:
+        if self.fab.cassette.get_record(key) is None:
             raise FabricError(StatusCode.INTERNAL, "reply vanished from the cassette after recording", key=key)
-        await self.fleet.announce(key, rec.digest)
+        await self.fleet.announce_recorded()
         return await answer_held(call, self.fab.cassette, key, {"key": key, "source": rep.source, "holder": self.fab.node_id})
 
     async def obtain(self, key: ContentKey) -> str | None:
@@ -375,7 +397,7 @@ class ContentAddressedFabric:
                 await self._fetch_chunks(key, missing, holders)
         # the manifest (or reply) is recorded only once every chunk it names is held here
         await self.fab.cassette.aput_record(rec)
-        await self.fleet.announce(rec.key, rec.digest)
+        await self.fleet.announce_recorded()
         return holder
 
     async def _fetch_chunks(self, key: ContentKey, chunks: list[ContentKey], holders: list[tuple[str, str]]) -> None:
@@ -474,7 +496,7 @@ class ContentAddressedFabric:
 
     async def _record_and_answer(self, call: "ServerCall", rec: Record, source: str, holder: str) -> dict:
         await self.fab.cassette.aput_record(rec)
-        await self.fleet.announce(rec.key, rec.digest)
+        await self.fleet.announce_recorded()
         metrics.SOURCE_HITS.labels(source=source).inc()
         return await answer_held(call, self.fab.cassette, rec.key, {"key": rec.key, "source": source, "holder": holder})
 

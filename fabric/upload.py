@@ -204,9 +204,9 @@ async def serve_put(call: "ServerCall", service: "NodeService") -> dict:
                 return {"key": key, "complete": False, "received": received, "missing": len(left)}
             # every chunk is held: the sizes and the digest must be theirs before the manifest is recorded
             await trio.to_thread.run_sync(artifacts.check_content, cas, key, manifest)
-            res = await cas.aput(key, body["manifest"], evaluator="", version="")
+            await cas.aput(key, body["manifest"], evaluator="", version="")
             if service.fleet is not None:
-                await service.fleet.announce(key, res.digest)
+                await service.fleet.announce_recorded()
             log.info("put %s: recorded (%d chunks, %d received)", key.short(), len(chunks), received)
     finally:
         service._end()

@@ -153,9 +153,14 @@ class GossipRunner:
     async def add_local(self, key: ContentKey, digest: bytes, *, seq: int | None = None, announce: bool = True) -> HeldContent:
         """Record a local fact (see ``GossipNode.add_local``) and wake the tick loop to push it."""
         fact = self.node.add_local(key, digest, seq=seq, announce=announce)
-        self._wake.set()
+        self.facts_added()
         await trio.lowlevel.checkpoint()
         return fact
+
+    def facts_added(self) -> None:
+        """Wake the tick loop to push facts added with the node's own ``add_local`` (a caller
+        that adds several in one go, with nothing in between)."""
+        self._wake.set()
 
     async def join(self, seed_addrs: Iterable[str]) -> None:
         """Exchange full membership with each seed address."""

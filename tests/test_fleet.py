@@ -242,3 +242,35 @@ def test_a_member_lacking_an_artifact_fetches_it_verified_from_a_holder(fleet_of
     np.testing.assert_array_equal(got, arr)
     assert _stats(b)["blobs"] == 10  # B now holds every chunk itself
     _wait(lambda: ids[1] in _holders(a, ref.key), 30, "A to learn that B holds it too")
+
+
+def test_a_row_written_beside_a_running_member_reaches_its_peers_and_a_restart_keeps_the_numbering(tmp_path):
+    """A member numbers its facts in ledger order, live as after a restart's replay: a record
+    another process wrote into its data dir goes out with the member's next record (it used to
+    stay unknown to peers for good: after a restart its seq named a fact they already had)."""
+    fast = ("--gossip-interval", "0.2", "--durability", "fast")
+    a_addr, a_proc, a_data = start_node(tmp_path, "a", *fast)
+    b_proc = None
+    try:
+        b_addr, b_proc, _ = start_node(tmp_path, "b", *fast, "--join", a_addr)
+        a_id = _stats(a_addr)["node_id"]
+        with fabric.open(a_data, durability="fast") as beside:  # another process on A's data dir
+            x = beside.put(b"written beside the running node")
+        with fabric.open(a_addr, secret=SECRET) as fa:
+            y = fa.put(b"put through the node")
+        for ref in (y, x):
+            _wait(lambda ref=ref: a_id in _holders(b_addr, ref.key), 20, f"B to learn that A holds {ref.key.short()}")
+
+        stop_node(a_proc)
+        a_addr, a_proc, _ = start_node(tmp_path, "a", *fast, "--join", b_addr)  # same data dir, same node id
+        with fabric.open(a_addr, secret=SECRET) as fa:
+            z = fa.put(b"put after the restart")
+        _wait(lambda: a_id in _holders(b_addr, z.key), 20, "B to learn of A's record after its restart")
+        for addr in (a_addr, b_addr):
+            st = _stats(addr)
+            assert st["gossip_equivocations"] == 0, (addr, st)
+            assert st["facts"] == 3  # x, y, z: each held by A only, each one fact
+    finally:
+        if b_proc is not None:
+            stop_node(b_proc)
+        stop_node(a_proc)

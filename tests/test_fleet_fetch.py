@@ -106,22 +106,24 @@ class _Pool(PeerPool):
 
 
 class _Fleet:
-    """What ContentAddressedFabric uses of a Fleet: a pool, live holders, counters, announce."""
+    """What ContentAddressedFabric uses of a Fleet: a pool, live holders, counters, announce;
+    ``announced`` lists the keys of the member's ledger rows in the order they were announced."""
 
     count_fetch = Fleet.count_fetch
 
-    def __init__(self, peers: list[_Peer], digest: bytes) -> None:
+    def __init__(self, peers: list[_Peer], digest: bytes, member) -> None:
         self.pool = _Pool({f"127.0.0.1:{9000 + i}": p for i, p in enumerate(peers)})
         self._live = [(p.node_id, addr, digest) for addr, p in self.pool.peers.items()]
         self.gossip = SimpleNamespace(preferred_digest=lambda key: None)
         self.fetched_bytes: dict[str, int] = {}
+        self.member = member  # the member's fabric
         self.announced: list = []
 
     def live_holders(self, key):
         return list(self._live)
 
-    async def announce(self, key, digest) -> None:
-        self.announced.append(key)
+    async def announce_recorded(self) -> None:
+        self.announced += [rec.key for rec in self.member.cassette.iter_ledger(len(self.announced) + 1)]
 
 
 @pytest.fixture
@@ -136,7 +138,7 @@ def source(tmp_path):
 def _obtain(tmp_path, ref, peers):
     """Run ``obtain(ref.key)`` on a fresh member; returns (holder or error, member fabric, fleet)."""
     dst = fabric.open(tmp_path / "dst", durability="fast")
-    fleet = _Fleet(peers, peers[0].cassette.get_record(ref.key).digest)
+    fleet = _Fleet(peers, peers[0].cassette.get_record(ref.key).digest, dst)
 
     async def go():
         try:
@@ -208,7 +210,7 @@ def test_concurrent_obtains_of_one_key_share_one_fetch(tmp_path, source):
     src, ref, data = source
     a, b = _Peer("A", src.cassette), _Peer("B", src.cassette)
     dst = fabric.open(tmp_path / "dst", durability="fast")
-    fleet = _Fleet([a, b], src.cassette.get_record(ref.key).digest)
+    fleet = _Fleet([a, b], src.cassette.get_record(ref.key).digest, dst)
     caf = ContentAddressedFabric(dst, fleet)
     got: list = []
 
@@ -354,7 +356,7 @@ def test_a_client_waiting_while_a_member_obtains_an_artifact_hears_it_working(tm
     monkeypatch.setitem(errors.DEFAULT_POLICIES, "get", dataclasses.replace(errors.DEFAULT_POLICIES["get"], deadline_s=0.3))
     peer = _Peer("holder", src.cassette, delay=0.2)  # 4 lanes x 10 chunks x 0.2 s
     dst = fabric.open(tmp_path / "dst", durability="fast")
-    fleet = _Fleet([peer], src.cassette.get_record(ref.key).digest)
+    fleet = _Fleet([peer], src.cassette.get_record(ref.key).digest, dst)
     beats: list = []
     real_send_metadata = __import__("fabric.net", fromlist=["ServerCall"]).ServerCall.send_metadata
 
