@@ -304,10 +304,20 @@ class Cassette:
     def _resize(self, new_size: int) -> None:
         """Change the map size (0 = adopt another process's size) with no txn active in this process.
 
-        The calling thread must not be inside a transaction.  Readers mark a
-        per-thread slot active before ``begin``; under the GIL the flag store and
-        the ``_resizing`` check are sequentially consistent, so either the reader
-        sees the resize and waits, or the resizer sees the reader and waits.
+        The calling thread must not be inside a transaction (see :meth:`_readers_held`).
+        """
+        with self._readers_held():
+            self._env.set_mapsize(new_size)
+
+    @contextlib.contextmanager
+    def _readers_held(self) -> Iterator[None]:
+        """Run the body with no other thread of this process inside an LMDB transaction.
+
+        Readers mark a per-thread slot active before ``begin``; under the GIL the
+        flag store and the ``_resizing`` check are sequentially consistent, so
+        either the reader sees the gate closed and waits, or the closer sees the
+        reader and waits for it to finish.  The calling thread's own slot must be
+        inactive.
         """
         with self._resize_lock:
             self._resize_done.clear()
@@ -315,10 +325,49 @@ class Cassette:
             try:
                 while any(s.active for s in self._slots):
                     time.sleep(0.0005)
-                self._env.set_mapsize(new_size)
+                yield
             finally:
                 self._resizing = False
                 self._resize_done.set()
+
+    def _write(self, body: Callable[[lmdb.Transaction], Any], what: str) -> Any:
+        """``body(txn)`` in one write transaction, committed; a full map is doubled and the
+        body run again (``what`` names the work in the log line).
+
+        A transaction that fails is aborted with the readers held out: py-lmdb 3.0
+        aborts a write transaction only once no other thread is inside an LMDB call,
+        which readers busy on other threads could put off indefinitely (a writer hung
+        for minutes after a map-full).  Other errors propagate.
+        """
+        while True:
+            slot = self._enter()
+            try:
+                txn = self._env.begin(write=True)
+            except lmdb.MapResizedError:
+                slot.active = False
+                self._resize(0)
+                continue
+            except BaseException:
+                slot.active = False
+                raise
+            try:
+                out = body(txn)
+                txn.commit()
+            except BaseException as exc:
+                slot.active = False
+                with self._readers_held():
+                    txn.abort()  # after a failed commit LMDB has freed it: nothing left to do
+                    if isinstance(exc, lmdb.MapFullError):
+                        new = self._env.info()["map_size"] * 2
+                        log.info("cassette %s: map full %s, growing to %d bytes", self.path, what, new)
+                        self._env.set_mapsize(new)
+                    elif isinstance(exc, lmdb.MapResizedError):
+                        self._env.set_mapsize(0)
+                if isinstance(exc, (lmdb.MapFullError, lmdb.MapResizedError)):
+                    continue
+                raise
+            slot.active = False
+            return out
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[lmdb.Transaction]:
@@ -848,29 +897,13 @@ class Cassette:
         Returns whether the transaction wrote anything (then LMDB's commit
         fdatasync'd the data file), or ``None`` if it failed (every job has its error).
         """
-        while True:
-            slot = self._enter()
-            try:
-                with self._env.begin(write=True) as txn:
-                    wrote = self._apply_batch(txn, batch)
-            except lmdb.MapFullError:
-                slot.active = False
-                new = self._env.info()["map_size"] * 2
-                log.info("cassette %s: map full, growing to %d bytes", self.path, new)
-                self._resize(new)
-                continue
-            except lmdb.MapResizedError:
-                slot.active = False
-                self._resize(0)
-                continue
-            except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-                slot.active = False
-                err = FabricError(StatusCode.INTERNAL, f"cassette write failed: {type(exc).__name__}: {exc}")
-                for job in batch:
-                    job.result, job.error = None, err
-                return None
-            slot.active = False
-            return wrote
+        try:
+            return self._write(lambda txn: self._apply_batch(txn, batch), "writing")
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+            err = FabricError(StatusCode.INTERNAL, f"cassette write failed: {type(exc).__name__}: {exc}")
+            for job in batch:
+                job.result, job.error = None, err
+            return None
 
     def _apply_batch(self, txn: lmdb.Transaction, batch: list[_Job]) -> bool:
         """Apply every job of ``batch`` in ``txn``; results and per-job errors go on the jobs.
@@ -1009,41 +1042,39 @@ class Cassette:
         self._queue.put(None)  # quiesce the writer: replay writes directly
         self._writer.join()
         try:
-            while True:
-                try:
-                    return self._rebuild(progress)
-                except lmdb.MapFullError:
-                    new = self._env.info()["map_size"] * 2
-                    log.info("cassette %s: map full during replay, growing to %d bytes", self.path, new)
-                    self._resize(new)
+            return self._rebuild(progress)
         finally:
             self._writer = threading.Thread(target=self._write_loop, name=self._writer.name, daemon=True)
             self._writer.start()
 
     def _rebuild(self, progress: Callable[[int], None] | None) -> ReplayReport:
-        """One attempt at :meth:`rebuild_index` in a single write transaction."""
-        rep = ReplayReport()
-        slot = self._enter()
-        try:
-            with self._env.begin(write=True) as txn:
-                txn.drop(self._index, delete=False)
-                cur = txn.cursor(db=self._ledger)
-                for k, v in cur:
-                    rep.rows += 1
-                    seq = _unpack_seq(k)[0]
-                    try:
-                        rec = unpack_record(v, seq)
-                    except FabricError:
-                        rep.corrupt_rows.append(seq)
-                        continue
-                    if txn.put(rec.key, bytes(k), db=self._index, overwrite=False):
-                        rep.indexed += 1
-                    if progress is not None and rep.rows % 4096 == 0:
-                        progress(rep.rows)
-            if self.durability == "sync":
+        """:meth:`rebuild_index` in a single write transaction."""
+
+        def rebuild(txn: lmdb.Transaction) -> ReplayReport:
+            rep = ReplayReport()
+            txn.drop(self._index, delete=False)
+            cur = txn.cursor(db=self._ledger)
+            for k, v in cur:
+                rep.rows += 1
+                seq = _unpack_seq(k)[0]
+                try:
+                    rec = unpack_record(v, seq)
+                except FabricError:
+                    rep.corrupt_rows.append(seq)
+                    continue
+                if txn.put(rec.key, bytes(k), db=self._index, overwrite=False):
+                    rep.indexed += 1
+                if progress is not None and rep.rows % 4096 == 0:
+                    progress(rep.rows)
+            return rep
+
+        rep = self._write(rebuild, "during replay")
+        if self.durability == "sync":
+            slot = self._enter()
+            try:
                 self._env.sync(True)  # metasync is off: make the rebuilt index's meta page durable
-        finally:
-            slot.active = False
+            finally:
+                slot.active = False
         return rep
 
     @classmethod
