@@ -898,7 +898,7 @@ class Cassette:
         fdatasync'd the data file), or ``None`` if it failed (every job has its error).
         """
         try:
-            return self._write(lambda txn: self._apply_batch(txn, batch), "writing")
+            return self._write(lambda txn: self._apply_batch(txn, batch), "while writing")
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
             err = FabricError(StatusCode.INTERNAL, f"cassette write failed: {type(exc).__name__}: {exc}")
             for job in batch:
