@@ -22,6 +22,7 @@ from pathlib import Path
 import trio
 
 from cassette.errors import FabricError, StatusCode
+from fabric.wire import StreamFrameLimits
 
 __all__ = ["main", "run_node"]
 
@@ -37,14 +38,13 @@ async def run_node(args: argparse.Namespace) -> int:
     from fabric.registry import load_evaluators, registered
     from fabric.remote import RemoteFabric, parse_address
     from fabric.serve import NodeService
-    from fabric.wire import StreamFrameLimits
 
     if not args.secret_file and not api._secret_from_env():
         raise FabricError(StatusCode.INVALID_ARGUMENT, "a node needs --secret-file F (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
     secret = api.read_secret_file(args.secret_file) if args.secret_file else api._secret_from_env()
     assert secret is not None
     host, port = parse_address(args.listen, listen=True)
-    limits = StreamFrameLimits(idle_timeout_s=getattr(args, "idle_timeout", StreamFrameLimits.idle_timeout_s))
+    limits = StreamFrameLimits(idle_timeout_s=args.idle_timeout)
     for spec in args.evaluators:
         load_evaluators(spec)
     data = Path(args.data) if args.data else api.default_home()
@@ -119,4 +119,6 @@ def main(args: argparse.Namespace) -> int:
         args.drain_s = DRAIN_S
     if not hasattr(args, "gossip_interval"):
         args.gossip_interval = 0.5
+    if not hasattr(args, "idle_timeout"):
+        args.idle_timeout = StreamFrameLimits.idle_timeout_s
     return trio.run(run_node, args)
