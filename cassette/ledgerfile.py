@@ -330,6 +330,8 @@ class EntryReader:
         self._need = _ENTRY.size
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes, int]]:
+        """Take the next bytes of the stream; returns the entries they complete, as
+        ``(tag, body, offset of the entry)``, in order."""
         buf = self._buf
         buf += data
         out: list[tuple[bytes, bytes, int]] = []
@@ -349,6 +351,7 @@ class EntryReader:
         return out
 
     def close(self) -> None:
+        """The stream has ended: INVALID_ARGUMENT if it ended inside an entry."""
         if self._buf:
             raise FabricError(StatusCode.INVALID_ARGUMENT,
                               f"{self.where}: the stream ends inside the entry at offset {self.offset} ({len(self._buf)} bytes of it)")

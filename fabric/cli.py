@@ -175,6 +175,7 @@ def _progress(total: int | None, what: str, *, nbytes: bool = False):
 
 # ----------------------------------------------------------------- commands
 def cmd_realize(args: argparse.Namespace) -> int:
+    """``fabric realize``: realize one request, print ``{"key", "source", "holder", "value"}`` as one JSON line."""
     from fabric.request import Request
 
     _load(args)
@@ -191,6 +192,7 @@ def cmd_realize(args: argparse.Namespace) -> int:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
+    """``fabric put FILE``: store FILE as an artifact, print its key, size, digest and chunk count as JSON."""
     if not Path(args.file).is_file():
         raise FabricError(StatusCode.NOT_FOUND, f"no such file {args.file}")
     with _open(args) as fab:
@@ -204,6 +206,7 @@ def cmd_put(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    """``fabric get KEY``: an artifact's bytes, a blob, or a reply as JSON, to stdout or ``-o FILE``."""
     import numpy as np
 
     from cassette.keys import ContentKey
@@ -297,6 +300,7 @@ def _stream_to(sink: _Sink, fab: Any, key: Any) -> None:
 
 
 def cmd_holders(args: argparse.Namespace) -> int:
+    """``fabric holders KEY``: the node ids known to hold KEY, one a line; exit 1 when none is."""
     from cassette.keys import ContentKey
 
     key = ContentKey.parse(args.key)
@@ -308,6 +312,7 @@ def cmd_holders(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    """``fabric stats``: the node's counters and ``fabric_*`` metrics, as a table or ``--json``."""
     with _open(args) as fab:
         st = fab.stats()
     if isinstance(st.get("node"), dict):  # a remote node's answer: {"node": ..., "wire": ..., "server": ...}
@@ -336,6 +341,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """``fabric verify``: scrub every record and blob; each problem on stderr, exit 1 if any."""
     from fabric import api
 
     if _node_address(args):
@@ -367,6 +373,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    """``fabric replay LEDGER_FILE``: replay a ledger file into ``--data DIR`` or a node, verifying each row."""
     from cassette.store import Cassette
     from fabric import api
 
@@ -397,6 +404,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``fabric export FILE``: write the whole ledger (and blobs) as a portable ledger file."""
     with _open(args) as fab:
         if _node_address(args):
             cb, stop = _progress(None, "exporting")
@@ -412,18 +420,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``fabric demo``: the main job (:mod:`fabric.demo`)."""
     from fabric import demo
 
     return demo.main(args)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    """``fabric node``: run a peer node until SIGTERM / SIGINT (:mod:`fabric.node`)."""
     from fabric import node
 
     return node.main(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``fabric bench``: every benchmark, ratios against floors measured in the same run (:mod:`fabric.bench`)."""
     from fabric import bench
 
     return bench.main(args)

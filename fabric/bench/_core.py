@@ -55,6 +55,7 @@ class Row:
 
     @property
     def goal_text(self) -> str:
+        """The goal as the table prints it (``≥ 5×``), or ``—`` when the row has none."""
         if self.goal_op is None or self.goal is None:
             return "—"
         return f"{'≥' if self.goal_op == '>=' else '≤'} {fmt_num(self.goal)}×"
@@ -79,6 +80,7 @@ class Ctx:
         self.budget = 0.15 if quick else 1.0
 
     def add(self, row: Row) -> Row:
+        """Append ``row`` to this run's table; returns it."""
         self.rows.append(row)
         return row
 
