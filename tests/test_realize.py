@@ -268,6 +268,33 @@ def test_arealize_on_default(tmp_path, monkeypatch):
         api.set_default(old).close()
 
 
+def test_default_fabric_follows_fabric_home_when_it_changes(tmp_path, monkeypatch):
+    """A suite that sets FABRIC_HOME per test gets a fresh default cassette in each."""
+    from cassette.store import Cassette
+    from fabric import api
+
+    monkeypatch.delenv("FABRIC_NODE", raising=False)
+    req = fabric.Request("t.square", {"x": 7})
+    try:
+        for home in ("first", "second"):
+            monkeypatch.setenv("FABRIC_HOME", str(tmp_path / home))
+            assert fabric.realize(req).source == "computed"  # not the other home's "local"
+            assert fabric.realize(req).source == "local"
+            assert (tmp_path / home / "data.mdb").exists()
+        # the first default was closed when the second was made: its directory opens again here
+        Cassette(tmp_path / "first").close()
+        # one installed by set_default stays whatever the environment says
+        mine = fabric.open(tmp_path / "mine")
+        api.set_default(mine).close()
+        monkeypatch.setenv("FABRIC_HOME", str(tmp_path / "third"))
+        assert api.default() is mine and fabric.realize(req).source == "computed"
+        assert not (tmp_path / "third").exists()
+    finally:
+        left = api.set_default(None)
+        if left is not None:
+            left.close()
+
+
 def test_open_twice_in_one_process_shares_one_environment(tmp_path):
     a = fabric.open(tmp_path / "shared")
     b = fabric.open(tmp_path / "shared")
