@@ -50,15 +50,38 @@ def _secret_from_env() -> bytes | None:
     return None
 
 
+def _secret_forms_from_env() -> tuple[bytes, ...]:
+    """:func:`_secret_from_env` as a node accepts it (see :func:`secret_file_forms`); () if unset."""
+    s = os.environ.get("FABRIC_SECRET")
+    if s:
+        return (s.encode(),)
+    f = os.environ.get("FABRIC_SECRET_FILE")
+    return secret_file_forms(f) if f else ()
+
+
 def read_secret_file(path: str | os.PathLike) -> bytes:
-    """A shared secret from a file (surrounding whitespace stripped); must be at least 16 bytes."""
+    """A shared secret from a file: its bytes without surrounding whitespace (so
+    ``echo secret > F`` works); INVALID_ARGUMENT if nothing is left.  A node that
+    reads F also accepts clients proving F's exact bytes (:func:`secret_file_forms`)."""
+    return secret_file_forms(path)[0]
+
+
+def secret_file_forms(path: str | os.PathLike) -> tuple[bytes, ...]:
+    """The secrets a node reading ``path`` accepts: its bytes without surrounding
+    whitespace (the one it dials peers with) and, when different, its exact bytes
+    (a client passing ``secret=open(F, "rb").read()``)."""
     try:
-        data = Path(path).read_bytes().strip()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot read secret file {path}: {exc.strerror}") from None
-    if len(data) < 16:
-        raise FabricError(StatusCode.INVALID_ARGUMENT, f"secret file {path} holds {len(data)} bytes; use at least 16")
-    return data
+    data = raw.strip()
+    if not data:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"secret file {path} is empty")
+    return (data,) if raw == data else (data, raw)
+
+
+#: a secret shorter than this is accepted with a warning (a node logs one)
+SECRET_ADVISED_BYTES = 16
 
 
 def is_address(target: Any) -> bool:

@@ -385,8 +385,9 @@ class ServerCall:
 class _ServerState:
     def __init__(self, secret: bytes, handler: Handler, limits: StreamFrameLimits, node_id: str,
                  stats: Callable[[], Any] | None, welcome: Mapping[str, Any] | None,
-                 fast: FastHandler | None = None) -> None:
+                 fast: FastHandler | None = None, accept: tuple[bytes, ...] = ()) -> None:
         self.secret = secret
+        self.accept = accept
         self.handler = handler
         self.fast = fast
         self.limits = limits
@@ -404,7 +405,7 @@ class _ServerConnection:
         self.server = server
         self.peer = _peer_name(stream)
         conn = WireConnection("server", server.secret, server.limits, node_id=server.node_id,
-                              now=trio.current_time())
+                              now=trio.current_time(), accept=server.accept)
         self.link = _Link(stream, conn, _write_timeout(server.limits))
         self.calls: dict[int, ServerCall] = {}
         self.counted = False
@@ -614,6 +615,7 @@ async def serve(
     stats: Callable[[], Any] | None = None,
     welcome: Mapping[str, Any] | None = None,
     fast: FastHandler | None = None,
+    accept: Sequence[bytes] = (),
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host:port`` and serve wire connections until cancelled.
@@ -634,6 +636,9 @@ async def serve(
     ``handler`` as usual.  It must not block: answer from memory or a local
     read, defer anything that waits.
 
+    ``accept``: further secrets a client may prove instead of ``secret``
+    (:class:`~fabric.wire.WireConnection`'s ``accept``).
+
     Limits: beyond ``limits.max_connections`` authenticated connections a new
     one is refused with a RESOURCE_EXHAUSTED fault right after its handshake
     (so only peers that know the secret learn why); beyond twice that many
@@ -644,8 +649,9 @@ async def serve(
     if limits is None:
         limits = StreamFrameLimits()
     # validate arguments once, up front (a bad secret or node id fails here, not per connection)
-    WireConnection("server", secret, limits, node_id=node_id)
-    state = _ServerState(bytes(secret), handler, limits, node_id, stats, welcome, fast)
+    accept = tuple(bytes(a) for a in accept)
+    WireConnection("server", secret, limits, node_id=node_id, accept=accept)
+    state = _ServerState(bytes(secret), handler, limits, node_id, stats, welcome, fast, accept)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
     async with trio.open_nursery() as nursery:

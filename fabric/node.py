@@ -39,10 +39,13 @@ async def run_node(args: argparse.Namespace) -> int:
     from fabric.remote import RemoteFabric, parse_address
     from fabric.serve import NodeService
 
-    if not args.secret_file and not api._secret_from_env():
+    forms = api.secret_file_forms(args.secret_file) if args.secret_file else api._secret_forms_from_env()
+    if not forms:
         raise FabricError(StatusCode.INVALID_ARGUMENT, "a node needs --secret-file F (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
-    secret = api.read_secret_file(args.secret_file) if args.secret_file else api._secret_from_env()
-    assert secret is not None
+    secret = forms[0]
+    if len(secret) < api.SECRET_ADVISED_BYTES:
+        log.warning("the shared secret is %d bytes: anyone who sees one handshake can test guesses of it offline; "
+                    "use %d or more random bytes", len(secret), api.SECRET_ADVISED_BYTES * 2)
     host, port = parse_address(args.listen, listen=True)
     limits = StreamFrameLimits(idle_timeout_s=args.idle_timeout)
     for spec in args.evaluators:
@@ -66,7 +69,7 @@ async def run_node(args: argparse.Namespace) -> int:
                     lambda task_status: serve(
                         host, port, secret, service.handle, limits, node_id=fab.node_id, fast=service.handle_now,
                         stats=lambda: _node_stats(fab, service), welcome={"node": fab.node_id, "capabilities": caps},
-                        task_status=task_status,
+                        accept=forms[1:], task_status=task_status,
                     )
                 )
                 fleet = None

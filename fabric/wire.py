@@ -33,7 +33,7 @@ import math
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 import blake3
 import msgpack
@@ -712,6 +712,10 @@ class WireConnection:
       only inside the proven ``auth`` frame.
     * ``now``: the caller's clock at creation (the handshake deadline counts
       from it).
+    * ``accept`` (server only): further secrets a client may prove instead of
+      ``secret`` (a rotation; a secret file read with and without its surrounding
+      whitespace).  The server answers with a proof under the one the client
+      proved, and the session keys derive from it.
 
     A client queues its ``hello`` at once (:meth:`data_to_send`).  Inputs are
     :meth:`receive_data` and :meth:`check_timeouts`; outputs are
@@ -734,6 +738,7 @@ class WireConnection:
         *,
         node_id: str = "",
         now: float = 0.0,
+        accept: Iterable[bytes] = (),
     ) -> None:
         if role not in _ROLES:
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"role: expected 'client' or 'server', got {role!r}")
@@ -759,6 +764,14 @@ class WireConnection:
         self._peer_role = "server" if role == "client" else "client"
         self._nonce = bytes(nonce)
         self._pkey = proof_key(bytes(secret))
+        self._pkeys = (self._pkey,)  # the proof keys a peer's auth may verify under
+        accept = tuple(accept)
+        if accept:
+            if role != "server":
+                raise FabricError(StatusCode.INVALID_ARGUMENT, "accept: only a server accepts further secrets")
+            if not all(isinstance(a, (bytes, bytearray, memoryview)) and len(a) for a in accept):
+                raise FabricError(StatusCode.INVALID_ARGUMENT, "accept: expected non-empty bytes")
+            self._pkeys += tuple(k for k in (proof_key(bytes(a)) for a in accept) if k != self._pkey)
         self._skey = b""
         self._transcript = b""
         self._hello_ours = codec.encode({"t": "hello", "v": PROTOCOL_VERSION, "role": role, "nonce": self._nonce})
@@ -1302,8 +1315,12 @@ class WireConnection:
         node = _text_field(m, "node", MAX_NODE_ID_BYTES, where)
         limits = _limits_field(m, where)
         proof = _bin_field(m, "proof", MAC_BYTES, where)
-        expected = _proof(self._pkey, self._peer_role, self._transcript, {"t": "auth", "node": node, "limits": m["limits"]})
-        if not hmac.compare_digest(proof, expected):
+        fields = {"t": "auth", "node": node, "limits": m["limits"]}
+        for pkey in self._pkeys:
+            if hmac.compare_digest(proof, _proof(pkey, self._peer_role, self._transcript, fields)):
+                self._pkey = pkey
+                break
+        else:
             raise _Violation(
                 StatusCode.UNAUTHENTICATED,
                 f"the {self._peer_role}'s proof does not verify (wrong secret?)",

@@ -26,7 +26,7 @@ from cassette.store import Cassette
 from fabric.errors import FabricError, StatusCode
 from fabric.remote import RemoteFabric
 
-from _nodes import FABRIC, SECRET, node
+from _nodes import EVALUATORS, FABRIC, ROOT, SECRET, _readline, node, stop_node
 
 
 def _records(data: Path) -> int:
@@ -162,6 +162,33 @@ def test_wrong_secret_is_unauthenticated_and_node_keeps_serving(tmp_path):
         assert proc.poll() is None
         assert _records_after_stop(proc, data) == 1  # nothing from the bad peers
         assert "UNAUTHENTICATED" in proc.log_path.read_text()
+
+
+def test_a_short_secret_file_with_a_newline_serves_clients_proving_either_form(tmp_path):
+    """``echo s3cret > F``: the node starts (warning that the secret is short) and accepts
+    ``secret=b"s3cret"`` (what ``--secret-file F`` on a client reads) and the file's exact bytes."""
+    secret_file = tmp_path / "short"
+    secret_file.write_bytes(b"s3cret\n")
+    data = tmp_path / "n"
+    log = open(tmp_path / "n.log", "w")
+    proc = subprocess.Popen([FABRIC, "node", "--data", str(data), "--listen", "127.0.0.1:0", "--secret-file", str(secret_file),
+                             "--evaluators", EVALUATORS], stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(ROOT))
+    log.close()
+    try:
+        line = _readline(proc, 30)
+        assert line.startswith("listening on "), line
+        addr = line.split()[2]
+        req = fabric.Request("embed", {"text": "short secret", "dim": 4}, version="1")
+        for secret, source in ((b"s3cret", "computed"), (b"s3cret\n", "local")):
+            with fabric.open(addr, secret=secret) as f:
+                assert f.realize(req).source == source
+        with pytest.raises(FabricError) as ei, fabric.open(addr, secret=b"s3cre") as f:
+            f.realize(req)
+        assert ei.value.status_code is StatusCode.UNAUTHENTICATED
+    finally:
+        stop_node(proc)
+    text = (tmp_path / "n.log").read_text()
+    assert "the shared secret is 6 bytes" in text and "s3cret" not in text
 
 
 def _recv_all(sock: socket.socket, timeout: float) -> bytes:

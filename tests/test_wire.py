@@ -160,6 +160,40 @@ def test_wrong_secret_server_rejects_and_sends_nothing():
     assert err.status_code is StatusCode.UNAUTHENTICATED and not err.retryable
 
 
+def _handshake(c: WireConnection, s: WireConnection) -> tuple[list, list]:
+    cev, sev = [], []
+    for _ in range(3):
+        for a, b, evs in ((c, s, sev), (s, c, cev)):
+            data = a.data_to_send()
+            if data:  # (empty bytes would be an EOF)
+                evs += deliver(a, b, data)
+    return cev, sev
+
+
+@pytest.mark.parametrize("proved", [b"old secret", b"new secret", b"new secret\n"])
+def test_a_server_accepts_any_secret_it_was_given_and_answers_under_the_one_proved(proved):
+    s = WireConnection("server", b"new secret", accept=[b"old secret", b"new secret\n"])
+    c = WireConnection("client", proved)
+    cev, sev = _handshake(c, s)
+    assert isinstance(cev[-1], Authenticated) and isinstance(sev[-1], Authenticated)
+    # the session keys derive from the secret the client proved: sealed frames verify both ways
+    assert deliver(s, s, c.send(Request(1, "echo", {"x": 1}))) == [Request(1, "echo", {"x": 1})]
+    assert deliver(c, c, s.send(Response(1, "ok"))) == [Response(1, "ok")]
+    # a secret the server was not given still fails, and the server sends nothing
+    s2 = WireConnection("server", b"new secret", accept=[b"old secret"])
+    c2 = WireConnection("client", b"other secret")
+    _, sev2 = _handshake(c2, s2)
+    assert closed_reason(sev2).status_code is StatusCode.UNAUTHENTICATED and s2.data_to_send() == b""
+
+
+def test_only_a_server_takes_further_secrets():
+    with pytest.raises(FabricError) as ei:
+        WireConnection("client", SECRET, accept=[b"x"])
+    assert ei.value.status_code is StatusCode.INVALID_ARGUMENT
+    with pytest.raises(FabricError):
+        WireConnection("server", SECRET, accept=[b""])
+
+
 def test_client_rejects_a_server_auth_replayed_from_another_connection():
     # connection 1 completes; its server auth is bound to connection 1's transcript
     s1 = WireConnection("server", SECRET)
