@@ -4,13 +4,15 @@ An evaluator is a function ``fn(**args) -> value`` named by ``name`` and
 ``version``; both are part of every request key, so bumping the version
 invalidates nothing and recomputes everything.  Registering the same name and
 version twice with a *different* function is FAILED_PRECONDITION; registering
-the same function again (same module and qualified name, e.g. a module
-reload) replaces it silently.  The "latest" version of a name is the one
+the same function again (the same object, or the same definition made anew:
+same module, qualified name and code, e.g. a module reload) replaces it
+silently.  The "latest" version of a name is the one
 registered last.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -90,10 +92,65 @@ def _norm_version(version: Any) -> str:
 
 
 def _same_function(a: Callable, b: Callable) -> bool:
-    return a is b or (
-        getattr(a, "__module__", None) == getattr(b, "__module__", None)
-        and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
+    """Whether ``b`` is ``a`` registered again: the same object, or the same definition
+    made anew (a module reload, a notebook cell run again): same module and qualified
+    name, equal code, defaults, closure values and bound ``self``; for a
+    ``functools.partial``, the same function with equal arguments; for another
+    callable object, the same class and equal attributes.  Anything that cannot be
+    compared counts as different."""
+    if a is b:
+        return True
+    if isinstance(a, functools.partial) or isinstance(b, functools.partial):
+        return (type(a) is type(b) and _same_function(a.func, b.func)  # type: ignore[union-attr]
+                and _equal(a.args, b.args) and _equal(a.keywords, b.keywords))  # type: ignore[union-attr]
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    if code_a is not None or code_b is not None:
+        return (
+            getattr(a, "__module__", None) == getattr(b, "__module__", None)
+            and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
+            and code_a == code_b
+            and _equal(getattr(a, "__defaults__", None), getattr(b, "__defaults__", None))
+            and _equal(getattr(a, "__kwdefaults__", None), getattr(b, "__kwdefaults__", None))
+            and _equal(_cell_values(a), _cell_values(b))
+            and _equal(getattr(a, "__self__", None), getattr(b, "__self__", None))
+        )
+    ta, tb = type(a), type(b)
+    return (
+        (ta.__module__, ta.__qualname__) == (tb.__module__, tb.__qualname__)
+        and hasattr(a, "__dict__") and hasattr(b, "__dict__")
+        and _equal(_state(a), _state(b))
     )
+
+
+#: attributes :func:`evaluator` sets on what it decorates (not part of a callable object's state)
+_ADDED = frozenset({"request", "realize", "evaluator_name", "evaluator_version"})
+
+
+def _state(obj: Any) -> dict:
+    return {k: v for k, v in vars(obj).items() if k not in _ADDED}
+
+
+def _equal(x: Any, y: Any) -> bool:
+    try:
+        return x is y or bool(x == y)
+    except Exception:  # noqa: BLE001 - e.g. numpy arrays: ambiguous truth value
+        return False
+
+
+def _cell_values(fn: Any) -> list | None:
+    cells = getattr(fn, "__closure__", None)
+    if cells is None:
+        return None
+    out = []
+    for c in cells:
+        try:
+            out.append(c.cell_contents)
+        except ValueError:  # an empty cell
+            out.append(_EMPTY_CELL)
+    return out
+
+
+_EMPTY_CELL = object()
 
 
 def register(name: str, version: Any, fn: Callable[..., Any]) -> Evaluator:
@@ -108,18 +165,24 @@ def register(name: str, version: Any, fn: Callable[..., Any]) -> Evaluator:
         if old is not None and not _same_function(old.fn, fn):
             raise FabricError(
                 StatusCode.FAILED_PRECONDITION,
-                f"evaluator {name!r} version {v!r} is already registered to "
-                f"{old.fn.__module__}.{old.fn.__qualname__}; bump the version to register a different function",
+                f"evaluator {name!r} version {v!r} is already registered to another function "
+                f"({_describe(old.fn)}); bump the version to register a different function",
             )
         versions.pop(v, None)
         versions[v] = ev  # re-insert: the last registered is the latest
     return ev
 
 
-def evaluator(name: str | None = None, *, version: Any = "1") -> Callable[[Callable], Callable]:
+def _describe(fn: Any) -> str:
+    """``module.qualname`` of a function (or of a callable object's class)."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
+
+
+def evaluator(name: str | Callable | None = None, *, version: Any = "1") -> Callable[[Callable], Callable]:
     """Decorator registering a function as an evaluator; returns the function unchanged.
 
-    ``name`` defaults to the function's ``__name__``.  The function gains
+    ``name`` defaults to the function's ``__name__`` (bare ``@evaluator`` works too).  The function gains
     ``fn.request(**args)`` (a :class:`fabric.Request` for it) and
     ``fn.realize(**args)`` (realize that request on the default fabric).
     """
@@ -143,6 +206,9 @@ def evaluator(name: str | None = None, *, version: Any = "1") -> Callable[[Calla
         fn.evaluator_version = ev.version  # type: ignore[attr-defined]
         return fn
 
+    if callable(name):  # bare @evaluator: ``name`` is the function itself
+        fn, name = name, None
+        return deco(fn)
     return deco
 
 

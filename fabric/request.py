@@ -23,8 +23,10 @@ class Request:
     """A request to evaluate ``evaluator`` on keyword ``args``.
 
     ``Request(evaluator, args, version=None)``: with no version, the latest
-    locally registered version is used (a request for an evaluator only a
-    remote node knows keeps ``version=None`` and the node resolves it).
+    locally registered version is used, looked up when the request is made and,
+    if the evaluator was not registered then, again when its key is first needed
+    (a request for an evaluator only a remote node knows keeps ``version=None``
+    and the node resolves it).
     ``req.key`` is the request's :class:`ContentKey`; it is computed on first
     access (bad args raise ``FabricError(INVALID_ARGUMENT)`` naming the path)
     and cached, so do not mutate ``args`` afterwards.
@@ -54,8 +56,11 @@ class Request:
         """The request's ContentKey (see class docstring)."""
         k = self._key
         if k is None:
-            if self.version is None:
-                registry.lookup(self.evaluator)  # raises NOT_FOUND listing what is registered
+            if self.version is None:  # made before its evaluator was registered here: resolve it now
+                version = registry.latest_version(self.evaluator)
+                if version is None:
+                    registry.lookup(self.evaluator)  # raises NOT_FOUND listing what is registered
+                self.version = version
             h = _REQUEST_HASHER.copy()
             h.update(_encode_request(self.evaluator, self.version, self.args))
             k = self._key = _new_key(ContentKey, _PREFIX + h.digest())

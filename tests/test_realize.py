@@ -161,6 +161,88 @@ def test_reregistering_the_same_function_is_idempotent():
     assert registry.lookup("t.square", "1").fn is square
 
 
+class _Scaled:
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, x):
+        return self.k * x
+
+
+def _times(x, k):
+    return k * x
+
+
+def _definitions(body: str):
+    """Two functions defined from ``body`` as a module reload would: one per exec."""
+    made = []
+    for _ in range(2):
+        ns: dict = {"__name__": "t_redef"}
+        exec(compile(body, "t_redef.py", "exec"), ns)
+        made.append(ns["f"])
+    return made
+
+
+@pytest.mark.parametrize("what", ["redefined", "lambdas", "partials", "instances", "closures"])
+def test_a_different_function_with_the_same_qualified_name_is_refused(what):
+    import functools
+
+    name = f"t.redef.{what}"
+    if what == "redefined":  # the same name in one module, another body
+        first, second = _definitions("def f(x):\n    return 1\n")[0], _definitions("def f(x):\n    return 2\n")[0]
+    elif what == "lambdas":
+        first, second = (lambda x: 1), (lambda x: 2)
+    elif what == "partials":
+        first, second = functools.partial(_times, k=1), functools.partial(_times, k=2)
+    elif what == "instances":
+        first, second = _Scaled(1), _Scaled(2)
+    else:
+        first, second = [(lambda k: (lambda x: k * x))(k) for k in (1, 2)]
+    fabric.evaluator(name, version="1")(first)
+    with pytest.raises(FabricError) as ei:
+        fabric.evaluator(name, version="1")(second)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION and "bump the version" in ei.value.message
+    assert registry.lookup(name, "1").fn is first
+
+
+@pytest.mark.parametrize("what", ["reloaded", "partials", "instances"])
+def test_the_same_definition_made_anew_registers_again(what):
+    import functools
+
+    name = f"t.same.{what}"
+    if what == "reloaded":
+        first, second = _definitions("def f(x, k=3):\n    return k * x\n")
+    elif what == "partials":
+        first, second = functools.partial(_times, k=2), functools.partial(_times, k=2)
+    else:
+        first, second = _Scaled(2), _Scaled(2)
+    fabric.evaluator(name, version="1")(first)
+    fabric.evaluator(name, version="1")(second)
+    assert registry.lookup(name, "1").fn is second
+
+
+def test_bare_evaluator_decorator_registers_under_the_function_name():
+    @fabric.evaluator
+    def t_bare(x):
+        return x + 1
+
+    assert callable(t_bare) and t_bare(1) == 2  # still the function
+    assert registry.lookup("t_bare", "1").fn is t_bare
+
+
+def test_a_request_made_before_its_evaluator_was_registered_takes_its_version_when_keyed(fab):
+    req = fabric.Request("t.late", {"x": 4})
+    assert req.version is None
+
+    @fabric.evaluator("t.late", version="3")
+    def late(x):
+        return x * 10
+
+    assert fab.realize(req).source == "computed"
+    assert req.version == "3" and req.key == fabric.Request("t.late", {"x": 4}).key
+    assert fab.realize(fabric.Request("t.late", {"x": 4})).source == "local"  # computed once
+
+
 def test_single_flight_threads_run_evaluator_once(fab):
     n = 24
     results: list = [None] * n
