@@ -228,6 +228,8 @@ def _ref(key: ContentKey, manifest: dict) -> ArtifactRef:
 
 def _chunks_of(data: Any) -> tuple[Iterable[bytes | memoryview], str | None, tuple[int, ...] | None]:
     if isinstance(data, np.ndarray):
+        if isinstance(data, np.ma.MaskedArray):
+            raise FabricError(StatusCode.INVALID_ARGUMENT, "put: a masked array's mask would be lost; put .data and .mask separately")
         dt = data.dtype
         if dt.kind not in "biufc" or dt.fields is not None:
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: numpy dtype {dt} is not storable (bool, int, uint, float, complex)")
@@ -235,9 +237,13 @@ def _chunks_of(data: Any) -> tuple[Iterable[bytes | memoryview], str | None, tup
         arr = np.ascontiguousarray(data, dtype=le)
         return [memoryview(arr.reshape(-1).view(np.uint8))], le.str, tuple(data.shape)
     if isinstance(data, (bytes, bytearray, memoryview)):
+        if isinstance(data, memoryview) and not data.c_contiguous:
+            data = data.tobytes()  # its elements in logical order, as numpy input is made contiguous
         return [data], None, None
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
+        if p.is_dir():
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: {p} is a directory, not a file")
         if not p.is_file():
             raise FabricError(StatusCode.NOT_FOUND, f"put: no such file {p}")
         return _read_file(p.open("rb")), None, None
@@ -256,6 +262,9 @@ def _read_file(f: Any, close: bool = True) -> Iterator[bytes]:
             b = f.read(DEFAULT_CHUNK)
             if not b:
                 return
+            if not isinstance(b, (bytes, bytearray, memoryview)):
+                raise FabricError(StatusCode.INVALID_ARGUMENT,
+                                  f"put: the file object's read() gave {type(b).__name__}, not bytes (open it in binary mode, 'rb')")
             yield b
     finally:
         if close:

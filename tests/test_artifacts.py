@@ -202,7 +202,22 @@ def test_unstorable_inputs(fab, tmp_path):
     with pytest.raises(FabricError) as ei:
         fab.put(b"x", chunk_size=0)
     assert ei.value.status_code is StatusCode.INVALID_ARGUMENT
+    (tmp_path / "text.txt").write_text("words")
+    with open(tmp_path / "text.txt") as text_mode:  # read() gives str
+        with pytest.raises(FabricError) as ei:
+            fab.put(text_mode)
+    assert ei.value.status_code is StatusCode.INVALID_ARGUMENT and "'rb'" in ei.value.message
+    for bad, needle in ((tmp_path, "is a directory"), (np.ma.masked_array([1, 2], mask=[0, 1]), "mask")):
+        with pytest.raises(FabricError) as ei:
+            fab.put(bad)
+        assert ei.value.status_code is StatusCode.INVALID_ARGUMENT and needle in ei.value.message
     assert fab.cassette.stats()["records"] == before["records"]
+
+
+def test_a_strided_memoryview_is_stored_as_its_elements_in_order(fab):
+    arr = np.arange(10, dtype=np.uint8)
+    ref = fab.put(memoryview(arr[::2]))
+    assert fab.get(ref.key) == bytes([0, 2, 4, 6, 8]) == fab.get(fab.put(bytes(arr[::2])).key)
 
 
 def test_get_unknown_keys(fab):
