@@ -171,6 +171,9 @@ class NodeService:
         self.node_id = fab.node_id
         self.serve = ContentServeFabric(fab.cassette)
         self.relay = relay
+        #: a relay's versions for requests that name none: evaluator -> the version its
+        #: upstream last resolved such a request to (learned from the upstream's replies)
+        self.relay_versions: dict[str, str] = {}
         #: set by the node when it runs in a fleet (:class:`fabric.fleet.Fleet`)
         self.fleet: Any = None
         self.caf: Any = None
@@ -191,7 +194,7 @@ class NodeService:
             if type(hint) is ContentKey and hint.kind == "request" and type(body.get("version")) is str:
                 key = hint  # safe for a hit: the client checks the record is its request's; never recorded under
             else:
-                req = self._realize_request(body)
+                req = self._relay_versioned(self._realize_request(body))
                 if req.version is None:
                     return DEFER
                 key = req.key
@@ -279,14 +282,24 @@ class NodeService:
             registry.lookup(req.evaluator, req.version)  # this node must be able to compute it (NOT_FOUND otherwise)
         return req
 
+    def _relay_versioned(self, req: Request) -> Request:
+        """``req``; on a relay, one that names no version gets the version the upstream
+        last resolved that evaluator to, so it is looked up here first (spec: README relay)."""
+        if req.version is None and self.relay is not None:
+            version = self.relay_versions.get(req.evaluator)
+            if version is not None:
+                return Request(req.evaluator, req.args, version=version)
+        return req
+
     async def realize(self, call: "ServerCall") -> dict:
         """Look up, relay or compute; answer ``{"key", "source", "holder", "record"}``."""
         body = call.body
         req = self._realize_request(body)
         if self.caf is not None:
             return await self.caf.realize(call, req, at_home=body.get("home") is True, begin=self._begin, end=self._end)
-        if req.version is not None:
-            hit = await answer_if_held(call, self.fab, req.key)
+        held = self._relay_versioned(req)
+        if held.version is not None:
+            hit = await answer_if_held(call, self.fab, held.key)
             if hit is not None:
                 return hit
         if self.relay is not None:
@@ -307,6 +320,8 @@ class NodeService:
         try:
             rec, _, holder = await self.relay.arealize_record(req)  # verified, or DATA_LOSS
             await self.fab.cassette.aput_record(rec)
+            if req.version is None:
+                self.relay_versions[req.evaluator] = rec.version
         finally:
             self._end()
         return await answer_held(call, self.fab.cassette, rec.key, {"key": rec.key, "source": "peer", "holder": holder})

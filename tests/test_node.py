@@ -316,6 +316,29 @@ def test_relay_serves_from_upstream_and_becomes_a_holder(tmp_path):
             assert g.realize(fabric.Request("linalg.spectrum", {"seed": 3, "n": 8}, version="1")).source == "local"
 
 
+def test_a_relay_without_the_evaluator_serves_requests_naming_no_version_from_its_own_cassette(tmp_path):
+    """A client and a relay that do not know the evaluator: the relay answers such a request
+    from its cassette under the version its upstream resolved it to, even with the upstream gone."""
+    with node(tmp_path, "upstream") as (up, up_proc, up_data):
+        log = open(tmp_path / "relay.log", "w")
+        relay_proc = subprocess.Popen([FABRIC, "node", "--data", str(tmp_path / "relay"), "--listen", "127.0.0.1:0",
+                                       "--secret-file", str(tmp_path / "secret"), "--relay", up],  # no --evaluators
+                                      stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(ROOT))
+        log.close()
+        try:
+            relay = _readline(relay_proc, 30).split()[2]
+            req = fabric.Request("text.stats", {"text": "relay me"})
+            req.version = None  # as a client that has not registered text.stats sends it
+            with fabric.open(relay, secret=SECRET) as f:
+                assert f.realize(req).source == "peer"
+                assert f.realize(req).source == "local"
+                stop_node(up_proc)
+                rep = f.realize(req)
+            assert rep.source == "local" and rep.key == fabric.Request("text.stats", {"text": "relay me"}, version="1").key
+        finally:
+            stop_node(relay_proc)
+
+
 def test_64_clients_200_requests_each_distinct_request_evaluated_once(tmp_path):
     log = tmp_path / "evals.log"
     with node(tmp_path, env={"FABRIC_EVAL_LOG": str(log)}) as (addr, proc, data):
