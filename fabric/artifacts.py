@@ -526,11 +526,16 @@ def get(cassette: Cassette, key: ContentKey | str, *, progress: Callable[[int], 
     if key.kind == "request":
         value = cassette.lookup_value(key)
         if value is MISS:
+            if cassette.contains(key):  # indexed, but its row did not check
+                raise FabricError(StatusCode.DATA_LOSS, "the reply recorded here for this request is corrupt "
+                                  "(realize it again to record a fresh row)", key=key)
             raise FabricError(StatusCode.NOT_FOUND, "no reply recorded for this request here", key=key)
         return value
     if key.kind == "blob":
         data = cassette.get_blob(key)
         if data is None:
+            if cassette.contains(key):  # stored, but its bytes no longer match its key
+                raise FabricError(StatusCode.DATA_LOSS, "the blob stored here is corrupt (put its content again to repair it)", key=key)
             raise FabricError(StatusCode.NOT_FOUND, "blob not held here", key=key)
         return data
     manifest = manifest_of(cassette, key)

@@ -377,9 +377,25 @@ def test_corrupted_chunk_is_data_loss(tmp_path):
         assert [p.key for p in rep.problems] == [bad_blob]
         with pytest.raises(FabricError) as ei:
             fab.get(bad_blob)
-        assert ei.value.status_code is StatusCode.NOT_FOUND  # a corrupt blob reads as absent
+        assert ei.value.status_code is StatusCode.DATA_LOSS and ei.value.key == bad_blob  # held, but corrupt
         # the intact chunks still serve other artifacts that use them
         assert fab.get(fab.put(chunks[0], chunk_size=8192).key) == chunks[0]
+
+
+def test_get_of_a_request_whose_recorded_reply_is_corrupt_is_data_loss(tmp_path):
+    path = tmp_path / "node"
+    key = ContentKey.for_request("t.any", "1", {"x": 1})
+    marker = os.urandom(64)
+    with Cassette(path) as cas:
+        cas.put(key, codec.encode({"marker": marker}))
+    flip_in_file(path / "data.mdb", marker)
+    with fabric.open(path) as fab:
+        with pytest.raises(FabricError) as ei:
+            fab.get(key)
+        assert ei.value.status_code is StatusCode.DATA_LOSS and ei.value.key == key  # not NOT_FOUND: it is held, corrupt
+        with pytest.raises(FabricError) as ei:
+            fab.get(ContentKey.for_request("t.any", "1", {"x": 2}))
+        assert ei.value.status_code is StatusCode.NOT_FOUND
 
 
 def test_reputting_content_heals_a_rotted_chunk(tmp_path):
