@@ -35,11 +35,22 @@ _shared: dict[str, list] = {}  # realpath -> [cassette, refcount, flights, fligh
 
 
 def open_cassette(path: str | os.PathLike, **kwargs: Any) -> list:
-    """The process-wide shared entry for ``path``: ``[cassette, refs, flights, flights_lock, lockfd]``."""
+    """The process-wide shared entry for ``path``: ``[cassette, refs, flights, flights_lock, lockfd]``.
+
+    A directory already open in this process is shared as it is: ``durability=None``
+    takes whatever it was opened with; ``"fast"`` of a ``"sync"`` one gets ``"sync"``
+    (more durable than asked); ``"sync"`` of a ``"fast"`` one is FAILED_PRECONDITION
+    (its puts would not be durable).
+    """
     real = os.path.realpath(os.fspath(path))
     with _shared_lock:
         entry = _shared.get(real)
+        if entry is not None and kwargs.get("durability") == "sync" and entry[0].durability != "sync":
+            raise FabricError(StatusCode.FAILED_PRECONDITION,
+                              f"{real} is already open in this process with durability={entry[0].durability!r}; "
+                              "close it first, or open it without asking for durability='sync'")
         if entry is None:
+            kwargs = {k: v for k, v in kwargs.items() if v is not None or k != "durability"}
             cas = Cassette(real, **kwargs)
             fd = os.open(os.path.join(real, "compute.lock"), os.O_RDWR | os.O_CREAT, 0o644)
             entry = _shared[real] = [cas, 0, {}, threading.Lock(), fd]
@@ -98,7 +109,9 @@ def on_device(rep: Reply, device: Any) -> Reply:
 class Fabric(metaclass=abc.ABCMeta):
     """An evaluation fabric over a cassette directory (embedded node).
 
-    ``Fabric(path, durability="sync", node_id=None)``.  Use :meth:`realize`
+    ``Fabric(path, durability=None, node_id=None)``: ``durability`` ``"sync"``
+    (the default for a directory not yet open in this process) or ``"fast"``; a
+    directory already open here is shared (see :func:`open_cassette`).  Use :meth:`realize`
     (sync) or :meth:`arealize` (trio); artifacts with :meth:`put`,
     :meth:`get`, :meth:`get_into`.  Close with :meth:`close` or ``with``.
 
@@ -108,7 +121,7 @@ class Fabric(metaclass=abc.ABCMeta):
     holds for both.
     """
 
-    def __init__(self, path: str | os.PathLike, *, durability: str = "sync", node_id: str | None = None, map_size: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, durability: str | None = None, node_id: str | None = None, map_size: int | None = None) -> None:
         kw: dict[str, Any] = {"durability": durability, "node_id": node_id}
         if map_size is not None:
             kw["map_size"] = map_size

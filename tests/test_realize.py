@@ -390,6 +390,19 @@ def test_open_twice_in_one_process_shares_one_environment(tmp_path):
     b.close()
 
 
+def test_a_second_open_never_gets_less_durability_than_it_asks_for(tmp_path):
+    with fabric.open(tmp_path / "fast", durability="fast") as fast:
+        with fabric.open(tmp_path / "fast") as same:  # no durability asked: shared as it is
+            assert same.cassette is fast.cassette and same.cassette.durability == "fast"
+        with pytest.raises(FabricError) as ei:
+            fabric.open(tmp_path / "fast", durability="sync")
+        assert ei.value.status_code is StatusCode.FAILED_PRECONDITION and "durability='fast'" in ei.value.message
+    with fabric.open(tmp_path / "sync") as sync, fabric.open(tmp_path / "sync", durability="fast") as also:
+        assert sync.cassette.durability == also.cassette.durability == "sync"  # more durable than asked
+    with fabric.open(tmp_path / "fast", durability="sync") as reopened:  # once closed, any durability
+        assert reopened.cassette.durability == "sync"
+
+
 def test_open_rejects_a_directory_that_is_not_a_cassette(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hi")
