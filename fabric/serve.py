@@ -276,10 +276,13 @@ class NodeService:
         if type(args) is not dict:
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"body.args: expected a map, got {type(args).__name__}")
         req = Request(body["evaluator"], args, version=body.get("version"))
-        if req.version is None and self.relay is None:
-            registry.lookup(req.evaluator)  # NOT_FOUND listing what this node has
-        if self.caf is not None:
-            registry.lookup(req.evaluator, req.version)  # this node must be able to compute it (NOT_FOUND otherwise)
+        try:
+            if req.version is None and self.relay is None:
+                registry.lookup(req.evaluator)  # NOT_FOUND listing what this node has
+            if self.caf is not None:
+                registry.lookup(req.evaluator, req.version)  # this node must be able to compute it (NOT_FOUND otherwise)
+        except FabricError as exc:  # say whose registry that is: the client's may differ
+            raise FabricError(exc.status_code, f"on node {self.node_id}: {exc.message}") from None
         return req
 
     def _relay_versioned(self, req: Request) -> Request:

@@ -104,6 +104,8 @@ def test_evaluator_error_reaches_remote_caller_with_type_and_message(tmp_path):
             with pytest.raises(FabricError) as ei:
                 f.realize(fabric.Request("no.such", {}))
             assert ei.value.status_code is StatusCode.NOT_FOUND
+            # the list is the node's registry, and the message says so
+            assert f"on node {f.node_id}: no evaluator named 'no.such'" in ei.value.message and "text.stats@1" in ei.value.message
         assert _records_after_stop(proc, data) == 0
 
 
