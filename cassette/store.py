@@ -347,8 +347,10 @@ class Cassette:
                 slot.active = False
                 self._resize(0)
                 continue
-            except BaseException:
+            except BaseException as exc:
                 slot.active = False
+                if self._closed and isinstance(exc, lmdb.Error):
+                    raise self._closed_error() from None
                 raise
             try:
                 out = body(txn)
@@ -380,17 +382,31 @@ class Cassette:
             slot.active = False
 
     def _begin_read(self):
+        """``(slot, read txn)``: the slow way in, taken by every read but the hit path's
+        first try.  After :meth:`close` LMDB's "closed object" error becomes
+        FAILED_PRECONDITION (checked only once ``begin`` has failed: no cost to a read)."""
         slot = self._enter()
         try:
-            return slot, self._env.begin(buffers=True)
-        except lmdb.MapResizedError:
+            try:
+                return slot, self._env.begin(buffers=True)
+            except lmdb.MapResizedError:
+                slot.active = False
+                self._resize(0)
+                slot = self._enter()
+                return slot, self._env.begin(buffers=True)
+        except BaseException as exc:
             slot.active = False
-            self._resize(0)
-            slot = self._enter()
-            return slot, self._env.begin(buffers=True)
-        except BaseException:
-            slot.active = False
+            if self._closed and isinstance(exc, lmdb.Error):
+                raise self._closed_error() from None
             raise
+
+    def _closed_error(self) -> FabricError:
+        """What any use of a closed cassette raises."""
+        return FabricError(StatusCode.FAILED_PRECONDITION, f"cassette {self.path} is closed")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
 
     # ----------------------------------------------------------------- reading
     def lookup_value(self, key: ContentKey) -> Any:
@@ -691,7 +707,7 @@ class Cassette:
 
     def _submit(self, job: _Job) -> _Job:
         if self._closed:
-            raise FabricError(StatusCode.FAILED_PRECONDITION, f"cassette {self.path} is closed")
+            raise self._closed_error()
         q = self._queue
         q.put(job)
         want = self._want
@@ -1039,6 +1055,7 @@ class Cassette:
         For each key the index points to the first row of that key that
         verifies (the same row live appends would have chosen).
         """
+        self._check_open()  # (a closed cassette must not get a writer thread back)
         self._queue.put(None)  # quiesce the writer: replay writes directly
         self._writer.join()
         try:
@@ -1113,12 +1130,14 @@ class Cassette:
         """Write every verified record and blob to a portable ledger file; returns records written."""
         from cassette.ledgerfile import write_ledger_file
 
+        self._check_open()
         return write_ledger_file(self, path, progress=progress)
 
     def import_(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
         """Append the records and blobs of a ledger file (validated whole first); returns records appended."""
         from cassette.ledgerfile import read_ledger_file
 
+        self._check_open()
         return read_ledger_file(self, path, progress=progress)
 
     def _iter_blobs(self) -> Iterator[tuple[bytes, bytes]]:
@@ -1144,13 +1163,23 @@ class Cassette:
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
-        """Finish queued writes, stop the writer and close LMDB.  Idempotent."""
+        """Finish queued writes, stop the writer and close LMDB.  Idempotent.
+
+        Reads running on other threads finish first; afterwards every public
+        method (reads, writes, scrub, export, import, iteration) raises
+        ``FabricError(FAILED_PRECONDITION, "cassette ... is closed")``.
+        """
         if self._closed:
             return
         self._closed = True
         self._queue.put(None)
         self._writer.join()  # returns once every write is committed and acknowledged
-        self._env.close()
+        own = getattr(self._local, "slot", None)
+        if own is not None and own.active:  # closed from inside a read (an on_corrupt callback)
+            self._env.close()
+            return
+        with self._readers_held():  # no txn of another thread is cut off mid-read
+            self._env.close()
 
     def __enter__(self) -> "Cassette":
         return self

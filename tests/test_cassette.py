@@ -503,6 +503,74 @@ def test_non_cassette_directories_are_refused(tmp_path):
     float(meta[b"created"])
 
 
+_CLOSED_CALLS = {
+    "lookup_value": lambda c, k, t: c.lookup_value(k),
+    "get_record": lambda c, k, t: c.get_record(k),
+    "get_raw": lambda c, k, t: c.get_raw(k),
+    "get_raw_many": lambda c, k, t: c.get_raw_many([k], 1 << 20),
+    "contains": lambda c, k, t: c.contains(k),
+    "missing": lambda c, k, t: c.missing([k]),
+    "get_blob": lambda c, k, t: c.get_blob(ContentKey.of("blob", b"b")),
+    "stats": lambda c, k, t: c.stats(),
+    "len": lambda c, k, t: len(c),
+    "iter_ledger": lambda c, k, t: list(c.iter_ledger()),
+    "scrub": lambda c, k, t: list(c.scrub()),
+    "verify": lambda c, k, t: c.verify(),
+    "export": lambda c, k, t: c.export(t / "out.ledger"),
+    "rebuild_index": lambda c, k, t: c.rebuild_index(),
+    "put": lambda c, k, t: c.put(k, payload_of(9)),
+    "put_blob": lambda c, k, t: c.put_blob(b"b"),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_CLOSED_CALLS))
+def test_every_use_of_a_closed_cassette_is_failed_precondition(tmp_path, call):
+    """specs/errors.md: a closed cassette is FAILED_PRECONDITION, never a raw lmdb.Error."""
+    cas = Cassette(tmp_path / "c")
+    cas.put(rkey(1), payload_of(1))
+    assert cas.lookup_value(rkey(1)) == {"item": "1", "pad": ""}  # this thread's slot exists
+    cas.close()
+    with pytest.raises(FabricError) as ei:
+        _CLOSED_CALLS[call](cas, rkey(1), tmp_path)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert "is closed" in ei.value.message
+    assert not (tmp_path / "out.ledger").exists()
+    assert not cas._writer.is_alive()  # (rebuild_index did not start a writer on the closed cassette)
+
+
+def test_reads_racing_close_finish_or_see_failed_precondition(tmp_path):
+    """Reads on other threads while the cassette closes: each returns its value or raises
+    FAILED_PRECONDITION; none sees LMDB's closed-object error."""
+    cas = Cassette(tmp_path / "c", durability="fast")
+    cas.put(rkey(1), payload_of(1))
+    bad: list[BaseException] = []
+    started = threading.Barrier(5)
+
+    def reader(read) -> None:
+        started.wait()
+        while True:
+            try:
+                read()
+            except FabricError as exc:
+                if exc.status_code is not StatusCode.FAILED_PRECONDITION:
+                    bad.append(exc)
+                return
+            except BaseException as exc:  # noqa: BLE001 - what the test is looking for
+                bad.append(exc)
+                return
+
+    reads = [lambda: cas.lookup_value(rkey(1)), lambda: cas.get_raw(rkey(1)), lambda: cas.get_record(rkey(1)), lambda: cas.stats()]
+    threads = [threading.Thread(target=reader, args=(r,)) for r in reads]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.05)
+    cas.close()
+    for t in threads:
+        t.join(10)
+    assert not bad, bad
+
+
 def test_node_id_is_kept(tmp_path):
     with Cassette(tmp_path / "c", node_id="node-a") as cas:
         assert cas.node_id == "node-a"
