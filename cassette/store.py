@@ -73,6 +73,8 @@ _RELAY_S = 0.005  # a relay of wake-ups that stalls this long is finished by the
 _GATHER_MIN_S = 0.0005  # how long the writer waits for released writers to come back:
 _GATHER_MAX_S = 0.002  # one commit's time, within these bounds
 _DEFAULT_MAP = 1 << 30
+#: the named databases of a cassette: the only keys its LMDB main database may hold
+_DB_NAMES = (b"ledger", b"index", b"blobs", b"meta")
 
 
 @dataclass(frozen=True)
@@ -209,10 +211,7 @@ class Cassette:
             raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot open cassette at {self.path}: {exc}") from None
         try:
             self._env.reader_check()  # clear reader slots left by killed processes
-            self._ledger = self._env.open_db(b"ledger")
-            self._index = self._env.open_db(b"index")
-            self._blobs = self._env.open_db(b"blobs")
-            self._meta = self._env.open_db(b"meta")
+            self._refuse_foreign_env()  # before anything is written
             self.node_id = self._init_meta(node_id)
         except BaseException:
             self._env.close()  # a refused directory leaves nothing open
@@ -258,15 +257,44 @@ class Cassette:
         if not has_data and not create:
             raise FabricError(StatusCode.NOT_FOUND, f"no cassette at {p}")
 
+    def _refuse_foreign_env(self) -> None:
+        """FAILED_PRECONDITION, with nothing written, for another program's LMDB environment:
+        one whose main database holds a key that is not one of our database names, or
+        holds one of them as something other than a named database (specs/cassette-format.md
+        section 1).  Checked in a read transaction before any database is created."""
+        with self._env.begin() as txn:
+            for name in txn.cursor().iternext(values=False):
+                name = bytes(name)
+                if name not in _DB_NAMES:
+                    raise FabricError(
+                        StatusCode.FAILED_PRECONDITION,
+                        f"{self.path} holds an LMDB environment of another program (its main database has the key {name[:64]!r}); "
+                        "use an empty or new directory",
+                    )
+                try:
+                    self._env.open_db(name, txn=txn, create=False)
+                except lmdb.IncompatibleError:
+                    raise FabricError(
+                        StatusCode.FAILED_PRECONDITION,
+                        f"{self.path} holds an LMDB environment of another program ({name.decode()!r} in its main database is not a named database); "
+                        "use an empty or new directory",
+                    ) from None
+
     def _init_meta(self, node_id: str | None) -> str:
-        with self._env.begin(write=True, db=self._meta) as txn:
-            fmt = txn.get(b"format")
+        """Open the named databases and check (or, for a new cassette, write) the format
+        marks, all in one write transaction: a refused environment is left as it was."""
+        with self._env.begin(write=True) as txn:
+            self._ledger = self._env.open_db(b"ledger", txn=txn)
+            self._index = self._env.open_db(b"index", txn=txn)
+            self._blobs = self._env.open_db(b"blobs", txn=txn)
+            self._meta = self._env.open_db(b"meta", txn=txn)
+            fmt = txn.get(b"format", db=self._meta)
             if fmt is None:
                 if txn.stat(self._ledger)["entries"] or txn.stat(self._index)["entries"]:
                     raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: LMDB environment without a cassette format mark")
-                txn.put(b"format", str(FORMAT_VERSION).encode())
-                txn.put(b"node_id", (node_id or f"n{secrets.token_hex(6)}").encode())
-                txn.put(b"created", repr(time.time()).encode())
+                txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._meta)
+                txn.put(b"node_id", (node_id or f"n{secrets.token_hex(6)}").encode(), db=self._meta)
+                txn.put(b"created", repr(time.time()).encode(), db=self._meta)
             else:
                 try:
                     version = int(fmt)
@@ -277,7 +305,10 @@ class Cassette:
                         StatusCode.FAILED_PRECONDITION,
                         f"{self.path}: cassette format {version} is newer than this evalfabric supports ({FORMAT_VERSION}); upgrade evalfabric",
                     )
-            stored = txn.get(b"node_id").decode()
+            stored = txn.get(b"node_id", db=self._meta)
+            if stored is None:
+                raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: cassette without a node_id mark")
+            stored = stored.decode()
         if fmt is None and self.durability == "sync":
             self._env.sync(True)  # the new cassette's marks, meta page included (metasync is off)
         return stored

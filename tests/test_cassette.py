@@ -571,6 +571,86 @@ def test_reads_racing_close_finish_or_see_failed_precondition(tmp_path):
     assert not bad, bad
 
 
+def _main_db(path: Path) -> dict[bytes, bytes]:
+    """The main database of the LMDB environment at ``path`` (read with py-lmdb directly)."""
+    env = lmdb.open(str(path), subdir=True, create=False, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return {bytes(k): bytes(v) for k, v in txn.cursor()}
+    finally:
+        env.close()
+
+
+def _plain_env(path: Path, items: dict[bytes, bytes]) -> None:
+    env = lmdb.open(str(path))
+    with env.begin(write=True) as txn:
+        for k, v in items.items():
+            txn.put(k, v)
+    env.close()
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        {b"hello": b"world"},  # some program's plain key-value store
+        {b"hello": b"world", b"meta": b"x"},
+        {b"ledger": b"not a database"},  # was a raw lmdb.IncompatibleError
+        {b"index": b"not a database"},  # (ledger absent: must not be created on the way)
+    ],
+    ids=["plain", "plain+meta-key", "ledger-not-a-db", "index-not-a-db"],
+)
+def test_a_foreign_lmdb_environment_is_refused_untouched(tmp_path, items):
+    """specs/cassette-format.md section 1: another program's LMDB directory is
+    FAILED_PRECONDITION and not a byte of its data changes (it used to be adopted)."""
+    path = tmp_path / "theirs"
+    _plain_env(path, items)
+    before = _sha(path / "data.mdb")
+    with pytest.raises(FabricError) as ei:
+        Cassette(path)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert "another program" in ei.value.message
+    assert _sha(path / "data.mdb") == before
+    assert _main_db(path) == items
+    with pytest.raises(FabricError) as ei:  # and again: nothing half-done by the first try
+        Cassette(path, durability="fast")
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert _sha(path / "data.mdb") == before
+
+
+def test_an_lmdb_environment_with_data_but_no_mark_is_refused_untouched(tmp_path):
+    """Section 7: ledger entries without a format mark are refused, and the other named
+    databases are not created on the way (they used to be, one commit each)."""
+    path = tmp_path / "foreign"
+    env = lmdb.open(str(path), max_dbs=8, subdir=True)
+    db = env.open_db(b"ledger")
+    with env.begin(write=True, db=db) as txn:
+        txn.put(b"\x00" * 8, b"something else")
+    env.close()
+    before = _sha(path / "data.mdb")
+    with pytest.raises(FabricError) as ei:
+        Cassette(path)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert "format mark" in ei.value.message
+    assert _sha(path / "data.mdb") == before
+    assert list(_main_db(path)) == [b"ledger"]
+
+
+@pytest.mark.parametrize("names", [(), ("ledger",), ("ledger", "index", "blobs", "meta")], ids=["no-db", "ledger", "all-dbs"])
+def test_an_empty_environment_of_ours_becomes_a_fresh_cassette(tmp_path, names):
+    """Section 7: no format mark, empty ledger and index, a main database holding only
+    our database names (a crash right after creation): a fresh cassette."""
+    path = tmp_path / "c"
+    env = lmdb.open(str(path), max_dbs=8, subdir=True)
+    for n in names:
+        env.open_db(n.encode())
+    env.close()
+    with Cassette(path, node_id="fresh") as cas:
+        cas.put(rkey(1), payload_of(1))
+    with Cassette(path) as cas:
+        assert cas.node_id == "fresh" and cas.lookup_value(rkey(1)) == {"item": "1", "pad": ""}
+    assert sorted(_main_db(path)) == [b"blobs", b"index", b"ledger", b"meta"]
+
+
 def test_node_id_is_kept(tmp_path):
     with Cassette(tmp_path / "c", node_id="node-a") as cas:
         assert cas.node_id == "node-a"
