@@ -75,6 +75,8 @@ _GATHER_MAX_S = 0.002  # one commit's time, within these bounds
 _DEFAULT_MAP = 1 << 30
 #: the named databases of a cassette: the only keys its LMDB main database may hold
 _DB_NAMES = (b"ledger", b"index", b"blobs", b"meta")
+#: files of ours that may sit in a cassette directory before its data.mdb does
+_OWN_FILES = ("data.mdb", "lock.mdb", "compute.lock")
 
 
 @dataclass(frozen=True)
@@ -249,11 +251,15 @@ class Cassette:
         if p.exists() and not p.is_dir():
             raise FabricError(StatusCode.FAILED_PRECONDITION, f"{p} is not a directory, so it cannot hold a cassette")
         has_data = (p / "data.mdb").exists()
-        if p.exists() and not has_data and any(p.iterdir()):
-            raise FabricError(
-                StatusCode.FAILED_PRECONDITION,
-                f"{p} is not a cassette directory (it has files but no data.mdb); use an empty or new directory",
-            )
+        if p.exists() and not has_data:
+            # subdirectories do not make it foreign ($FABRIC_HOME/demo-fleet/ beside the
+            # default cassette); any other entry but our own lock files does
+            stray = next((e.name for e in p.iterdir() if e.name not in _OWN_FILES and not e.is_dir()), None)
+            if stray is not None:
+                raise FabricError(
+                    StatusCode.FAILED_PRECONDITION,
+                    f"{p} is not a cassette directory (it holds {stray!r} but no data.mdb); use an empty or new directory",
+                )
         if not has_data and not create:
             raise FabricError(StatusCode.NOT_FOUND, f"no cassette at {p}")
 

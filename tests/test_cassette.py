@@ -651,6 +651,33 @@ def test_an_empty_environment_of_ours_becomes_a_fresh_cassette(tmp_path, names):
     assert sorted(_main_db(path)) == [b"blobs", b"index", b"ledger", b"meta"]
 
 
+def test_a_directory_holding_only_subdirectories_becomes_a_cassette(tmp_path):
+    """Section 1: subdirectories do not make a directory foreign (``fabric demo --nodes N``
+    puts ``$FABRIC_HOME/demo-fleet/`` beside the default cassette, which then could not
+    be created: 'it has files but no data.mdb')."""
+    home = tmp_path / "home"
+    (home / "demo-fleet" / "n0").mkdir(parents=True)
+    (home / "demo-fleet" / "secret").write_text("s")
+    with fabric.open(home) as fab:
+        assert fab.stats()["records"] == 0
+    with Cassette(home) as cas:
+        assert cas.stats()["records"] == 0
+    assert (home / "demo-fleet" / "secret").read_text() == "s"
+    assert sorted(p.name for p in (home / "demo-fleet").iterdir()) == ["n0", "secret"]
+
+
+def test_a_stray_file_beside_subdirectories_is_still_refused(tmp_path):
+    other = tmp_path / "theirs"
+    (other / "sub").mkdir(parents=True)
+    (other / "notes.txt").write_text("not a cassette")
+    with pytest.raises(FabricError) as ei:
+        Cassette(other)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert "notes.txt" in ei.value.message
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt", "sub"]  # untouched
+    assert not any((other / "sub").iterdir())
+
+
 def test_node_id_is_kept(tmp_path):
     with Cassette(tmp_path / "c", node_id="node-a") as cas:
         assert cas.node_id == "node-a"
