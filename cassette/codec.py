@@ -11,7 +11,8 @@ Normative text: ``specs/codec.md``.  In short:
 * ints outside msgpack's 64-bit range use ext type 3 (two's complement,
   big-endian, minimal length);
 * numpy arrays are ext type 1 carrying ``[dtype, shape, C-order bytes]`` with a
-  little-endian dtype string; numpy scalars encode as the Python value they hold;
+  little-endian dtype string (bool elements as bytes 00 / 01 only, however numpy
+  holds them); numpy scalars encode as the Python value they hold;
 * :class:`~cassette.keys.ContentKey` is ext type 2 carrying its 33 binary bytes.
 
 Anything else raises ``FabricError(INVALID_ARGUMENT)`` naming the path to the bad
@@ -189,7 +190,13 @@ def _array_payload(a: np.ndarray) -> bytes:
         raise _Unencodable(f"numpy array of dtype {dt} is not encodable (bool, int, uint, float, complex only)")
     le = dt.newbyteorder("<") if dt.itemsize > 1 else dt
     arr = np.ascontiguousarray(a, dtype=le)
-    if dt.kind in "fc":
+    if dt.kind == "b":
+        # numpy reads any non-zero byte as True (a uint8 array viewed as bool keeps its
+        # 2s): the canonical element bytes are 00 / 01 (one max() pass, a copy only if needed)
+        u8 = arr.view(np.uint8)
+        if u8.size and u8.max() > 1:
+            arr = u8 != 0
+    elif dt.kind in "fc":
         nan = np.isnan(arr)
         if nan.any():
             arr = arr.copy()
