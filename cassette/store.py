@@ -73,6 +73,10 @@ _RELAY_S = 0.005  # a relay of wake-ups that stalls this long is finished by the
 _GATHER_MIN_S = 0.0005  # how long the writer waits for released writers to come back:
 _GATHER_MAX_S = 0.002  # one commit's time, within these bounds
 _DEFAULT_MAP = 1 << 30
+#: the named databases of a cassette: the only keys its LMDB main database may hold
+_DB_NAMES = (b"ledger", b"index", b"blobs", b"meta")
+#: files of ours that may sit in a cassette directory before its data.mdb does
+_OWN_FILES = ("data.mdb", "lock.mdb", "compute.lock")
 
 
 @dataclass(frozen=True)
@@ -209,10 +213,7 @@ class Cassette:
             raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot open cassette at {self.path}: {exc}") from None
         try:
             self._env.reader_check()  # clear reader slots left by killed processes
-            self._ledger = self._env.open_db(b"ledger")
-            self._index = self._env.open_db(b"index")
-            self._blobs = self._env.open_db(b"blobs")
-            self._meta = self._env.open_db(b"meta")
+            self._refuse_foreign_env()  # before anything is written
             self.node_id = self._init_meta(node_id)
         except BaseException:
             self._env.close()  # a refused directory leaves nothing open
@@ -250,23 +251,56 @@ class Cassette:
         if p.exists() and not p.is_dir():
             raise FabricError(StatusCode.FAILED_PRECONDITION, f"{p} is not a directory, so it cannot hold a cassette")
         has_data = (p / "data.mdb").exists()
-        if p.exists() and not has_data and any(p.iterdir()):
-            raise FabricError(
-                StatusCode.FAILED_PRECONDITION,
-                f"{p} is not a cassette directory (it has files but no data.mdb); use an empty or new directory",
-            )
+        if p.exists() and not has_data:
+            # subdirectories do not make it foreign ($FABRIC_HOME/demo-fleet/ beside the
+            # default cassette); any other entry but our own lock files does
+            stray = next((e.name for e in p.iterdir() if e.name not in _OWN_FILES and not e.is_dir()), None)
+            if stray is not None:
+                raise FabricError(
+                    StatusCode.FAILED_PRECONDITION,
+                    f"{p} is not a cassette directory (it holds {stray!r} but no data.mdb); use an empty or new directory",
+                )
         if not has_data and not create:
             raise FabricError(StatusCode.NOT_FOUND, f"no cassette at {p}")
 
+    def _refuse_foreign_env(self) -> None:
+        """FAILED_PRECONDITION, with nothing written, for another program's LMDB environment:
+        one whose main database holds a key that is not one of our database names, or
+        holds one of them as something other than a named database (specs/cassette-format.md
+        section 1).  Checked in a read transaction before any database is created."""
+        with self._env.begin() as txn:
+            for name in txn.cursor().iternext(values=False):
+                name = bytes(name)
+                if name not in _DB_NAMES:
+                    raise FabricError(
+                        StatusCode.FAILED_PRECONDITION,
+                        f"{self.path} holds an LMDB environment of another program (its main database has the key {name[:64]!r}); "
+                        "use an empty or new directory",
+                    )
+                try:
+                    self._env.open_db(name, txn=txn, create=False)
+                except lmdb.IncompatibleError:
+                    raise FabricError(
+                        StatusCode.FAILED_PRECONDITION,
+                        f"{self.path} holds an LMDB environment of another program ({name.decode()!r} in its main database is not a named database); "
+                        "use an empty or new directory",
+                    ) from None
+
     def _init_meta(self, node_id: str | None) -> str:
-        with self._env.begin(write=True, db=self._meta) as txn:
-            fmt = txn.get(b"format")
+        """Open the named databases and check (or, for a new cassette, write) the format
+        marks, all in one write transaction: a refused environment is left as it was."""
+        with self._env.begin(write=True) as txn:
+            self._ledger = self._env.open_db(b"ledger", txn=txn)
+            self._index = self._env.open_db(b"index", txn=txn)
+            self._blobs = self._env.open_db(b"blobs", txn=txn)
+            self._meta = self._env.open_db(b"meta", txn=txn)
+            fmt = txn.get(b"format", db=self._meta)
             if fmt is None:
                 if txn.stat(self._ledger)["entries"] or txn.stat(self._index)["entries"]:
                     raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: LMDB environment without a cassette format mark")
-                txn.put(b"format", str(FORMAT_VERSION).encode())
-                txn.put(b"node_id", (node_id or f"n{secrets.token_hex(6)}").encode())
-                txn.put(b"created", repr(time.time()).encode())
+                txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._meta)
+                txn.put(b"node_id", (node_id or f"n{secrets.token_hex(6)}").encode(), db=self._meta)
+                txn.put(b"created", repr(time.time()).encode(), db=self._meta)
             else:
                 try:
                     version = int(fmt)
@@ -277,7 +311,10 @@ class Cassette:
                         StatusCode.FAILED_PRECONDITION,
                         f"{self.path}: cassette format {version} is newer than this evalfabric supports ({FORMAT_VERSION}); upgrade evalfabric",
                     )
-            stored = txn.get(b"node_id").decode()
+            stored = txn.get(b"node_id", db=self._meta)
+            if stored is None:
+                raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: cassette without a node_id mark")
+            stored = stored.decode()
         if fmt is None and self.durability == "sync":
             self._env.sync(True)  # the new cassette's marks, meta page included (metasync is off)
         return stored
@@ -347,8 +384,10 @@ class Cassette:
                 slot.active = False
                 self._resize(0)
                 continue
-            except BaseException:
+            except BaseException as exc:
                 slot.active = False
+                if self._closed and isinstance(exc, lmdb.Error):
+                    raise self._closed_error() from None
                 raise
             try:
                 out = body(txn)
@@ -380,17 +419,31 @@ class Cassette:
             slot.active = False
 
     def _begin_read(self):
+        """``(slot, read txn)``: the slow way in, taken by every read but the hit path's
+        first try.  After :meth:`close` LMDB's "closed object" error becomes
+        FAILED_PRECONDITION (checked only once ``begin`` has failed: no cost to a read)."""
         slot = self._enter()
         try:
-            return slot, self._env.begin(buffers=True)
-        except lmdb.MapResizedError:
+            try:
+                return slot, self._env.begin(buffers=True)
+            except lmdb.MapResizedError:
+                slot.active = False
+                self._resize(0)
+                slot = self._enter()
+                return slot, self._env.begin(buffers=True)
+        except BaseException as exc:
             slot.active = False
-            self._resize(0)
-            slot = self._enter()
-            return slot, self._env.begin(buffers=True)
-        except BaseException:
-            slot.active = False
+            if self._closed and isinstance(exc, lmdb.Error):
+                raise self._closed_error() from None
             raise
+
+    def _closed_error(self) -> FabricError:
+        """What any use of a closed cassette raises."""
+        return FabricError(StatusCode.FAILED_PRECONDITION, f"cassette {self.path} is closed")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
 
     # ----------------------------------------------------------------- reading
     def lookup_value(self, key: ContentKey) -> Any:
@@ -691,7 +744,7 @@ class Cassette:
 
     def _submit(self, job: _Job) -> _Job:
         if self._closed:
-            raise FabricError(StatusCode.FAILED_PRECONDITION, f"cassette {self.path} is closed")
+            raise self._closed_error()
         q = self._queue
         q.put(job)
         want = self._want
@@ -1039,6 +1092,7 @@ class Cassette:
         For each key the index points to the first row of that key that
         verifies (the same row live appends would have chosen).
         """
+        self._check_open()  # (a closed cassette must not get a writer thread back)
         self._queue.put(None)  # quiesce the writer: replay writes directly
         self._writer.join()
         try:
@@ -1113,12 +1167,14 @@ class Cassette:
         """Write every verified record and blob to a portable ledger file; returns records written."""
         from cassette.ledgerfile import write_ledger_file
 
+        self._check_open()
         return write_ledger_file(self, path, progress=progress)
 
     def import_(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
         """Append the records and blobs of a ledger file (validated whole first); returns records appended."""
         from cassette.ledgerfile import read_ledger_file
 
+        self._check_open()
         return read_ledger_file(self, path, progress=progress)
 
     def _iter_blobs(self) -> Iterator[tuple[bytes, bytes]]:
@@ -1144,13 +1200,23 @@ class Cassette:
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
-        """Finish queued writes, stop the writer and close LMDB.  Idempotent."""
+        """Finish queued writes, stop the writer and close LMDB.  Idempotent.
+
+        Reads running on other threads finish first; afterwards every public
+        method (reads, writes, scrub, export, import, iteration) raises
+        ``FabricError(FAILED_PRECONDITION, "cassette ... is closed")``.
+        """
         if self._closed:
             return
         self._closed = True
         self._queue.put(None)
         self._writer.join()  # returns once every write is committed and acknowledged
-        self._env.close()
+        own = getattr(self._local, "slot", None)
+        if own is not None and own.active:  # closed from inside a read (an on_corrupt callback)
+            self._env.close()
+            return
+        with self._readers_held():  # no txn of another thread is cut off mid-read
+            self._env.close()
 
     def __enter__(self) -> "Cassette":
         return self

@@ -234,8 +234,11 @@ def _chunks_of(data: Any) -> tuple[Iterable[bytes | memoryview], str | None, tup
         if dt.kind not in "biufc" or dt.fields is not None:
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: numpy dtype {dt} is not storable (bool, int, uint, float, complex)")
         le = dt.newbyteorder("<") if dt.itemsize > 1 else dt
-        arr = np.ascontiguousarray(data, dtype=le)
-        return [memoryview(arr.reshape(-1).view(np.uint8))], le.str, tuple(data.shape)
+        flat = np.ascontiguousarray(data, dtype=le).reshape(-1).view(np.uint8)
+        if dt.kind == "b" and flat.size and flat.max() > 1:
+            # numpy reads any non-zero byte as True: equal bool arrays, equal content (00 / 01)
+            flat = (flat != 0).view(np.uint8)
+        return [memoryview(flat)], le.str, tuple(data.shape)
     if isinstance(data, (bytes, bytearray, memoryview)):
         if isinstance(data, memoryview) and not data.c_contiguous:
             data = data.tobytes()  # its elements in logical order, as numpy input is made contiguous

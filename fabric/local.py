@@ -285,9 +285,15 @@ class Fabric(metaclass=abc.ABCMeta):
         return {"records": counts["records"], "appended": appended, "blobs": counts["blobs"]}
 
     def close(self) -> None:
-        """Release this fabric's hold on the cassette (the last holder closes it)."""
+        """Release this fabric's hold on the cassette (the last holder closes it).
+
+        Afterwards every method that needs the cassette (realize, get, put, verify,
+        stats...) raises ``FabricError(FAILED_PRECONDITION, "fabric ... is closed")``,
+        even while other fabrics keep the shared cassette open.
+        """
         if not self._closed:
             self._closed = True
+            self.cassette = _ClosedCassette(f"fabric at {self.path}")  # type: ignore[assignment]
             release_cassette(self.path)
 
     def __enter__(self) -> "Fabric":
@@ -298,6 +304,19 @@ class Fabric(metaclass=abc.ABCMeta):
 
     def __repr__(self) -> str:
         return f"<Fabric embedded node={self.node_id} at {self.path}>"
+
+
+class _ClosedCassette:
+    """What a closed :class:`Fabric` holds instead of its cassette: any use of it is
+    FAILED_PRECONDITION.  (A swap at close, so the hit path checks nothing.)"""
+
+    __slots__ = ("_what",)
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __getattr__(self, name: str) -> Any:
+        raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self._what} is closed")
 
 
 def _count_corrupt(key: ContentKey) -> None:

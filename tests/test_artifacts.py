@@ -10,6 +10,8 @@ import blake3
 import lmdb
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis.extra import numpy as hnp
 from prometheus_client import REGISTRY
 
 import fabric
@@ -515,3 +517,21 @@ def test_module_level_put_get_on_the_default_fabric(fabric_home):
         fab = api.set_default(old)
         if fab is not None:
             fab.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.uint8, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)))
+def test_equal_bool_arrays_are_one_artifact(raw):
+    """specs/cassette-format.md section 8: a bool array holding bytes other than 00 / 01
+    (a uint8 array viewed as bool) is the same content as the equal 00 / 01 array."""
+    odd, plain = raw.view(np.bool_), np.array(raw != 0)
+    with artifacts.ChunkPlan(odd) as a, artifacts.ChunkPlan(plain) as b:
+        assert a.key == b.key and a.payload == b.payload
+
+
+def test_a_bool_array_with_odd_bytes_is_stored_as_00_01(fab):
+    odd = np.array([[0, 2], [255, 1]], np.uint8).view(np.bool_)
+    ref = fab.put(odd)
+    assert ref.key == fab.put(np.array([[False, True], [True, True]])).key
+    got = fab.get(ref.key)
+    assert got.dtype == np.bool_ and got.tobytes() == bytes([0, 1, 1, 1])

@@ -503,6 +503,181 @@ def test_non_cassette_directories_are_refused(tmp_path):
     float(meta[b"created"])
 
 
+_CLOSED_CALLS = {
+    "lookup_value": lambda c, k, t: c.lookup_value(k),
+    "get_record": lambda c, k, t: c.get_record(k),
+    "get_raw": lambda c, k, t: c.get_raw(k),
+    "get_raw_many": lambda c, k, t: c.get_raw_many([k], 1 << 20),
+    "contains": lambda c, k, t: c.contains(k),
+    "missing": lambda c, k, t: c.missing([k]),
+    "get_blob": lambda c, k, t: c.get_blob(ContentKey.of("blob", b"b")),
+    "stats": lambda c, k, t: c.stats(),
+    "len": lambda c, k, t: len(c),
+    "iter_ledger": lambda c, k, t: list(c.iter_ledger()),
+    "scrub": lambda c, k, t: list(c.scrub()),
+    "verify": lambda c, k, t: c.verify(),
+    "export": lambda c, k, t: c.export(t / "out.ledger"),
+    "rebuild_index": lambda c, k, t: c.rebuild_index(),
+    "put": lambda c, k, t: c.put(k, payload_of(9)),
+    "put_blob": lambda c, k, t: c.put_blob(b"b"),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_CLOSED_CALLS))
+def test_every_use_of_a_closed_cassette_is_failed_precondition(tmp_path, call):
+    """specs/errors.md: a closed cassette is FAILED_PRECONDITION, never a raw lmdb.Error."""
+    cas = Cassette(tmp_path / "c")
+    cas.put(rkey(1), payload_of(1))
+    assert cas.lookup_value(rkey(1)) == {"item": "1", "pad": ""}  # this thread's slot exists
+    cas.close()
+    with pytest.raises(FabricError) as ei:
+        _CLOSED_CALLS[call](cas, rkey(1), tmp_path)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert "is closed" in ei.value.message
+    assert not (tmp_path / "out.ledger").exists()
+    assert not cas._writer.is_alive()  # (rebuild_index did not start a writer on the closed cassette)
+
+
+def test_reads_racing_close_finish_or_see_failed_precondition(tmp_path):
+    """Reads on other threads while the cassette closes: each returns its value or raises
+    FAILED_PRECONDITION; none sees LMDB's closed-object error."""
+    cas = Cassette(tmp_path / "c", durability="fast")
+    cas.put(rkey(1), payload_of(1))
+    bad: list[BaseException] = []
+    started = threading.Barrier(5)
+
+    def reader(read) -> None:
+        started.wait()
+        while True:
+            try:
+                read()
+            except FabricError as exc:
+                if exc.status_code is not StatusCode.FAILED_PRECONDITION:
+                    bad.append(exc)
+                return
+            except BaseException as exc:  # noqa: BLE001 - what the test is looking for
+                bad.append(exc)
+                return
+
+    reads = [lambda: cas.lookup_value(rkey(1)), lambda: cas.get_raw(rkey(1)), lambda: cas.get_record(rkey(1)), lambda: cas.stats()]
+    threads = [threading.Thread(target=reader, args=(r,)) for r in reads]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.05)
+    cas.close()
+    for t in threads:
+        t.join(10)
+    assert not bad, bad
+
+
+def _main_db(path: Path) -> dict[bytes, bytes]:
+    """The main database of the LMDB environment at ``path`` (read with py-lmdb directly)."""
+    env = lmdb.open(str(path), subdir=True, create=False, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return {bytes(k): bytes(v) for k, v in txn.cursor()}
+    finally:
+        env.close()
+
+
+def _plain_env(path: Path, items: dict[bytes, bytes]) -> None:
+    env = lmdb.open(str(path))
+    with env.begin(write=True) as txn:
+        for k, v in items.items():
+            txn.put(k, v)
+    env.close()
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        {b"hello": b"world"},  # some program's plain key-value store
+        {b"hello": b"world", b"meta": b"x"},
+        {b"ledger": b"not a database"},  # was a raw lmdb.IncompatibleError
+        {b"index": b"not a database"},  # (ledger absent: must not be created on the way)
+    ],
+    ids=["plain", "plain+meta-key", "ledger-not-a-db", "index-not-a-db"],
+)
+def test_a_foreign_lmdb_environment_is_refused_untouched(tmp_path, items):
+    """specs/cassette-format.md section 1: another program's LMDB directory is
+    FAILED_PRECONDITION and not a byte of its data changes (it used to be adopted)."""
+    path = tmp_path / "theirs"
+    _plain_env(path, items)
+    before = _sha(path / "data.mdb")
+    with pytest.raises(FabricError) as ei:
+        Cassette(path)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert "another program" in ei.value.message
+    assert _sha(path / "data.mdb") == before
+    assert _main_db(path) == items
+    with pytest.raises(FabricError) as ei:  # and again: nothing half-done by the first try
+        Cassette(path, durability="fast")
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert _sha(path / "data.mdb") == before
+
+
+def test_an_lmdb_environment_with_data_but_no_mark_is_refused_untouched(tmp_path):
+    """Section 7: ledger entries without a format mark are refused, and the other named
+    databases are not created on the way (they used to be, one commit each)."""
+    path = tmp_path / "foreign"
+    env = lmdb.open(str(path), max_dbs=8, subdir=True)
+    db = env.open_db(b"ledger")
+    with env.begin(write=True, db=db) as txn:
+        txn.put(b"\x00" * 8, b"something else")
+    env.close()
+    before = _sha(path / "data.mdb")
+    with pytest.raises(FabricError) as ei:
+        Cassette(path)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert "format mark" in ei.value.message
+    assert _sha(path / "data.mdb") == before
+    assert list(_main_db(path)) == [b"ledger"]
+
+
+@pytest.mark.parametrize("names", [(), ("ledger",), ("ledger", "index", "blobs", "meta")], ids=["no-db", "ledger", "all-dbs"])
+def test_an_empty_environment_of_ours_becomes_a_fresh_cassette(tmp_path, names):
+    """Section 7: no format mark, empty ledger and index, a main database holding only
+    our database names (a crash right after creation): a fresh cassette."""
+    path = tmp_path / "c"
+    env = lmdb.open(str(path), max_dbs=8, subdir=True)
+    for n in names:
+        env.open_db(n.encode())
+    env.close()
+    with Cassette(path, node_id="fresh") as cas:
+        cas.put(rkey(1), payload_of(1))
+    with Cassette(path) as cas:
+        assert cas.node_id == "fresh" and cas.lookup_value(rkey(1)) == {"item": "1", "pad": ""}
+    assert sorted(_main_db(path)) == [b"blobs", b"index", b"ledger", b"meta"]
+
+
+def test_a_directory_holding_only_subdirectories_becomes_a_cassette(tmp_path):
+    """Section 1: subdirectories do not make a directory foreign (``fabric demo --nodes N``
+    puts ``$FABRIC_HOME/demo-fleet/`` beside the default cassette, which then could not
+    be created: 'it has files but no data.mdb')."""
+    home = tmp_path / "home"
+    (home / "demo-fleet" / "n0").mkdir(parents=True)
+    (home / "demo-fleet" / "secret").write_text("s")
+    with fabric.open(home) as fab:
+        assert fab.stats()["records"] == 0
+    with Cassette(home) as cas:
+        assert cas.stats()["records"] == 0
+    assert (home / "demo-fleet" / "secret").read_text() == "s"
+    assert sorted(p.name for p in (home / "demo-fleet").iterdir()) == ["n0", "secret"]
+
+
+def test_a_stray_file_beside_subdirectories_is_still_refused(tmp_path):
+    other = tmp_path / "theirs"
+    (other / "sub").mkdir(parents=True)
+    (other / "notes.txt").write_text("not a cassette")
+    with pytest.raises(FabricError) as ei:
+        Cassette(other)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert "notes.txt" in ei.value.message
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt", "sub"]  # untouched
+    assert not any((other / "sub").iterdir())
+
+
 def test_node_id_is_kept(tmp_path):
     with Cassette(tmp_path / "c", node_id="node-a") as cas:
         assert cas.node_id == "node-a"

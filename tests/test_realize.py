@@ -447,3 +447,29 @@ def test_concurrent_processes_on_one_dir_compute_once(tmp_path):
     assert sorted(o[0] for o in outs) == ["computed", "local", "local", "local"]
     assert {o[1] for o in outs} == {"121"}
     assert log.read_text().count("slow.square") == 1
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["last-holder", "cassette-still-shared"])
+def test_a_closed_fabric_is_failed_precondition(tmp_path, shared):
+    """realize / get / verify / stats / put after close: FAILED_PRECONDITION, never a raw
+    lmdb.Error, and also while another fabric keeps the same cassette open."""
+    f = fabric.open(tmp_path / "node")
+    other = fabric.open(tmp_path / "node") if shared else None
+    req = fabric.Request("t.square", {"x": 3})
+    assert f.realize(req).value == 9
+    ref = f.put(b"bytes")
+    f.close()
+    f.close()  # idempotent
+    calls = [lambda: f.realize(req), lambda: f.get(ref.key), lambda: f.verify(), lambda: f.stats(),
+             lambda: f.put(b"more"), lambda: f.holders(req.key)]
+    for call in calls:
+        with pytest.raises(FabricError) as ei:
+            call()
+        assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+        assert "closed" in ei.value.message
+    with pytest.raises(FabricError) as ei:
+        trio.run(f.arealize, req)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    if other is not None:
+        assert other.realize(req).value == 9  # the other holder is unaffected
+        other.close()
