@@ -325,10 +325,7 @@ def encode_request(evaluator: str, version: str, args: Any) -> bytes:
 
     ``evaluator`` and ``version`` must be non-empty ``str`` (a ``str`` subclass is
     taken as its text), else INVALID_ARGUMENT at ``request[0]`` / ``request[1]``;
-    errors in ``args`` name their path under ``args``.  One exception remains:
-    ``version=None`` still encodes as nil, because ``fabric.request.Request.key``
-    passes it for a request made before its evaluator was registered (pinned by an
-    xfail in tests/test_codec.py until that caller resolves the version).
+    errors in ``args`` name their path under ``args``.
     """
     if not (type(evaluator) is str is type(version) and evaluator and version):  # (one chain: hot path)
         evaluator, version = _request_names(evaluator, version)
@@ -363,16 +360,14 @@ def encode_request(evaluator: str, version: str, args: Any) -> bytes:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"args: not encodable ({exc})") from None
 
 
-def _request_names(evaluator: Any, version: Any) -> tuple[str, Any]:
+def _request_names(evaluator: Any, version: Any) -> tuple[str, str]:
     """The slow path of :func:`encode_request`'s name check: plain ``str`` names, or
     INVALID_ARGUMENT at ``request[0]`` / ``request[1]``."""
     for i, (what, v) in enumerate((("evaluator", evaluator), ("version", version))):
-        if i == 1 and v is None:
-            continue  # see encode_request
         if not isinstance(v, str) or not v:
             got = repr(v) if isinstance(v, str) or v is None else f"{v!r:.60} ({type(v).__name__})"
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"request[{i}]: {what} must be a non-empty str, got {got}")
-    return str.__str__(evaluator), (version if version is None else str.__str__(version))
+    return str.__str__(evaluator), str.__str__(version)
 
 
 def _ext_hook(code: int, data: bytes) -> Any:

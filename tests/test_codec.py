@@ -689,8 +689,6 @@ def test_error_names_the_path(call, message):
     assert ei.value.message == message
 
 
-@pytest.mark.xfail(strict=True, reason="fabric.request.Request.key passes version None for a request made before its "
-                   "evaluator was registered (a nil-version key): encode_request accepts None until that caller resolves it")
 def test_encode_request_refuses_version_none():
     with pytest.raises(FabricError) as ei:
         codec.encode_request("e", None, {})
