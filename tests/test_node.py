@@ -26,7 +26,7 @@ from cassette.store import Cassette
 from fabric.errors import FabricError, StatusCode
 from fabric.remote import RemoteFabric
 
-from _nodes import FABRIC, SECRET, node
+from _nodes import EVALUATORS, FABRIC, SECRET, node
 
 
 def _records(data: Path) -> int:
@@ -389,6 +389,28 @@ def test_node_cli_errors_are_one_line(tmp_path):
     assert "INVALID_ARGUMENT" in r.stderr and "idle_timeout_s" in r.stderr
     r = subprocess.run([FABRIC, "node", "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "--listen" in r.stdout
+
+
+def test_node_bind_failures_and_malformed_addresses_are_one_status_line(tmp_path):
+    (tmp_path / "secret").write_bytes(SECRET)
+    base = [FABRIC, "node", "--data", str(tmp_path / "d"), "--secret-file", str(tmp_path / "secret"), "--evaluators", EVALUATORS]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [
+            (["--listen", f"127.0.0.1:{port}"], f"UNAVAILABLE: cannot listen on 127.0.0.1:{port}: Address already in use"),
+            (["--metrics-port", str(port)], f"UNAVAILABLE: cannot serve metrics on 127.0.0.1:{port}: Address already in use"),
+            (["--listen", "192.0.2.1:0"], "FAILED_PRECONDITION: cannot listen on 192.0.2.1:0: "),  # TEST-NET-1: not ours
+            (["--metrics-port", "-5"], "INVALID_ARGUMENT: --metrics-port must be 0-65535, got -5"),
+            (["--metrics-port", "65536"], "INVALID_ARGUMENT: --metrics-port must be 0-65535, got 65536"),
+            (["--relay", "garbage"], "INVALID_ARGUMENT: --relay must be HOST:PORT (port 1-65535), got 'garbage'"),
+        ]
+        for extra, want in cases:
+            r = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1, (extra, r.stderr)
+            assert r.stderr.startswith(f"fabric node: error: {want}") and r.stderr.count("\n") == 1, (extra, r.stderr)
+            assert r.stdout == "", extra
 
 
 #: Runs the ``fabric`` CLI in a fresh interpreter and reports its peak RSS (VmHWM, KiB) on stderr.
