@@ -146,13 +146,15 @@ def bind_error(what: str, host: str, port: int, exc: OSError) -> FabricError:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """INVALID_ARGUMENT, before anything is opened, for a malformed ``--listen`` or ``--relay``
-    address (each HOST:PORT, port 1-65535; 0 allowed for ``--listen``) or a
-    ``--metrics-port`` outside 0-65535."""
+    """INVALID_ARGUMENT, before anything is opened, for a malformed ``--listen``, ``--relay``
+    or ``--join`` address (each HOST:PORT, port 1-65535; 0 allowed for ``--listen``) or a
+    ``--metrics-port`` outside 0-65535.  Only the form is checked: a ``--join`` peer that is
+    not up yet is fine, it is dialled again every gossip round."""
     from fabric.remote import parse_address
 
     relay = getattr(args, "relay", None)
     named = [("--listen", args.listen, True)] + ([("--relay", relay, False)] if relay else [])
+    named += [("--join", seed, False) for seed in getattr(args, "join", None) or ()]
     for flag, address, listen in named:
         try:
             parse_address(address, listen=listen)

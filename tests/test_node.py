@@ -404,6 +404,8 @@ def test_node_bind_failures_and_malformed_addresses_are_one_status_line(tmp_path
             (["--listen", "192.0.2.1:0"], "FAILED_PRECONDITION: cannot listen on 192.0.2.1:0: "),  # TEST-NET-1: not ours
             (["--metrics-port", "-5"], "INVALID_ARGUMENT: --metrics-port must be 0-65535, got -5"),
             (["--metrics-port", "65536"], "INVALID_ARGUMENT: --metrics-port must be 0-65535, got 65536"),
+            (["--join", "garbage"], "INVALID_ARGUMENT: --join must be HOST:PORT (port 1-65535), got 'garbage'"),
+            (["--join", "127.0.0.1:7001", "--join", "h:0"], "INVALID_ARGUMENT: --join must be HOST:PORT (port 1-65535), got 'h:0'"),
             (["--relay", "garbage"], "INVALID_ARGUMENT: --relay must be HOST:PORT (port 1-65535), got 'garbage'"),
         ]
         for extra, want in cases:
@@ -411,6 +413,10 @@ def test_node_bind_failures_and_malformed_addresses_are_one_status_line(tmp_path
             assert r.returncode == 1, (extra, r.stderr)
             assert r.stderr.startswith(f"fabric node: error: {want}") and r.stderr.count("\n") == 1, (extra, r.stderr)
             assert r.stdout == "", extra
+    # a well-formed --join whose peer is not up (yet) is fine: it is dialled every round
+    with node(tmp_path, "joiner", "--join", "127.0.0.1:1") as (addr, _, _):
+        with fabric.open(addr, secret=SECRET) as f:
+            assert f.realize(fabric.Request("text.stats", {"text": "a b"})).source == "computed"
 
 
 #: Runs the ``fabric`` CLI in a fresh interpreter and reports its peak RSS (VmHWM, KiB) on stderr.
