@@ -167,6 +167,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _node_stats(fab, service) -> dict:
+    """The ``node`` part of a stats answer: cassette counts, gossip counters and, under
+    ``metrics``, every ``fabric_*`` sample of this process (:func:`fabric.metrics.snapshot`,
+    as the embedded ``stats()`` has them)."""
+    from fabric import metrics
+
     st = fab.cassette.stats()
     extra = service.fleet.stats() if service.fleet is not None else {}
     return extra | {
@@ -177,6 +182,7 @@ def _node_stats(fab, service) -> dict:
         "ledger_bytes": st["ledger_bytes"],
         "local_hits": fab.local_hits,
         "active_computations": service.active_computations,
+        "metrics": metrics.snapshot(),
     }
 
 

@@ -515,6 +515,13 @@ def test_cli_get_and_stats_through_a_node(tmp_path):
         assert r.returncode == 0, r.stderr
         st = json.loads(r.stdout)
         assert st["blobs"] == 3 and st["records"] == 1 and st["members"] == 1
+        # the node's own fabric_* metrics, as the embedded stats have them
+        assert st["metrics"][f'fabric_ledger_records{{node="{st["node_id"]}"}}'] == 1
+        assert st["metrics"]["fabric_corrupt_reads_total"] == 0 and "fabric_gossip_rounds_total" in st["metrics"]
+        r = subprocess.run([FABRIC, "stats", "--node", addr, "--secret-file", str(tmp_path / "secret")],
+                           capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="200"))
+        assert r.returncode == 0, r.stderr
+        assert "fabric_ledger_records" in r.stdout and "fabric_cache_misses_total" in r.stdout
         r = subprocess.run([FABRIC, "get", "artifact:" + "0" * 64, "--node", addr, "--secret-file", str(tmp_path / "secret")],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and "NOT_FOUND" in r.stderr and len(r.stderr.strip().splitlines()) == 1
