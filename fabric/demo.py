@@ -107,8 +107,10 @@ def main(args: argparse.Namespace) -> int:
     from cassette.errors import FabricError, StatusCode
     from fabric import api
 
-    if args.agents < 1 or args.requests < 1 or args.distinct < 1:
-        raise FabricError(StatusCode.INVALID_ARGUMENT, "--agents, --requests and --distinct must be positive")
+    for flag, value, least in (("--agents", args.agents, 1), ("--requests", args.requests, 1),
+                               ("--distinct", args.distinct, 1), ("--nodes", args.nodes, 0)):
+        if value < least:  # checked before anything is started (a negative --nodes divided by zero)
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"{flag} must be at least {least}, got {value}")
     data = Path(args.data) if args.data else api.default_home()
     if args.nodes:
         return fleet_main(args, data)

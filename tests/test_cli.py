@@ -186,6 +186,9 @@ def test_every_command_has_help(cli, cmd):
         (["put", "/no/such/file.bin"], "NOT_FOUND"),
         (["replay", "/no/such/file.ledger"], "NOT_FOUND"),
         (["realize", "text.stats", "{}", "--node", "not an address"], "INVALID_ARGUMENT"),
+        (["demo", "--nodes", "-1", "--agents", "1", "--requests", "1"], "INVALID_ARGUMENT"),
+        (["demo", "--agents", "0"], "INVALID_ARGUMENT"),
+        (["demo", "--distinct", "-3"], "INVALID_ARGUMENT"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40],
 )
@@ -338,3 +341,4 @@ def test_stray_os_errors_and_single_exception_groups_become_one_status_line(monk
     monkeypatch.setitem(cli_mod.COMMANDS, "stats", command)
     assert cli_mod.main(["stats"]) == 1
     assert capsys.readouterr().err == f"fabric stats: error: {expected}\n"
+
