@@ -40,13 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _OneLineParser(prog="fabric", description="evalfabric: realize each evaluation once for the whole fleet.")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_OneLineParser)
 
-    p = sub.add_parser("demo", help="agents realize overlapping requests on the embedded default; prints hits, misses, evaluator runs")
+    p = sub.add_parser("demo", help="agents realize overlapping requests on the embedded default, through --node, or on a "
+                                    "local fleet (--nodes N); prints hits, misses, evaluator runs")
     _common(p)
     p.add_argument("--agents", type=int, default=4, help="agent processes (default 4)")
     p.add_argument("--requests", type=int, default=24, help="requests per agent (default 24)")
     p.add_argument("--distinct", type=int, default=32, help="distinct requests in the shared pool (default 32)")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--nodes", type=int, default=0, help="run a local fleet of N nodes instead of the embedded default")
+    p.add_argument("--nodes", type=int, default=0, help="run a local fleet of N nodes instead of the embedded default (not with --node)")
 
     p = sub.add_parser("node", help="run one peer node until SIGTERM/SIGINT")
     _common(p)

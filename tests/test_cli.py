@@ -189,6 +189,9 @@ def test_every_command_has_help(cli, cmd):
         (["demo", "--nodes", "-1", "--agents", "1", "--requests", "1"], "INVALID_ARGUMENT"),
         (["demo", "--agents", "0"], "INVALID_ARGUMENT"),
         (["demo", "--distinct", "-3"], "INVALID_ARGUMENT"),
+        (["demo", "--node", "garbage", "--secret-file", "/dev/null"], "INVALID_ARGUMENT"),
+        (["demo", "--node", "127.0.0.1:1", "--nodes", "2"], "INVALID_ARGUMENT"),
+        (["demo", "--node", "127.0.0.1:1"], "INVALID_ARGUMENT"),  # no secret
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40],
 )
@@ -342,3 +345,24 @@ def test_stray_os_errors_and_single_exception_groups_become_one_status_line(monk
     assert cli_mod.main(["stats"]) == 1
     assert capsys.readouterr().err == f"fabric stats: error: {expected}\n"
 
+
+def test_demo_through_a_node_runs_its_agents_there_and_leaves_the_embedded_cassette_alone(cli, tmp_path):
+    from _nodes import SECRET, node
+
+    import fabric
+
+    args = ["--agents", "2", "--requests", "6", "--distinct", "5", "--seed", "3"]
+    with node(tmp_path) as (addr, _, _):
+        first = cli("demo", "--node", addr, "--secret-file", tmp_path / "secret", *args, timeout=300)
+        assert first.returncode == 0, first.stderr.decode()
+        out = " ".join(first.stdout.decode().split())  # rich wraps at the terminal width
+        assert f"through node {addr}" in out and "requests: 12" in out
+        with fabric.open(addr, secret=SECRET) as f:
+            st = f.stats()["node"]
+        held = st["records"]
+        assert 1 <= held <= 5  # the agents' requests were realized by the node, each distinct one once
+        assert f"evaluator runs on the node: {held} new records on the node: {held}" in out
+        again = cli("demo", "--node", addr, "--secret-file", tmp_path / "secret", *args, timeout=300)
+        assert again.returncode == 0, again.stderr.decode()
+        assert "evaluator runs on the node: 0 new records on the node: 0" in " ".join(again.stdout.decode().split())
+    assert not (tmp_path / "home").exists()  # the embedded default was never opened
