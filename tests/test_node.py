@@ -391,6 +391,21 @@ def test_node_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 0 and "--listen" in r.stdout
 
 
+def test_a_node_logs_each_connection_event_at_its_default_level(tmp_path):
+    with node(tmp_path) as (addr, proc, _):
+        with fabric.open(addr, secret=SECRET) as f:
+            f.realize(fabric.Request("text.stats", {"text": "secret payload words"}))
+        with fabric.open(addr, secret=SECRET) as f:  # a second connection, for a second pair of lines
+            f.stats()
+        deadline = time.monotonic() + 10
+        while proc.log_path.read_text().count("closed cleanly") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    log = proc.log_path.read_text()
+    assert log.count(" INFO authenticated 127.0.0.1:") == 2, log
+    assert log.count(" INFO connection from 127.0.0.1:") >= 2 and log.count("closed cleanly") >= 2, log
+    assert "payload" not in log and SECRET.decode() not in log
+
+
 def test_node_bind_failures_and_malformed_addresses_are_one_status_line(tmp_path):
     (tmp_path / "secret").write_bytes(SECRET)
     base = [FABRIC, "node", "--data", str(tmp_path / "d"), "--secret-file", str(tmp_path / "secret"), "--evaluators", EVALUATORS]
