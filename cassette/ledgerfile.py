@@ -22,6 +22,7 @@ upload); :func:`validate_entry` is the one check of an entry's body.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAGIC", "LEDGER_FILE_VERSION", "EXPORT_CHUNK", "TRAILER_SIZE", "write_ledger_file", "read_ledger_file",
     "iter_ledger_file", "iter_ledger_file_bytes", "LedgerFileBytes", "validate_entry", "validate_ledger_file",
-    "EntryReader", "entry_header", "REPLAY_BATCH", "REPLAY_BATCH_BYTES",
+    "EntryReader", "entry_header", "REPLAY_BATCH", "REPLAY_BATCH_BYTES", "check_write_target", "write_error",
 ]
 
 MAGIC = b"EVALFABRIC-LEDGER\n"
@@ -139,8 +140,13 @@ def iter_ledger_file_bytes(cas: "Cassette", *, chunk_size: int = EXPORT_CHUNK,
 
 
 def write_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
-    """Export ``cas`` to ``path`` (written to a temp name, fsync'd, then renamed); returns records written."""
+    """Export ``cas`` to ``path`` (written to a temp name, fsync'd, then renamed); returns records written.
+
+    A ``path`` that cannot be written (a directory, a missing or read-only directory, a
+    full disk) is FAILED_PRECONDITION naming it (:func:`write_error`); nothing is left behind.
+    """
     name = os.fspath(path)
+    check_write_target(name)
     tmp = f"{name}.tmp-{os.getpid()}"
     it = iter_ledger_file_bytes(cas, progress=progress)
     try:
@@ -148,17 +154,27 @@ def write_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Cal
             f = open(tmp, "wb")
         except OSError as exc:
             raise write_error(name, exc) from None
-        with f:
-            for chunk in it:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, name)
+        try:
+            with f:
+                for chunk in it:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name)
+        except OSError as exc:
+            raise write_error(name, exc) from None
     finally:
         it.close()
         if os.path.exists(tmp):
             os.unlink(tmp)
     return it.records
+
+
+def check_write_target(path: str) -> None:
+    """FAILED_PRECONDITION (:func:`write_error`) if ``path`` is a directory: checked before
+    any export work, since the final rename onto it would fail only at the end."""
+    if os.path.isdir(path):
+        raise write_error(path, IsADirectoryError(errno.EISDIR, "it is a directory"))
 
 
 def write_error(path: str, exc: OSError) -> FabricError:

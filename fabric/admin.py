@@ -56,6 +56,7 @@ from cassette.ledgerfile import (
     REPLAY_BATCH_BYTES,
     TRAILER_SIZE,
     EntryReader,
+    check_write_target,
     entry_header,
     iter_ledger_file,
     iter_ledger_file_bytes,
@@ -232,6 +233,7 @@ async def receive_export(client: "WireClient", path: str | os.PathLike, progress
     accept the whole file on one stream (its ``max_bytes_per_stream``).
     """
     name = os.fspath(path)
+    check_write_target(name)  # before the node streams the whole ledger
     tmp = f"{name}.tmp-{os.getpid()}"
     try:
         f = open(tmp, "wb")

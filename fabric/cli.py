@@ -40,13 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _OneLineParser(prog="fabric", description="evalfabric: realize each evaluation once for the whole fleet.")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_OneLineParser)
 
-    p = sub.add_parser("demo", help="agents realize overlapping requests on the embedded default; prints hits, misses, evaluator runs")
+    p = sub.add_parser("demo", help="agents realize overlapping requests on the embedded default, through --node, or on a "
+                                    "local fleet (--nodes N); prints hits, misses, evaluator runs")
     _common(p)
     p.add_argument("--agents", type=int, default=4, help="agent processes (default 4)")
     p.add_argument("--requests", type=int, default=24, help="requests per agent (default 24)")
     p.add_argument("--distinct", type=int, default=32, help="distinct requests in the shared pool (default 32)")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--nodes", type=int, default=0, help="run a local fleet of N nodes instead of the embedded default")
+    p.add_argument("--nodes", type=int, default=0, help="run a local fleet of N nodes instead of the embedded default (not with --node)")
 
     p = sub.add_parser("node", help="run one peer node until SIGTERM/SIGINT")
     _common(p)
@@ -193,6 +194,10 @@ def cmd_realize(args: argparse.Namespace) -> int:
 
 def cmd_put(args: argparse.Namespace) -> int:
     """``fabric put FILE``: store FILE as an artifact, print its key, size, digest and chunk count as JSON."""
+    if Path(args.file).is_dir():
+        raise FabricError(StatusCode.FAILED_PRECONDITION, f"{args.file} is a directory, not a file")
+    if Path(args.file).exists() and not Path(args.file).is_file():
+        raise FabricError(StatusCode.FAILED_PRECONDITION, f"{args.file} is not a regular file")
     if not Path(args.file).is_file():
         raise FabricError(StatusCode.NOT_FOUND, f"no such file {args.file}")
     with _open(args) as fab:
@@ -213,36 +218,32 @@ def cmd_get(args: argparse.Namespace) -> int:
     from fabric import artifacts
 
     key = ContentKey.parse(args.key)
-    if key.kind == "artifact":
-        sink = _Sink(args.output)  # before any transfer: a bad -o fails at once
-        try:
+    sink = _Sink(args.output)  # before any transfer: a bad -o fails at once
+    try:
+        if key.kind == "artifact":
             with _open(args) as fab:
                 _stream_to(sink, fab, key)
-            sink.commit()
-        finally:
-            sink.discard()
-        return 0
-    with _open(args) as fab:
-        value = fab.get(key) if _node_address(args) else artifacts.get(fab.cassette, key)
-    if key.kind == "request":
-        text = json.dumps(_jsonable(value)) + "\n"
-        data = text.encode()
-    elif isinstance(value, np.ndarray):
-        data = np.ascontiguousarray(value).tobytes()
-    else:
-        data = value
-    if args.output:
-        Path(args.output).write_bytes(data)
-    else:
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
+        else:
+            with _open(args) as fab:
+                value = fab.get(key) if _node_address(args) else artifacts.get(fab.cassette, key)
+            if key.kind == "request":
+                sink.write((json.dumps(_jsonable(value)) + "\n").encode())
+            elif isinstance(value, np.ndarray):
+                sink.write(np.ascontiguousarray(value).tobytes())
+            else:
+                sink.write(value)
+        sink.commit()
+    finally:
+        sink.discard()
     return 0
 
 
 class _Sink:
-    """Where ``fabric get`` writes an artifact: stdout, or ``FILE`` through a temporary file
-    beside it (``.FILE.<random>.part``) that replaces ``FILE`` only once every byte is in and
-    verified; :meth:`discard` removes it otherwise."""
+    """Where ``fabric get`` writes: stdout, or ``FILE`` through a temporary file beside it
+    (``.FILE.<random>.part``) that replaces ``FILE`` only once every byte is in and
+    verified; :meth:`discard` removes it otherwise.  A ``FILE`` that cannot be written (a
+    directory, or in a missing or read-only one) is FAILED_PRECONDITION naming it, raised
+    by the constructor, before anything is fetched; a write that fails later likewise."""
 
     def __init__(self, output: str | None) -> None:
         self.final: Path | None = None
@@ -253,6 +254,8 @@ class _Sink:
         import secrets
 
         self.final = Path(output)
+        if self.final.is_dir():
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {output}: it is a directory")
         self.tmp = self.final.with_name(f".{self.final.name}.{secrets.token_hex(4)}.part")
         try:
             self.f = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
@@ -261,15 +264,27 @@ class _Sink:
             raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {output}: {exc.strerror or exc}") from None
 
     def write(self, data: bytes) -> None:
-        self.f.write(data)
+        try:
+            self.f.write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise self._error(exc) from None
 
     def commit(self) -> None:
+        """Flush stdout, or move the finished temporary file onto ``FILE``."""
         if self.tmp is None:
             self.f.flush()
             return
-        self.f.close()
-        os.replace(self.tmp, self.final)
+        try:
+            self.f.close()
+            os.replace(self.tmp, self.final)
+        except OSError as exc:
+            raise self._error(exc) from None
         self.tmp = None
+
+    def _error(self, exc: OSError) -> FabricError:
+        return FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {self.final or 'stdout'}: {exc.strerror or exc}")
 
     def discard(self) -> None:
         """Remove the temporary file if :meth:`commit` did not happen (idempotent)."""
@@ -455,8 +470,41 @@ COMMANDS = {
 }
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups of one member each, such as a
+    trio nursery wraps a single failure in; ``exc`` itself otherwise."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def os_error_status(exc: OSError) -> FabricError:
+    """A stray ``OSError`` as one status line naming its path(s): ENOENT is NOT_FOUND,
+    EACCES / EPERM PERMISSION_DENIED, a lost or refused connection UNAVAILABLE,
+    anything else FAILED_PRECONDITION."""
+    import errno
+
+    if exc.errno == errno.ENOENT:
+        code = StatusCode.NOT_FOUND
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        code = StatusCode.PERMISSION_DENIED
+    elif isinstance(exc, (ConnectionError, TimeoutError)):
+        code = StatusCode.UNAVAILABLE
+    else:
+        code = StatusCode.FAILED_PRECONDITION
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return FabricError(code, f"{' -> '.join(paths)}: {reason}" if paths else reason)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fabric`` console script; returns the exit status."""
+    """Entry point of the ``fabric`` console script; returns the exit status.
+
+    Every failure ends as one stderr line ``fabric <cmd>: error: <what>``, exit 1: a
+    :class:`FabricError` as its status line; a stray ``OSError`` mapped to one by
+    :func:`os_error_status`; any other exception (an evaluator's own) as its type and
+    message.  A trio exception group holding a single exception reports that exception.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.cmd:
@@ -466,15 +514,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         allocator.keep_freed_memory()
     try:
         return COMMANDS[args.cmd](args)
-    except FabricError as exc:
-        print(f"fabric {args.cmd}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return EXIT_ERROR
-    except Exception as exc:  # noqa: BLE001 - an evaluator's own error: one line, not a traceback
-        text = " ".join(str(exc).split())
+    except BaseException as raised:  # noqa: BLE001 - every failure is one line, not a traceback
+        exc = _leaf(raised)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        if isinstance(exc, BrokenPipeError):
+            return EXIT_ERROR
+        if isinstance(exc, OSError):
+            exc = os_error_status(exc)
+        if isinstance(exc, FabricError):
+            print(f"fabric {args.cmd}: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        if not isinstance(exc, Exception):  # SystemExit, a group of several: not ours to flatten
+            raise
+        text = " ".join(str(exc).split())  # an evaluator's own error: its type and message
         print(f"fabric {args.cmd}: error: {type(exc).__name__}: {text}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -7,6 +7,12 @@ cassette directory shared by all agents).  The table shows, per agent, how
 many replies came from the cassette and how many it computed; the fleet
 total of evaluator runs equals the number of distinct requests that were not
 already recorded, whatever the overlap.
+
+``--node HOST:PORT`` (or ``$FABRIC_NODE``) runs the agents through that running
+node instead (it must have the example evaluators); ``--nodes N`` starts a
+local fleet of N nodes for them.  The integer flags are checked first:
+``--agents``, ``--requests`` and ``--distinct`` at least 1, ``--nodes`` at least
+0, and ``--node`` excludes ``--nodes``; INVALID_ARGUMENT otherwise.
 """
 
 from __future__ import annotations
@@ -75,7 +81,17 @@ def agent_main(argv: list[str]) -> int:
     ap.add_argument("--node", default=None)
     ap.add_argument("--secret-file", default=None)
     a = ap.parse_args(argv)
+    try:
+        return _agent(a)
+    except Exception as exc:  # noqa: BLE001 - one line per failed agent, not a traceback
+        from cassette.errors import FabricError
 
+        text = str(exc) if isinstance(exc, FabricError) else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        print(f"fabric demo: agent {a.agent}: error: {text}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _agent(a: argparse.Namespace) -> int:
     import fabric
     from fabric import api
     from fabric.registry import load_evaluators
@@ -84,8 +100,8 @@ def agent_main(argv: list[str]) -> int:
     pool = request_pool(a.distinct, a.seed)
     rng = random.Random(a.seed * 1000 + a.agent)
     picks = [pool[rng.randrange(len(pool))] for _ in range(a.requests)]
-    if a.node:
-        fab = api.open(a.node, secret=api.read_secret_file(a.secret_file))
+    if a.node:  # the secret: --secret-file, else FABRIC_SECRET / FABRIC_SECRET_FILE
+        fab = api.open(a.node, secret=api.read_secret_file(a.secret_file) if a.secret_file else None)
     else:
         fab = fabric.open(a.data)
     counts = {"local": 0, "peer": 0, "computed": 0}
@@ -107,8 +123,19 @@ def main(args: argparse.Namespace) -> int:
     from cassette.errors import FabricError, StatusCode
     from fabric import api
 
-    if args.agents < 1 or args.requests < 1 or args.distinct < 1:
-        raise FabricError(StatusCode.INVALID_ARGUMENT, "--agents, --requests and --distinct must be positive")
+    from fabric.cli import _node_address
+
+    for flag, value, least in (("--agents", args.agents, 1), ("--requests", args.requests, 1),
+                               ("--distinct", args.distinct, 1), ("--nodes", args.nodes, 0)):
+        if value < least:  # checked before anything is started (a negative --nodes divided by zero)
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"{flag} must be at least {least}, got {value}")
+    node = _node_address(args)
+    if node and args.nodes:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, "--node (or $FABRIC_NODE) and --nodes exclude each other")
+    if node:
+        if not api.is_address(node):
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"--node must be HOST:PORT, got {node!r}")
+        return node_main(args, node)
     data = Path(args.data) if args.data else api.default_home()
     if args.nodes:
         return fleet_main(args, data)
@@ -143,6 +170,69 @@ def main(args: argparse.Namespace) -> int:
         console.print("[red]evaluator runs differ from new ledger records: compute-once was violated[/]")
         return 1
     return 1 if failed else 0
+
+
+def node_main(args: argparse.Namespace, node: str) -> int:
+    """``fabric demo --node HOST:PORT``: the agents realize through that running node.
+
+    The summary counts evaluator runs on the node from its ``fabric_evaluator_runs``
+    metric and new records from its stats; a run that left no new record there
+    means compute-once was violated (exit 1), as does a failed agent.
+    """
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from cassette.errors import FabricError, StatusCode
+    from fabric import api
+
+    if not args.secret_file and not api._secret_from_env():
+        raise FabricError(StatusCode.INVALID_ARGUMENT, "--node needs --secret-file F (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
+    secret = api.read_secret_file(args.secret_file) if args.secret_file else None
+    spec = _examples_spec()
+    console = Console()
+    with api.open(node, secret=secret) as fab:  # an unreachable node or a wrong secret fails here, once
+        before = _node_counts(fab.stats())
+        node_id = fab.node_id
+    console.print(f"[bold]evalfabric demo[/]: {args.agents} agents × {args.requests} requests over {args.distinct} distinct, "
+                  f"through node {node} (id {node_id})")
+    with tempfile.TemporaryDirectory(prefix="fabric-demo-") as unused:  # agents take --data; through a node they never open it
+        procs = []
+        for i in range(args.agents):
+            cmd = [sys.executable, "-m", "fabric.demo", "--data", unused, "--agent", str(i), "--requests", str(args.requests),
+                   "--distinct", str(args.distinct), "--seed", str(args.seed), "--evaluators", spec, "--node", node]
+            if args.secret_file:
+                cmd += ["--secret-file", str(args.secret_file)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+        rows, failed = _collect(procs)
+    with api.open(node, secret=secret) as fab:
+        after = _node_counts(fab.stats())
+    table = Table(title="per-agent results")
+    for col in ("agent", "pid", "requests", "local", "peer", "computed", "seconds"):
+        table.add_column(col, justify="right")
+    for r in sorted(rows, key=lambda r: r["agent"]):
+        table.add_row(str(r["agent"]), str(r["pid"]), str(r["local"] + r["peer"] + r["computed"]), str(r["local"]),
+                      str(r["peer"]), str(r["computed"]), f"{r['elapsed_s']:.2f}")
+    console.print(table)
+    total = sum(r["local"] + r["peer"] + r["computed"] for r in rows)
+    runs, new = after[0] - before[0], after[1] - before[1]
+    console.print(f"requests: {total}   evaluator runs on the node: {runs:g}   new records on the node: {new}   "
+                  f"hit rate: {(total - sum(r['computed'] for r in rows)) / max(total, 1):.0%}   "
+                  f"(distinct requests in pool: {args.distinct})")
+    if failed:
+        console.print(f"[red]{failed} agent(s) failed; see their errors above[/]")
+    if runs > new:
+        console.print("[red]more evaluator runs than new records on the node: compute-once was violated[/]")
+        return 1
+    return 1 if failed else 0
+
+
+def _node_counts(stats: dict) -> tuple[float, int]:
+    """(evaluator runs, records) of a node's stats answer."""
+    node = stats["node"]
+    runs = sum(v for k, v in node.get("metrics", {}).items() if k.startswith("fabric_evaluator_runs_total"))
+    return runs, node["records"]
 
 
 def _start_fleet(n: int, root: Path, secret_file: Path, spec: str, env: dict) -> list[tuple[str, subprocess.Popen]]:

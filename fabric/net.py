@@ -437,7 +437,7 @@ class _ServerConnection:
         if self.refused:
             return  # logged when refused
         if reason is None:
-            log.debug("connection from %s closed cleanly", self.peer)
+            log.info("connection from %s closed cleanly", self.peer)
         elif reason.status_code == StatusCode.DEADLINE_EXCEEDED and self.link.conn.peer_node_id is not None:
             log.info("closing idle connection from %s: %s", self.peer, reason)
         elif reason.status_code == StatusCode.UNAVAILABLE:
@@ -489,7 +489,7 @@ class _ServerConnection:
                 return
             srv.authenticated += 1
             self.counted = True
-            log.debug("authenticated %s node=%s", self.peer, ev.peer_node_id)
+            log.info("authenticated %s node=%s", self.peer, ev.peer_node_id)
             link.queue(Metadata(0, {"welcome": srv.welcome}))
         elif isinstance(ev, Request):
             if ev.end_stream and self.server.fast is not None and self._answer_now(ev):

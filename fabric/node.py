@@ -7,6 +7,9 @@
 in-flight computations finish and their records commit (bounded by
 ``--drain-s``), close LMDB, exit 0.
 
+Bad flags fail before anything is opened (:func:`check_args`); a port that
+cannot be bound fails as one status line (:func:`bind_error`).
+
 Logs (stderr, logger names ``fabric.*``) carry one line per connection event
 and name keys, never payloads or secrets.
 """
@@ -24,7 +27,7 @@ import trio
 from cassette.errors import FabricError, StatusCode
 from fabric.wire import StreamFrameLimits
 
-__all__ = ["main", "run_node"]
+__all__ = ["main", "run_node", "check_args", "bind_error"]
 
 log = logging.getLogger("fabric.node")
 DRAIN_S = 30.0
@@ -34,7 +37,6 @@ async def run_node(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     from fabric import api, metrics
     from fabric.local import Fabric
-    from fabric.net import serve
     from fabric.registry import load_evaluators, registered
     from fabric.remote import RemoteFabric, parse_address
     from fabric.serve import NodeService
@@ -54,19 +56,24 @@ async def run_node(args: argparse.Namespace) -> int:
     fab = Fabric(data, durability=args.durability, node_id=args.node_id)
     relay = RemoteFabric(args.relay, secret) if args.relay else None
     service = NodeService(fab, relay=relay)
-    if args.metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port, addr=host)
     from fabric.fleet import ContentAddressedFabric, Fleet
     from fabric.placement import node_capabilities
 
     caps = node_capabilities(registered(), compute=not args.relay)  # a relay forwards misses, never computes
+    metrics_server = None
     try:
+        if args.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            try:
+                metrics_server, _ = start_http_server(args.metrics_port, addr=host)
+            except OSError as exc:
+                raise bind_error("serve metrics", host, args.metrics_port, exc) from None
+            log.info("metrics on http://%s:%d/metrics", host, metrics_server.server_address[1])
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 listening = await nursery.start(
-                    lambda task_status: serve(
+                    lambda task_status: _serve_or_bind_error(
                         host, port, secret, service.handle, limits, node_id=fab.node_id, fast=service.handle_now,
                         stats=lambda: _node_stats(fab, service), welcome={"node": fab.node_id, "capabilities": caps},
                         accept=forms[1:], task_status=task_status,
@@ -93,6 +100,9 @@ async def run_node(args: argparse.Namespace) -> int:
         if service.active_computations:
             log.warning("node %s: %d computations still running after %.0f s; closing anyway", fab.node_id, service.active_computations, args.drain_s)
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         if relay is not None:
             relay.close()
         fab.close()
@@ -101,7 +111,70 @@ async def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve_or_bind_error(host: str, port: int, *args, task_status=trio.TASK_STATUS_IGNORED, **kwargs) -> None:
+    """:func:`fabric.net.serve`, with a failure to listen (before it reports started) raised
+    as :func:`bind_error`'s one status line instead of a bare ``OSError``."""
+    from fabric.net import serve
+
+    started = False
+
+    class _Status:
+        def started(self, value=None) -> None:
+            nonlocal started
+            started = True
+            task_status.started(value)
+
+    try:
+        await serve(host, port, *args, task_status=_Status(), **kwargs)
+    except OSError as exc:
+        if started:
+            raise
+        raise bind_error("listen", host, port, exc) from None
+
+
+def bind_error(what: str, host: str, port: int, exc: OSError) -> FabricError:
+    """``FabricError("cannot {what} on HOST:PORT: reason")`` for a socket that could not be
+    bound: UNAVAILABLE when the port is in use (it may be freed), PERMISSION_DENIED for a
+    privileged port, FAILED_PRECONDITION otherwise (an address that is not this machine's,
+    a host name that does not resolve)."""
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        code = StatusCode.UNAVAILABLE
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        code = StatusCode.PERMISSION_DENIED
+    else:
+        code = StatusCode.FAILED_PRECONDITION
+    return FabricError(code, f"cannot {what} on {host}:{port}: {exc.strerror or exc}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """INVALID_ARGUMENT, before anything is opened, for a malformed ``--listen``, ``--relay``
+    or ``--join`` address (each HOST:PORT, port 1-65535; 0 allowed for ``--listen``) or a
+    ``--metrics-port`` outside 0-65535.  Only the form is checked: a ``--join`` peer that is
+    not up yet is fine, it is dialled again every gossip round."""
+    from fabric.remote import parse_address
+
+    relay = getattr(args, "relay", None)
+    named = [("--listen", args.listen, True)] + ([("--relay", relay, False)] if relay else [])
+    named += [("--join", seed, False) for seed in getattr(args, "join", None) or ()]
+    for flag, address, listen in named:
+        try:
+            parse_address(address, listen=listen)
+        except FabricError:
+            port = "0-65535" if listen else "1-65535"
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"{flag} must be HOST:PORT (port {port}), got {address!r}") from None
+    mport = getattr(args, "metrics_port", None)
+    if mport is not None and not 0 <= mport < 65536:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"--metrics-port must be 0-65535, got {mport}")
+
+
 def _node_stats(fab, service) -> dict:
+    """The ``node`` part of a stats answer: cassette counts, gossip counters and, under
+    ``metrics``, every ``fabric_*`` sample of this process (:func:`fabric.metrics.snapshot`,
+    as the embedded ``stats()`` has them)."""
+    from fabric import metrics
+
     st = fab.cassette.stats()
     extra = service.fleet.stats() if service.fleet is not None else {}
     return extra | {
@@ -112,6 +185,7 @@ def _node_stats(fab, service) -> dict:
         "ledger_bytes": st["ledger_bytes"],
         "local_hits": fab.local_hits,
         "active_computations": service.active_computations,
+        "metrics": metrics.snapshot(),
     }
 
 
@@ -124,4 +198,5 @@ def main(args: argparse.Namespace) -> int:
         args.gossip_interval = 0.5
     if not hasattr(args, "idle_timeout"):
         args.idle_timeout = StreamFrameLimits.idle_timeout_s
+    check_args(args)
     return trio.run(run_node, args)

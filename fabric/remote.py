@@ -513,7 +513,7 @@ class RemoteFabric:
         return self._portal(self.aholders, key)
 
     async def astats(self) -> dict:
-        """The node's stats answer."""
+        """The node's stats answer: ``{"node": {counts, gossip counters, "metrics": {fabric_* sample: value}}, "wire": {...}, "server": {...}}``."""
 
         async def go(client: WireClient):
             return await client.stats()

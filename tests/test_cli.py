@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from cassette.store import Cassette
 from conftest import ROOT, child_env, flip_in_file
@@ -185,6 +186,12 @@ def test_every_command_has_help(cli, cmd):
         (["put", "/no/such/file.bin"], "NOT_FOUND"),
         (["replay", "/no/such/file.ledger"], "NOT_FOUND"),
         (["realize", "text.stats", "{}", "--node", "not an address"], "INVALID_ARGUMENT"),
+        (["demo", "--nodes", "-1", "--agents", "1", "--requests", "1"], "INVALID_ARGUMENT"),
+        (["demo", "--agents", "0"], "INVALID_ARGUMENT"),
+        (["demo", "--distinct", "-3"], "INVALID_ARGUMENT"),
+        (["demo", "--node", "garbage", "--secret-file", "/dev/null"], "INVALID_ARGUMENT"),
+        (["demo", "--node", "127.0.0.1:1", "--nodes", "2"], "INVALID_ARGUMENT"),
+        (["demo", "--node", "127.0.0.1:1"], "INVALID_ARGUMENT"),  # no secret
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40],
 )
@@ -288,3 +295,74 @@ def test_get_to_a_file_in_a_missing_directory_names_the_file_before_any_transfer
     target = tmp_path / "missing" / "out.bin"
     line = _one_error_line(cli("get", key, "-o", target, "--data", data), "FAILED_PRECONDITION")
     assert f"cannot write {target}" in line and ".part" not in line
+
+
+def test_output_and_input_paths_that_are_directories_or_missing_are_one_status_line(cli, tmp_path):
+    data, folder = tmp_path / "d", tmp_path / "folder"
+    folder.mkdir()
+    (tmp_path / "in.bin").write_bytes(b"bytes")
+    art = json.loads(cli("put", tmp_path / "in.bin", "--data", data).stdout)["key"]
+    rep = cli("realize", "text.stats", '{"text": "a b"}', "--evaluators", EVALUATORS, "--data", data)
+    req = json.loads(rep.stdout)["key"]
+    for key in (req, art):
+        line = _one_error_line(cli("get", key, "-o", tmp_path / "no" / "dir" / "x", "--data", data), "FAILED_PRECONDITION")
+        assert line.startswith("fabric get: error: FAILED_PRECONDITION: cannot write ") and str(tmp_path / "no") in line
+        line = _one_error_line(cli("get", key, "-o", folder, "--data", data), "FAILED_PRECONDITION")
+        assert f"cannot write {folder}: it is a directory" in line
+    line = _one_error_line(cli("export", folder, "--data", data), "FAILED_PRECONDITION")
+    assert line.startswith("fabric export: error: FAILED_PRECONDITION: ") and f"{folder}: it is a directory" in line
+    line = _one_error_line(cli("put", folder, "--data", data), "FAILED_PRECONDITION")
+    assert f"{folder} is a directory" in line
+    assert list(folder.iterdir()) == []  # nothing written into, or beside, the directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "folder", "in.bin"]
+    ok = cli("get", req, "-o", tmp_path / "out.json", "--data", data)  # a reply to a file still works
+    assert ok.returncode == 0 and json.loads((tmp_path / "out.json").read_text())["words"] == 2
+
+
+@pytest.mark.parametrize(
+    "raised,expected",
+    [
+        (FileNotFoundError(2, "No such file or directory", "/x/y"), "NOT_FOUND: /x/y: No such file or directory"),
+        (PermissionError(13, "Permission denied", "/x/y"), "PERMISSION_DENIED: /x/y: Permission denied"),
+        (PermissionError(1, "Operation not permitted", "/a", None, "/b"), "PERMISSION_DENIED: /a -> /b: Operation not permitted"),
+        (IsADirectoryError(21, "Is a directory", "/x"), "FAILED_PRECONDITION: /x: Is a directory"),
+        (ConnectionRefusedError(111, "Connection refused"), "UNAVAILABLE: Connection refused"),
+        (ExceptionGroup("Exceptions from Trio nursery", [ExceptionGroup("inner", [OSError(98, "Address already in use", "p")])]),
+         "FAILED_PRECONDITION: p: Address already in use"),
+        (ExceptionGroup("Exceptions from Trio nursery", [FabricError(StatusCode.UNAVAILABLE, "cannot listen")]),
+         "UNAVAILABLE: cannot listen"),
+        (ExceptionGroup("g", [ValueError("kaput")]), "ValueError: kaput"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else type(v).__name__,
+)
+def test_stray_os_errors_and_single_exception_groups_become_one_status_line(monkeypatch, capsys, raised, expected):
+    from fabric import cli as cli_mod
+
+    def command(args):
+        raise raised
+
+    monkeypatch.setitem(cli_mod.COMMANDS, "stats", command)
+    assert cli_mod.main(["stats"]) == 1
+    assert capsys.readouterr().err == f"fabric stats: error: {expected}\n"
+
+
+def test_demo_through_a_node_runs_its_agents_there_and_leaves_the_embedded_cassette_alone(cli, tmp_path):
+    from _nodes import SECRET, node
+
+    import fabric
+
+    args = ["--agents", "2", "--requests", "6", "--distinct", "5", "--seed", "3"]
+    with node(tmp_path) as (addr, _, _):
+        first = cli("demo", "--node", addr, "--secret-file", tmp_path / "secret", *args, timeout=300)
+        assert first.returncode == 0, first.stderr.decode()
+        out = " ".join(first.stdout.decode().split())  # rich wraps at the terminal width
+        assert f"through node {addr}" in out and "requests: 12" in out
+        with fabric.open(addr, secret=SECRET) as f:
+            st = f.stats()["node"]
+        held = st["records"]
+        assert 1 <= held <= 5  # the agents' requests were realized by the node, each distinct one once
+        assert f"evaluator runs on the node: {held} new records on the node: {held}" in out
+        again = cli("demo", "--node", addr, "--secret-file", tmp_path / "secret", *args, timeout=300)
+        assert again.returncode == 0, again.stderr.decode()
+        assert "evaluator runs on the node: 0 new records on the node: 0" in " ".join(again.stdout.decode().split())
+    assert not (tmp_path / "home").exists()  # the embedded default was never opened

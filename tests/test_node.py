@@ -443,6 +443,49 @@ def test_node_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 0 and "--listen" in r.stdout
 
 
+def test_a_node_logs_each_connection_event_at_its_default_level(tmp_path):
+    with node(tmp_path) as (addr, proc, _):
+        with fabric.open(addr, secret=SECRET) as f:
+            f.realize(fabric.Request("text.stats", {"text": "secret payload words"}))
+        with fabric.open(addr, secret=SECRET) as f:  # a second connection, for a second pair of lines
+            f.stats()
+        deadline = time.monotonic() + 10
+        while proc.log_path.read_text().count("closed cleanly") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    log = proc.log_path.read_text()
+    assert log.count(" INFO authenticated 127.0.0.1:") == 2, log
+    assert log.count(" INFO connection from 127.0.0.1:") >= 2 and log.count("closed cleanly") >= 2, log
+    assert "payload" not in log and SECRET.decode() not in log
+
+
+def test_node_bind_failures_and_malformed_addresses_are_one_status_line(tmp_path):
+    (tmp_path / "secret").write_bytes(SECRET)
+    base = [FABRIC, "node", "--data", str(tmp_path / "d"), "--secret-file", str(tmp_path / "secret"), "--evaluators", EVALUATORS]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [
+            (["--listen", f"127.0.0.1:{port}"], f"UNAVAILABLE: cannot listen on 127.0.0.1:{port}: Address already in use"),
+            (["--metrics-port", str(port)], f"UNAVAILABLE: cannot serve metrics on 127.0.0.1:{port}: Address already in use"),
+            (["--listen", "192.0.2.1:0"], "FAILED_PRECONDITION: cannot listen on 192.0.2.1:0: "),  # TEST-NET-1: not ours
+            (["--metrics-port", "-5"], "INVALID_ARGUMENT: --metrics-port must be 0-65535, got -5"),
+            (["--metrics-port", "65536"], "INVALID_ARGUMENT: --metrics-port must be 0-65535, got 65536"),
+            (["--join", "garbage"], "INVALID_ARGUMENT: --join must be HOST:PORT (port 1-65535), got 'garbage'"),
+            (["--join", "127.0.0.1:7001", "--join", "h:0"], "INVALID_ARGUMENT: --join must be HOST:PORT (port 1-65535), got 'h:0'"),
+            (["--relay", "garbage"], "INVALID_ARGUMENT: --relay must be HOST:PORT (port 1-65535), got 'garbage'"),
+        ]
+        for extra, want in cases:
+            r = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1, (extra, r.stderr)
+            assert r.stderr.startswith(f"fabric node: error: {want}") and r.stderr.count("\n") == 1, (extra, r.stderr)
+            assert r.stdout == "", extra
+    # a well-formed --join whose peer is not up (yet) is fine: it is dialled every round
+    with node(tmp_path, "joiner", "--join", "127.0.0.1:1") as (addr, _, _):
+        with fabric.open(addr, secret=SECRET) as f:
+            assert f.realize(fabric.Request("text.stats", {"text": "a b"})).source == "computed"
+
+
 #: Runs the ``fabric`` CLI in a fresh interpreter and reports its peak RSS (VmHWM, KiB) on stderr.
 #: VmHWM belongs to the process's own memory map, which exec starts anew, so unlike a child's
 #: ``ru_maxrss`` it does not include the test process's memory at fork.
@@ -539,6 +582,13 @@ def test_cli_get_and_stats_through_a_node(tmp_path):
         assert r.returncode == 0, r.stderr
         st = json.loads(r.stdout)
         assert st["blobs"] == 3 and st["records"] == 1 and st["members"] == 1
+        # the node's own fabric_* metrics, as the embedded stats have them
+        assert st["metrics"][f'fabric_ledger_records{{node="{st["node_id"]}"}}'] == 1
+        assert st["metrics"]["fabric_corrupt_reads_total"] == 0 and "fabric_gossip_rounds_total" in st["metrics"]
+        r = subprocess.run([FABRIC, "stats", "--node", addr, "--secret-file", str(tmp_path / "secret")],
+                           capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="200"))
+        assert r.returncode == 0, r.stderr
+        assert "fabric_ledger_records" in r.stdout and "fabric_cache_misses_total" in r.stdout
         r = subprocess.run([FABRIC, "get", "artifact:" + "0" * 64, "--node", addr, "--secret-file", str(tmp_path / "secret")],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and "NOT_FOUND" in r.stderr and len(r.stderr.strip().splitlines()) == 1
