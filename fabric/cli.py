@@ -133,6 +133,8 @@ def _open(args: argparse.Namespace):
         secret = api.read_secret_file(args.secret_file) if getattr(args, "secret_file", None) else api._secret_from_env()
         if not api.is_address(node):
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"--node must be HOST:PORT, got {node!r}")
+        if secret is None:
+            raise FabricError(StatusCode.UNAUTHENTICATED, f"talking to node {node} needs --secret-file F (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
         return api.open(node, secret=secret)
     return api.open(Path(args.data) if args.data else api.default_home())
 

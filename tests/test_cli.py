@@ -192,6 +192,7 @@ def test_every_command_has_help(cli, cmd):
         (["demo", "--node", "garbage", "--secret-file", "/dev/null"], "INVALID_ARGUMENT"),
         (["demo", "--node", "127.0.0.1:1", "--nodes", "2"], "INVALID_ARGUMENT"),
         (["demo", "--node", "127.0.0.1:1"], "INVALID_ARGUMENT"),  # no secret
+        (["stats", "--node", "127.0.0.1:1"], "UNAUTHENTICATED"),  # no secret: says to give --secret-file
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40],
 )
@@ -201,6 +202,8 @@ def test_bad_input_is_one_line_with_the_status(cli, tmp_path, args, status):
     line = _one_error_line(p, status)
     assert line.startswith(f"fabric {args[0]}: error: {status}: ")
     assert p.stdout == b""
+    if status == "UNAUTHENTICATED":
+        assert "--secret-file" in line
 
 
 def test_data_dir_that_is_not_a_cassette(cli, tmp_path):
