@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
@@ -92,15 +92,19 @@ def check_node_id(node_id: object, where: str = "node_id") -> str:
 class HeldContent:
     """One holder fact: ``node_id`` holds ``key`` whose reply digest is ``digest``.
 
-    ``seq`` (1..MAX_SEQ) is the fact's position in ``node_id``'s ledger.  Fields
-    are validated on construction: a bad one raises ``FabricError(INVALID_ARGUMENT)``
-    naming it.  Facts compare and hash by all four fields.
+    ``seq`` (1..MAX_SEQ) is the fact's position in ``node_id``'s ledger; a fact
+    made without one (``HeldContent(node_id, key, digest)``) gets the next seq of
+    ``node_id`` when an index merges it, unless that index already has ``node_id``
+    holding ``key`` with ``digest`` (then it is not new).  Wire forms
+    (:func:`facts_to_runs`) need a seq.  Fields are validated on construction: a
+    bad one raises ``FabricError(INVALID_ARGUMENT)`` naming it.  Facts compare and
+    hash by all four fields.
     """
 
     node_id: str
     key: ContentKey
     digest: bytes
-    seq: int
+    seq: int | None = None
 
     def __post_init__(self) -> None:
         check_node_id(self.node_id)
@@ -120,7 +124,7 @@ class HeldContent:
         if len(d) != DIGEST_SIZE:
             raise _bad(f"digest: expected {DIGEST_SIZE} bytes, got {len(d)}")
         s = self.seq
-        if type(s) is not int or not 1 <= s <= MAX_SEQ:
+        if s is not None and (type(s) is not int or not 1 <= s <= MAX_SEQ):
             raise _bad(f"seq: expected int in 1..{MAX_SEQ}, got {s!r:.40}")
 
     @property
@@ -156,6 +160,12 @@ class FactRun(NamedTuple):
         return len(self.records) // RECORD_SIZE
 
 
+def _key_bytes(key: Any) -> bytes:
+    """A key as the index stores it: a ContentKey's bytes; text (``kind:hex``) is parsed
+    (INVALID_ARGUMENT if it is not a key)."""
+    return bytes(ContentKey.parse(key)) if isinstance(key, str) else bytes(key)
+
+
 def facts_to_runs(facts: Iterable[HeldContent]) -> list[FactRun]:
     """Pack facts into runs (grouped by origin, then maximal consecutive-seq runs).
 
@@ -165,6 +175,8 @@ def facts_to_runs(facts: Iterable[HeldContent]) -> list[FactRun]:
     """
     by_origin: dict[str, dict[tuple[int, bytes], None]] = {}
     for f in facts:
+        if f.seq is None:
+            raise _bad(f"facts_to_runs: a fact of {f.node_id!r} has no seq (merge it into an index first)")
         by_origin.setdefault(f.node_id, {})[(f.seq, bytes(f.key) + f.digest)] = None
     runs: list[FactRun] = []
     for origin in sorted(by_origin, key=lambda o: o.encode("utf-8")):
@@ -276,13 +288,16 @@ class HoldingIndex:
         return self._count
 
     def __contains__(self, fact: object) -> bool:
-        """Whether exactly this fact (all four fields) is in the index."""
+        """Whether exactly this fact (all four fields; for a fact without a seq, its
+        node holding its key with its digest at any seq) is in the index."""
         if not isinstance(fact, HeldContent):
             return False
         o = self._origins.get(fact.node_id)
         if o is None:
             return False
         rec = bytes(fact.key) + fact.digest
+        if fact.seq is None:
+            return self._held_seq(o, rec) is not None
         if o.record_at(fact.seq) == rec:
             return True
         return rec in self._alts.get((o.idx, fact.seq), ())
@@ -305,7 +320,7 @@ class HoldingIndex:
 
     def knows(self, key: bytes) -> bool:
         """Whether at least one holder fact about ``key`` is known."""
-        return bytes(key) in self._by_key
+        return _key_bytes(key) in self._by_key
 
     def origins(self) -> list[str]:
         """Origins with at least one fact, in first-seen order."""
@@ -371,9 +386,27 @@ class HoldingIndex:
         for f in facts:
             if not isinstance(f, HeldContent):
                 raise _bad(f"holding.merge: expected HeldContent, got {type(f).__name__}")
+            if f.seq is None:  # sequence it as the next fact of its origin, unless already held
+                o = self._origins.get(f.node_id)
+                rec = bytes(f.key) + f.digest
+                if o is not None and self._held_seq(o, rec) is not None:
+                    continue
+                last = 0 if o is None else max(o.hw, max(o.extras, default=0))
+                f = _fact(f.node_id, last + 1, rec)
             if self._insert(self._origin(f.node_id), f.seq, bytes(f.key) + f.digest):
                 new.append(f)
         return new
+
+    def _held_seq(self, o: "_Origin", rec: bytes) -> int | None:
+        """The seq at which origin ``o`` holds ``rec`` (key + digest), or None."""
+        refs = self._by_key.get(rec[:KEY_SIZE])
+        if refs is None:
+            return None
+        for ref in refs if type(refs) is list else (refs,):
+            oidx, rseq, r = self._resolve(ref)
+            if oidx == o.idx and r == rec:
+                return rseq
+        return None
 
     def merge_runs(self, runs: Iterable[FactRun]) -> list[HeldContent]:
         """Union packed runs (wire form) into the index; return the new facts.
@@ -430,8 +463,9 @@ class HoldingIndex:
 
     # -- queries -----------------------------------------------------------------
     def holders(self, key: bytes) -> list[tuple[str, bytes]]:
-        """Distinct ``(node_id, digest)`` pairs claimed for ``key``, sorted; [] if none."""
-        refs = self._by_key.get(bytes(key))
+        """Distinct ``(node_id, digest)`` pairs claimed for ``key`` (a ContentKey, its
+        33 bytes or its text form), sorted; [] if none."""
+        refs = self._by_key.get(_key_bytes(key))
         if refs is None:
             return []
         if type(refs) is not list:
@@ -445,7 +479,7 @@ class HoldingIndex:
 
     def facts_of(self, key: bytes) -> list[HeldContent]:
         """Every fact about ``key``, sorted by (node_id, seq, digest)."""
-        refs = self._by_key.get(bytes(key))
+        refs = self._by_key.get(_key_bytes(key))
         if refs is None:
             return []
         out = []
@@ -461,7 +495,7 @@ class HoldingIndex:
 
     def conflicts(self, key: bytes) -> list[HeldContent]:
         """All facts about ``key`` if they disagree on the digest, else []."""
-        if bytes(key) not in self._conflicts:
+        if _key_bytes(key) not in self._conflicts:
             return []
         return self.facts_of(key)
 

@@ -379,3 +379,38 @@ def _run(origin: str, start: int, count: int) -> FactRun:
         for s in range(start, start + count)
     )
     return FactRun(origin, start, recs)
+
+
+# ------------------------------------------------------------ facts made without a seq
+def test_a_fact_made_as_design_names_it_merges_as_its_nodes_next_fact():
+    """``HeldContent(node_id, key, digest)``: merged, it takes the node's next seq; again, nothing new."""
+    idx = HoldingIndex()
+    f = HeldContent("a", KEYS[0], DIGESTS[0])
+    assert f.seq is None and f not in idx
+    (got,) = idx.merge([f])
+    assert (got.node_id, got.key, got.digest, got.seq) == ("a", KEYS[0], DIGESTS[0], 1)
+    assert f in idx and got in idx
+    assert idx.merge([HeldContent("a", KEYS[0], DIGESTS[0])]) == []  # already held: not new
+    assert idx.merge([HeldContent("a", KEYS[1], DIGESTS[1])])[0].seq == 2
+    assert idx.holders(KEYS[0]) == [("a", DIGESTS[0])]
+    assert idx.holders(str(KEYS[1])) == [("a", DIGESTS[1])]  # the text form of a key works too
+    with pytest.raises(FabricError) as ei:
+        idx.holders("request:not-hex")
+    assert ei.value.status_code is StatusCode.INVALID_ARGUMENT
+    with pytest.raises(FabricError):
+        facts_to_runs([f])  # the wire form needs a seq
+
+
+@settings(max_examples=60)
+@given(st.lists(st.tuples(st.sampled_from(NODES), st.integers(0, 7), st.integers(0, 3)), max_size=12), st.randoms())
+def test_who_holds_what_does_not_depend_on_the_order_seqless_facts_are_merged_in(triples, rnd):
+    facts = [HeldContent(n, KEYS[k], DIGESTS[d]) for n, k, d in triples]
+    a, b = HoldingIndex(), HoldingIndex()
+    a.merge(facts)
+    shuffled = list(facts)
+    rnd.shuffle(shuffled)
+    for f in shuffled:
+        b.merge([f])
+        b.merge([f])  # idempotent
+    assert all(a.holders(k) == b.holders(k) for k in KEYS)
+    assert len(a) == len(b) == len({(n, k, d) for n, k, d in triples})

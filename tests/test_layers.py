@@ -43,3 +43,17 @@ def test_imports_point_downward(layer):
                 assert top in ALLOWED[layer], f"{f.relative_to(ROOT)} imports {mod}: {layer} may import only {sorted(ALLOWED[layer])}"
             for bad in FORBIDDEN_MODULES.get(layer, ()):
                 assert mod != bad and not mod.startswith(bad + "."), f"{f.relative_to(ROOT)} imports {mod}"
+
+
+def test_importing_gossip_loads_no_lmdb_and_no_ledger():
+    """gossip/ needs keys and the codec only: importing it (in a fresh interpreter) must not
+    load LMDB or the cassette's ledger modules through ``cassette/__init__``."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gossip, gossip.holding, gossip.membership, gossip.sim, gossip.runner; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lmdb', 'socket', 'cassette')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    loaded = eval(out.stdout)
+    assert not [m for m in loaded if m.startswith("lmdb") or m in ("cassette.store", "cassette.record", "cassette.ledgerfile")], loaded
