@@ -12,11 +12,14 @@ holdings come back), and every record it makes afterwards is announced.
    first: the record is fetched with ``fetch`` (ContentServeFabric), verified
    against the digest the holder announced, recorded here, announced;
 3. the key's *home site*, the first member in the rendezvous order of the key
-   over members advertising the evaluator (``eval:NAME@VERSION``) that can be
-   reached: if that is this node it computes (single-flight), else the request
-   is forwarded to the home (marked ``home``, so the home never forwards again)
-   and the verified reply recorded.  A member that refuses the connection is
-   skipped for the next in order, so a dead node is never used as home;
+   over live members (ALIVE or SUSPECT here) advertising the evaluator
+   (``eval:NAME@VERSION``) that can be reached: if that is this node it
+   computes (single-flight), else the request is forwarded to the home (marked
+   ``home``, so the home never forwards again) and the verified reply recorded.
+   A member this node's failure detector holds DEAD is no candidate; one that
+   refuses the connection is skipped for the next in order, and a forward (or
+   a holder fetch) still waiting when its peer turns DEAD is cancelled and the
+   next in order tried (:meth:`Fleet.while_live`);
 4. record locally and announce, so this node becomes a holder.
 
 An artifact a member lacks (:meth:`ContentAddressedFabric.obtain`) comes in
@@ -71,6 +74,8 @@ FETCH_PER_HOLDER = 4
 FETCH_BATCH = 4
 #: Seconds one chunk may take from one holder before that holder counts as failed for this fetch.
 CHUNK_DEADLINE_S = 15.0
+#: How often a call waiting on a peer checks whether the failure detector now holds that peer DEAD.
+LIVENESS_POLL_S = 0.25
 
 
 class PeerPool:
@@ -280,17 +285,55 @@ class Fleet:
     def home_order(self, key: ContentKey, evaluator: str, version: str) -> list[tuple[str, str]]:
         """``[(node_id, addr)]``: the key's home first, then its fallbacks.
 
-        The order is the rendezvous order over every known member that
-        advertises the evaluator and has not left, whatever the failure
-        detector currently thinks of it: two nodes whose detectors disagree
-        for a moment (a loaded machine) still agree on the order, so they
-        agree on the home.  A member that is really down refuses the
-        connection and the caller moves on to the next in order.
+        The order is the rendezvous order over the *live* members (ALIVE or
+        SUSPECT in this node's view) that advertise the evaluator.  A member the
+        failure detector holds DEAD (its suspicion ran out unrefuted) or that
+        left is no candidate, so no asker waits on a hung home; a SUSPECT one
+        still is, because suspicion is where a detector flaps under load, and a
+        member that comes back (refutes, or restarts with a higher incarnation)
+        is ALIVE and a candidate again.  A member that is really down but not
+        yet DEAD refuses the connection (the caller moves on to the next in
+        order) or hangs until this node holds it DEAD (:meth:`while_live`).
         """
         cap = evaluator_capability(evaluator, version)
-        members = {m.node_id: m for m in self.gossip.membership.members() if cap in m.capabilities and m.state is not MemberState.LEFT}
+        members = {m.node_id: m for m in self.gossip.membership.live_members(cap)}
         order = rendezvous_order(key, list(members))
         return [(n, self.addr if n == self.fab.node_id else members[n].addr) for n in order]
+
+    async def until_not_live(self, node_id: str) -> None:
+        """Return once this node's failure detector holds ``node_id`` DEAD or LEFT (or forgets it).
+
+        Membership is a sans-I/O machine with no callbacks, so the state is read
+        every :data:`LIVENESS_POLL_S` (a dictionary lookup)."""
+        while self.gossip.membership.is_live(node_id):
+            await trio.sleep(LIVENESS_POLL_S)
+
+    async def while_live(self, node_id: str, fn) -> tuple[bool, Any]:
+        """``(True, await fn())``, or ``(False, None)`` when ``node_id`` turns DEAD or LEFT
+        first: the call is then cancelled, so waiting on a hung peer ends when the failure
+        detector gives up on it instead of at the asker's deadline.  ``fn``'s exceptions
+        propagate unchanged."""
+        done, result, error = False, None, None
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                nonlocal done, result, error
+                try:
+                    result = await fn()
+                except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery
+                    error = exc
+                done = True
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await self.until_not_live(node_id)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            nursery.start_soon(watch)
+        if error is not None:
+            raise error
+        return done, result
 
     def stats(self) -> dict:
         """Members, facts, rounds and conflicts, for ``fabric stats``."""
@@ -341,7 +384,7 @@ class ContentAddressedFabric:
                 for home_id, home_addr in self.fleet.home_order(key, req.evaluator, req.version):
                     if home_id == self.fab.node_id:
                         break  # this node is the first reachable home: compute here
-                    forwarded = await self._forward(home_addr, req)
+                    forwarded = await self._forward(home_id, home_addr, req)
                     if forwarded is not None:
                         rec, source, holder = forwarded
                         return await self._record_and_answer(call, rec, source, holder)
@@ -469,7 +512,11 @@ class ContentAddressedFabric:
             if preferred is not None and digest != preferred:
                 continue
             try:
-                reply, raw = await self.fleet.pool.record(addr, "fetch", {"key": key})
+                live, got = await self.fleet.while_live(node_id, lambda: self.fleet.pool.record(addr, "fetch", {"key": key}))
+                if not live:
+                    log.info("fetch of %s from %s: the holder is now DEAD; trying the next holder", key.short(), node_id)
+                    continue
+                reply, raw = got
                 rec = verify_record(raw, key, digest)
             except FabricError as exc:
                 if exc.status_code is StatusCode.DATA_LOSS:
@@ -480,15 +527,22 @@ class ContentAddressedFabric:
             return rec, node_id
         return None
 
-    async def _forward(self, addr: str, req: Any) -> tuple[Record, str, str] | None:
+    async def _forward(self, home_id: str, addr: str, req: Any) -> tuple[Record, str, str] | None:
+        """The home's verified reply to ``req``, or None when the next home in order must take
+        over: the home refused the connection, or this node's failure detector holds it DEAD
+        (before or while the forward waits; see :meth:`Fleet.while_live`)."""
         body = {"evaluator": req.evaluator, "version": req.version, "args": req.args, "home": True}
         try:
-            reply, raw = await self.fleet.pool.record(addr, "realize", body)
+            live, got = await self.fleet.while_live(home_id, lambda: self.fleet.pool.record(addr, "realize", body))
         except FabricError as exc:
             if exc.status_code is StatusCode.UNAVAILABLE:  # down or gone: the next in order takes over
                 log.info("home %s unreachable for %s: trying the next in rendezvous order", addr, req.key.short())
                 return None
             raise  # a slow home is not a dead one: never compute twice because of a timeout
+        if not live:  # the detector gave up on it (suspicion ran out unrefuted): the next in order takes over
+            log.info("home %s of %s is now DEAD: trying the next in rendezvous order", home_id, req.key.short())
+            return None
+        reply, raw = got
         rec = verify_record(raw, req.key)
         source = reply.get("source") if reply.get("source") in ("local", "peer", "computed") else "peer"
         # from here the reply came over the wire: "local" at the home is "peer" for us

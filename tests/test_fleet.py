@@ -274,3 +274,69 @@ def test_a_row_written_beside_a_running_member_reaches_its_peers_and_a_restart_k
         if b_proc is not None:
             stop_node(b_proc)
         stop_node(a_proc)
+
+
+def _homed_on(ids: list[str], home: str, make, n: int) -> list:
+    """``n`` requests ``make(i)`` whose rendezvous home among ``ids`` (all advertising the
+    evaluator at version 1) is ``home``."""
+    out = []
+    for i in range(5000):
+        req = make(i)
+        if rendezvous_home(req.key, _members_with(ids, evaluator_capability(req.evaluator, "1"))) == home:
+            out.append(req)
+            if len(out) == n:
+                return out
+    raise AssertionError(f"no {n} requests homed on {home}")
+
+
+def test_a_hung_home_is_given_up_once_dead_and_is_a_home_again_after_it_comes_back(fleet_of):
+    """A member SWIM holds DEAD is no home: an asker whose forward to it was already waiting
+    moves on once the detector declares it DEAD, one asking afterwards never waits on it, and
+    the member is a home again once it is ALIVE again.  (It used to stay a candidate
+    "whatever the detector thinks", and a forward to a hung process had no bound: DEADLINE_EXCEEDED.)"""
+    fl = fleet_of(3)
+    fl.converged(3)
+    ids = fl.ids()
+    n0, n2 = fl.nodes[0][1], fl.addrs()[2]
+    in_flight, after_dead, after_back = _homed_on(
+        ids, ids[0], lambda i: fabric.Request("slow.square", {"x": 10_000 + i, "delay": 0.0}, version="1"), 3)
+    n0.send_signal(signal.SIGSTOP)  # hung, not gone: its port still accepts connections
+    try:
+        with fabric.open(n2, secret=SECRET) as f:
+            rep = f.realize(in_flight, timeout=30)  # forwarded to the hung home before it is DEAD
+            assert rep.value == in_flight.args["x"] ** 2 and rep.holder != ids[0]
+            _wait(lambda: _stats(n2)["members_live"] == 2, 30, "n2 to hold n0 DEAD")
+            rep = f.realize(after_dead, timeout=15)
+            assert rep.value == after_dead.args["x"] ** 2 and rep.holder != ids[0]
+    finally:
+        n0.send_signal(signal.SIGCONT)
+    fl.converged(3)
+    with fabric.open(n2, secret=SECRET) as f:
+        rep = f.realize(after_back, timeout=30)
+    assert (rep.source, rep.holder) == ("computed", ids[0])
+
+
+def test_home_order_skips_dead_and_left_members_keeps_suspects_and_takes_back_a_returning_member():
+    from types import SimpleNamespace
+
+    from fabric.fleet import Fleet as FleetImpl
+    from gossip.membership import MemberState
+    from gossip.messages import MemberUpdate
+    from gossip.node import GossipNode, rendezvous_order
+
+    cap = evaluator_capability("text.stats", "1")
+    me = GossipNode("n0", addr="127.0.0.1:1", capabilities=[cap])
+    ns = SimpleNamespace(gossip=me, addr="127.0.0.1:1", fab=SimpleNamespace(node_id="n0"))
+    peers = {f"n{i}": f"127.0.0.1:{i + 1}" for i in range(1, 5)}
+    me.membership.apply_updates([MemberUpdate(n, 1, MemberState.ALIVE, a, frozenset({cap})) for n, a in peers.items()]
+                                + [MemberUpdate("n9", 1, MemberState.ALIVE, "127.0.0.1:99", frozenset())], 0.0)
+    key = ContentKey.of("request", b"homes")
+    everyone = rendezvous_order(key, ["n0", *peers])
+    assert [n for n, _ in FleetImpl.home_order(ns, key, "text.stats", "1")] == everyone  # n9 lacks the evaluator
+    me.membership.apply_updates([MemberUpdate("n1", 1, MemberState.SUSPECT, peers["n1"], frozenset({cap})),
+                                 MemberUpdate("n2", 1, MemberState.DEAD, peers["n2"], frozenset({cap})),
+                                 MemberUpdate("n3", 1, MemberState.LEFT, peers["n3"], frozenset({cap}))], 1.0)
+    assert [n for n, _ in FleetImpl.home_order(ns, key, "text.stats", "1")] == [n for n in everyone if n not in ("n2", "n3")]
+    me.membership.apply_updates([MemberUpdate("n2", 2, MemberState.ALIVE, "127.0.0.1:42", frozenset({cap}))], 2.0)
+    order = FleetImpl.home_order(ns, key, "text.stats", "1")
+    assert [n for n, _ in order] == [n for n in everyone if n != "n3"] and ("n2", "127.0.0.1:42") in order
