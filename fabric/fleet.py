@@ -49,7 +49,7 @@ import trio
 
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
-from cassette.record import Record
+from cassette.record import Record, unpack_record
 from fabric import metrics
 from fabric.net import WireClient, open_connection
 from fabric.remote import parse_address
@@ -300,6 +300,19 @@ class Fleet:
         order = rendezvous_order(key, list(members))
         return [(n, self.addr if n == self.fab.node_id else members[n].addr) for n in order]
 
+    def resolver_order(self, evaluator: str) -> list[tuple[str, str]]:
+        """``[(node_id, addr)]``: the live members other than this node that advertise some
+        version of ``evaluator``, in the rendezvous order of the evaluator's *name*; the first
+        resolves requests for it that name no version on behalf of members that lack it.
+
+        Keyed by the name, so while membership holds still every such request is resolved
+        by one member and all agree on which version "latest" is."""
+        prefix = evaluator_capability(evaluator, "")
+        members = {m.node_id: m for m in self.gossip.membership.live_members()
+                   if m.node_id != self.fab.node_id and any(c.startswith(prefix) for c in m.capabilities)}
+        order = rendezvous_order(prefix.encode("utf-8"), list(members))
+        return [(n, members[n].addr) for n in order]
+
     async def until_not_live(self, node_id: str) -> None:
         """Return once this node's failure detector holds ``node_id`` DEAD or LEFT (or forgets it).
 
@@ -359,6 +372,17 @@ class Fleet:
         await self.pool.aclose()
 
 
+def _unregistered(evaluator: str, version: str | None) -> str:
+    """What this node's registry says of ``evaluator`` at ``version`` (None: any) when it lacks it."""
+    from fabric import registry
+
+    try:
+        registry.lookup(evaluator, version)
+    except FabricError as exc:
+        return exc.message
+    return f"{evaluator!r} version {version!r} is registered here but not advertised"
+
+
 class ContentAddressedFabric:
     """The fleet lookup of a node (see the module docstring)."""
 
@@ -369,7 +393,11 @@ class ContentAddressedFabric:
         self._fetched: dict[ContentKey, int] = {}  # verified chunk bytes fetched so far, per artifact being obtained
 
     async def realize(self, call: "ServerCall", req: Any, *, at_home: bool, begin, end) -> dict:
-        """Answer a realize for ``req`` (version resolved) as the module docstring says."""
+        """Answer a realize for ``req`` as the module docstring says.  A request naming no
+        version reaches here only on a member that does not know the evaluator: see
+        :meth:`_realize_elsewhere`."""
+        if req.version is None:
+            return await self._realize_elsewhere(call, req, begin, end)
         key = req.key
         hit = await answer_if_held(call, self.fab, key)
         if hit is not None:
@@ -381,13 +409,21 @@ class ContentAddressedFabric:
                 rec, holder = got
                 return await self._record_and_answer(call, rec, "peer", holder)
             if not at_home:
-                for home_id, home_addr in self.fleet.home_order(key, req.evaluator, req.version):
+                order = self.fleet.home_order(key, req.evaluator, req.version)
+                cap = evaluator_capability(req.evaluator, req.version)
+                if not order:
+                    raise FabricError(StatusCode.NOT_FOUND, f"on node {self.fab.node_id}: {_unregistered(req.evaluator, req.version)}; "
+                                      f"no live member of the fleet advertises {cap} and none holds this request's reply", key=key)
+                for home_id, home_addr in order:
                     if home_id == self.fab.node_id:
                         break  # this node is the first reachable home: compute here
                     forwarded = await self._forward(home_id, home_addr, req)
                     if forwarded is not None:
                         rec, source, holder = forwarded
                         return await self._record_and_answer(call, rec, source, holder)
+                else:  # this node lacks the evaluator and no member advertising it answered
+                    raise FabricError(StatusCode.UNAVAILABLE, f"on node {self.fab.node_id}: no live member advertising "
+                                      f"{cap} could be reached", retryable=True, key=key)
             rep = await self.fab.arealize(req)
         except FabricError:
             raise
@@ -399,6 +435,43 @@ class ContentAddressedFabric:
             raise FabricError(StatusCode.INTERNAL, "reply vanished from the cassette after recording", key=key)
         await self.fleet.announce_recorded()
         return await answer_held(call, self.fab.cassette, key, {"key": key, "source": rep.source, "holder": self.fab.node_id})
+
+    async def _realize_elsewhere(self, call: "ServerCall", req: Any, begin, end) -> dict:
+        """A request naming no version, on a member whose registry lacks the evaluator: it is
+        forwarded, still naming no version and not marked ``home``, to the first reachable
+        member of :meth:`Fleet.resolver_order`, which resolves "latest" as it would for its own
+        client and then looks the request up as usual (local, holders, home).  The record that
+        comes back is verified against the key of the version it names, recorded here and
+        announced.  NOT_FOUND when no live member advertises any version of the evaluator."""
+        order = self.fleet.resolver_order(req.evaluator)
+        if not order:
+            raise FabricError(StatusCode.NOT_FOUND, f"on node {self.fab.node_id}: {_unregistered(req.evaluator, None)}; "
+                              "no live member of the fleet advertises any version of it")
+        body = {"evaluator": req.evaluator, "version": None, "args": req.args}
+        begin()
+        try:
+            for node_id, addr in order:
+                try:
+                    live, got = await self.fleet.while_live(node_id, lambda: self.fleet.pool.record(addr, "realize", body))
+                except FabricError as exc:
+                    if exc.status_code is not StatusCode.UNAVAILABLE:
+                        raise
+                    live = False
+                if not live:
+                    log.info("resolver %s of %s unreachable or DEAD: trying the next", node_id, req.evaluator)
+                    continue
+                reply, raw = got
+                try:
+                    version = unpack_record(raw).version
+                except FabricError as exc:
+                    raise FabricError(StatusCode.DATA_LOSS, f"received record fails verification: {exc.message}") from None
+                rec = verify_record(raw, ContentKey.for_request(req.evaluator, version, req.args))
+                source = "computed" if reply.get("source") == "computed" else "peer"
+                return await self._record_and_answer(call, rec, source, str(reply.get("holder", "")))
+        finally:
+            end()
+        raise FabricError(StatusCode.UNAVAILABLE, f"on node {self.fab.node_id}: no live member advertising "
+                          f"{req.evaluator!r} could be reached", retryable=True)
 
     async def obtain(self, key: ContentKey) -> str | None:
         """Make this node hold ``key`` (a reply or an artifact with all its chunks) by fetching

@@ -340,3 +340,65 @@ def test_home_order_skips_dead_and_left_members_keeps_suspects_and_takes_back_a_
     me.membership.apply_updates([MemberUpdate("n2", 2, MemberState.ALIVE, "127.0.0.1:42", frozenset({cap}))], 2.0)
     order = FleetImpl.home_order(ns, key, "text.stats", "1")
     assert [n for n, _ in order] == [n for n in everyone if n != "n3"] and ("n2", "127.0.0.1:42") in order
+
+
+_ONLY_ON_A = textwrap.dedent(
+    """
+    import fabric
+
+    @fabric.evaluator("only.on.a", version="1")
+    def v1(x: int) -> int:
+        return x + 1
+
+    @fabric.evaluator("only.on.a", version="2")
+    def v2(x: int) -> int:
+        return x + 2
+    """
+)
+
+
+def test_a_member_without_the_evaluator_routes_realize_to_holders_and_to_members_advertising_it(tmp_path):
+    """B runs no evaluator: a realize through B is served by the holder A (a held key), computed
+    at the home among members advertising ``eval:NAME@VERSION`` (a new key), or, naming no
+    version, resolved by a member advertising the name; NOT_FOUND only when no live member
+    advertises it.  (B used to refuse all of these with NOT_FOUND: 'no evaluator named ...'.)"""
+    only = tmp_path / "only_on_a.py"
+    only.write_text(_ONLY_ON_A)
+    nothing = tmp_path / "no_evaluators.py"
+    nothing.write_text("# registers nothing\n")
+    a_addr, a_proc, _ = start_node(tmp_path, "a", "--gossip-interval", "0.3", "--evaluators", str(only))
+    b_proc = None
+    try:
+        b_addr, b_proc, _ = start_node(tmp_path, "b", "--gossip-interval", "0.3", "--join", a_addr, evaluators=str(nothing))
+        for addr in (a_addr, b_addr):
+            _wait(lambda addr=addr: _stats(addr)["members_live"] == 2, 30, f"{addr} to see both members")
+        a_id, b_id = _stats(a_addr)["node_id"], _stats(b_addr)["node_id"]
+        held = fabric.Request("text.stats", {"text": "held by a"}, version="1")
+        with fabric.open(a_addr, secret=SECRET) as fa:
+            first = fa.realize(held)
+        _wait(lambda: a_id in _holders(b_addr, held.key), 20, "B to learn that A holds the key")
+        with fabric.open(b_addr, secret=SECRET) as fb:
+            rep = fb.realize(fabric.Request("text.stats", dict(held.args), version="1"))
+            assert (rep.source, rep.holder, rep.value) == ("peer", a_id, first.value)
+            new = fb.realize(fabric.Request("text.stats", {"text": "new through b"}, version="1"))
+            assert (new.source, new.holder) == ("computed", a_id) and new.value["words"] == 3
+            assert fb.realize(fabric.Request("text.stats", {"text": "new through b"}, version="1")).source == "local"
+
+            versionless = fabric.Request("only.on.a", {"x": 40})  # this process never registered it
+            assert versionless.version is None
+            rep = fb.realize(versionless)
+            assert (rep.value, rep.source, rep.holder) == (42, "computed", a_id)  # A's latest: version 2
+            assert rep.key == ContentKey.for_request("only.on.a", "2", {"x": 40})
+            assert fb.realize(fabric.Request("only.on.a", {"x": 40}, version="1")).value == 41
+
+            for req, says in ((fabric.Request("text.stats", {"text": "x"}, version="9"), "eval:text.stats@9"),
+                              (fabric.Request("nobody.has", {"x": 1}), "'nobody.has'")):
+                with pytest.raises(fabric.FabricError) as err:
+                    fb.realize(req)
+                assert err.value.status_code is fabric.StatusCode.NOT_FOUND
+                assert "no live member of the fleet advertises" in err.value.message and says in err.value.message
+        assert _stats(b_addr)["records"] == 4  # B recorded what it served: it is a holder now
+    finally:
+        if b_proc is not None:
+            stop_node(b_proc)
+        stop_node(a_proc)
