@@ -22,9 +22,13 @@ holdings come back), and every record it makes afterwards is announced.
    next in order tried (:meth:`Fleet.while_live`);
 4. record locally and announce, so this node becomes a holder.
 
-An artifact a member lacks (:meth:`ContentAddressedFabric.obtain`) comes in
-two steps: its manifest record from one live holder (verified against the
-digest it announced), then the chunks still missing here, striped over every
+An artifact (or reply) a member lacks (:meth:`ContentAddressedFabric.obtain`,
+for ``get``) comes in two steps — when the index knows no live holder of it
+yet (a put on a peer moments ago, its gossip still on the way), the member
+first asks every live peer who holds it (op ``holders``, all at once, within
+``ASK_HOLDERS_S``) and uses what they say: its manifest record from one live
+holder (verified against the digest it announced, or against the key alone
+for a holder found by asking), then the chunks still missing here, striped over every
 live holder announcing that digest (a shared queue, at most
 ``FETCH_PER_HOLDER`` chunks in flight per holder, so a faster holder serves
 more).  Every chunk is verified against its blob key before it is stored, in
@@ -76,6 +80,8 @@ FETCH_BATCH = 4
 CHUNK_DEADLINE_S = 15.0
 #: How often a call waiting on a peer checks whether the failure detector now holds that peer DEAD.
 LIVENESS_POLL_S = 0.25
+#: How long a member asks its live peers who holds a key it knows no holder of (``get``).
+ASK_HOLDERS_S = 2.0
 
 
 class PeerPool:
@@ -313,6 +319,37 @@ class Fleet:
         order = rendezvous_order(prefix.encode("utf-8"), list(members))
         return [(n, members[n].addr) for n in order]
 
+    async def ask_holders(self, key: ContentKey) -> list[tuple[str, str, None]]:
+        """``(node_id, addr, None)`` of live members other than this node that some live peer
+        says holds ``key``, nearest first: every live peer is asked (op ``holders``) at once,
+        all within :data:`ASK_HOLDERS_S`, and their answers merged.  For a key the gossiped
+        index does not know yet (a put on a peer moments ago); the digest is unknown, so
+        what is fetched is verified against the key alone."""
+        me = self.fab.node_id
+        peers = [m for m in self.gossip.membership.live_members() if m.node_id != me]
+        said: set[str] = set()
+
+        async def ask(addr: str) -> None:
+            try:
+                ids = await self.pool.request(addr, "holders", {"key": key})
+            except FabricError as exc:
+                log.debug("holders of %s from %s failed: %s", key.short(), addr, exc.status_code.name)
+                return
+            if isinstance(ids, (list, tuple)):
+                said.update(i for i in ids if type(i) is str)
+
+        with trio.move_on_after(ASK_HOLDERS_S):
+            async with trio.open_nursery() as nursery:
+                for m in peers:
+                    nursery.start_soon(ask, m.addr)
+        out = []
+        for node_id in said - {me}:
+            m = self.gossip.membership.member(node_id)
+            if m is not None and m.live:
+                out.append((node_id, m.addr, None))
+        out.sort(key=lambda t: self.pool.rtt.get(t[1], math.inf))
+        return out
+
     async def until_not_live(self, node_id: str) -> None:
         """Return once this node's failure detector holds ``node_id`` DEAD or LEFT (or forgets it).
 
@@ -499,7 +536,9 @@ class ContentAddressedFabric:
         return self._fetched.get(key, 0)
 
     async def _obtain(self, key: ContentKey) -> str | None:
-        got = await self._from_holders(key)
+        # a key the index knows no live holder of may be news the gossip has not brought yet: ask
+        asked = [] if self.fleet.live_holders(key) else await self.fleet.ask_holders(key)
+        got = await self._from_holders(key, asked or None)
         if got is None:
             return None
         rec, holder = got
@@ -509,7 +548,8 @@ class ContentAddressedFabric:
             manifest = codec.decode(rec.payload)
             missing = list(dict.fromkeys(self.fab.cassette.missing(manifest["chunks"], verify_blobs=True)))
             if missing:
-                holders = [(node_id, addr) for node_id, addr, digest in self.fleet.live_holders(key) if digest == rec.digest]
+                known = self.fleet.live_holders(key) or asked  # a holder found by asking vouches by its manifest
+                holders = [(node_id, addr) for node_id, addr, digest in known if digest in (rec.digest, None)]
                 await self._fetch_chunks(key, missing, holders)
         # the manifest (or reply) is recorded only once every chunk it names is held here
         await self.fab.cassette.aput_record(rec)
@@ -573,8 +613,11 @@ class ContentAddressedFabric:
             await flush()
             live = [h for h in live if h[0] not in failed]
 
-    async def _from_holders(self, key: ContentKey) -> tuple[Record, str] | None:
-        holders = self.fleet.live_holders(key)
+    async def _from_holders(self, key: ContentKey, holders: list | None = None) -> tuple[Record, str] | None:
+        """The verified record of ``key`` from the first of ``holders`` ``[(node_id, addr,
+        digest or None)]`` (default: the live holders the index knows) that serves it."""
+        if holders is None:
+            holders = self.fleet.live_holders(key)
         if not holders:
             return None
         preferred = self.fleet.gossip.preferred_digest(key)
@@ -582,15 +625,15 @@ class ContentAddressedFabric:
             metrics.DETERMINISM_VIOLATIONS.inc()
             log.warning("holders of %s disagree on its digest; serving the majority's", key.short())
         for node_id, addr, digest in holders:
-            if preferred is not None and digest != preferred:
-                continue
+            if preferred is not None and digest is not None and digest != preferred:
+                continue  # (a holder found by asking, digest None, is verified against the key alone)
             try:
                 live, got = await self.fleet.while_live(node_id, lambda: self.fleet.pool.record(addr, "fetch", {"key": key}))
                 if not live:
                     log.info("fetch of %s from %s: the holder is now DEAD; trying the next holder", key.short(), node_id)
                     continue
                 reply, raw = got
-                rec = verify_record(raw, key, digest)
+                rec = verify_record(raw, key, digest if digest is not None else preferred)
             except FabricError as exc:
                 if exc.status_code is StatusCode.DATA_LOSS:
                     metrics.ERRORS.labels(op="peer_fetch", status="DATA_LOSS").inc()

@@ -339,7 +339,9 @@ class NodeService:
         if self.caf is not None and not self.fab.cassette.contains(key):
             # from a live holder, verified, recorded here; an artifact's client hears progress meanwhile
             obtain = self.caf.obtain(key) if key.kind != "artifact" else self._obtain_telling(call, key)
-            holder = await obtain or self.node_id
+            holder = await obtain
+            if holder is None:
+                raise FabricError(StatusCode.NOT_FOUND, "not held by this node, and no live member of the fleet holds it", key=key)
         raw = self.serve.fetch(key)
         if key.kind != "artifact":
             return await send_record(call, raw, {"key": key, "holder": holder})
@@ -369,8 +371,15 @@ class NodeService:
                         return  # the client is gone: the fetch goes on (it serves the next asker too)
 
             nursery.start_soon(tell)
-            holder = await self.caf.obtain(key)
+            try:
+                holder = await self.caf.obtain(key)
+            except FabricError as exc:  # re-raised after the nursery, so not wrapped in an ExceptionGroup
+                error = exc
+            else:
+                error = None
             nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
         return holder
 
     def _begin(self) -> None:
