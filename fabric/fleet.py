@@ -12,16 +12,23 @@ holdings come back), and every record it makes afterwards is announced.
    first: the record is fetched with ``fetch`` (ContentServeFabric), verified
    against the digest the holder announced, recorded here, announced;
 3. the key's *home site*, the first member in the rendezvous order of the key
-   over members advertising the evaluator (``eval:NAME@VERSION``) that can be
-   reached: if that is this node it computes (single-flight), else the request
-   is forwarded to the home (marked ``home``, so the home never forwards again)
-   and the verified reply recorded.  A member that refuses the connection is
-   skipped for the next in order, so a dead node is never used as home;
+   over live members (ALIVE or SUSPECT here) advertising the evaluator
+   (``eval:NAME@VERSION``) that can be reached: if that is this node it
+   computes (single-flight), else the request is forwarded to the home (marked
+   ``home``, so the home never forwards again) and the verified reply recorded.
+   A member this node's failure detector holds DEAD is no candidate; one that
+   refuses the connection is skipped for the next in order, and a forward (or
+   a holder fetch) still waiting when its peer turns DEAD is cancelled and the
+   next in order tried (:meth:`Fleet.while_live`);
 4. record locally and announce, so this node becomes a holder.
 
-An artifact a member lacks (:meth:`ContentAddressedFabric.obtain`) comes in
-two steps: its manifest record from one live holder (verified against the
-digest it announced), then the chunks still missing here, striped over every
+An artifact (or reply) a member lacks (:meth:`ContentAddressedFabric.obtain`,
+for ``get``) comes in two steps — when the index knows no live holder of it
+yet (a put on a peer moments ago, its gossip still on the way), the member
+first asks every live peer who holds it (op ``holders``, all at once, within
+``ASK_HOLDERS_S``) and uses what they say: its manifest record from one live
+holder (verified against the digest it announced, or against the key alone
+for a holder found by asking), then the chunks still missing here, striped over every
 live holder announcing that digest (a shared queue, at most
 ``FETCH_PER_HOLDER`` chunks in flight per holder, so a faster holder serves
 more).  Every chunk is verified against its blob key before it is stored, in
@@ -46,7 +53,7 @@ import trio
 
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
-from cassette.record import Record
+from cassette.record import Record, unpack_record
 from fabric import metrics
 from fabric.net import WireClient, open_connection
 from fabric.remote import parse_address
@@ -71,6 +78,10 @@ FETCH_PER_HOLDER = 4
 FETCH_BATCH = 4
 #: Seconds one chunk may take from one holder before that holder counts as failed for this fetch.
 CHUNK_DEADLINE_S = 15.0
+#: How often a call waiting on a peer checks whether the failure detector now holds that peer DEAD.
+LIVENESS_POLL_S = 0.25
+#: How long a member asks its live peers who holds a key it knows no holder of (``get``).
+ASK_HOLDERS_S = 2.0
 
 
 class PeerPool:
@@ -280,17 +291,99 @@ class Fleet:
     def home_order(self, key: ContentKey, evaluator: str, version: str) -> list[tuple[str, str]]:
         """``[(node_id, addr)]``: the key's home first, then its fallbacks.
 
-        The order is the rendezvous order over every known member that
-        advertises the evaluator and has not left, whatever the failure
-        detector currently thinks of it: two nodes whose detectors disagree
-        for a moment (a loaded machine) still agree on the order, so they
-        agree on the home.  A member that is really down refuses the
-        connection and the caller moves on to the next in order.
+        The order is the rendezvous order over the *live* members (ALIVE or
+        SUSPECT in this node's view) that advertise the evaluator.  A member the
+        failure detector holds DEAD (its suspicion ran out unrefuted) or that
+        left is no candidate, so no asker waits on a hung home; a SUSPECT one
+        still is, because suspicion is where a detector flaps under load, and a
+        member that comes back (refutes, or restarts with a higher incarnation)
+        is ALIVE and a candidate again.  A member that is really down but not
+        yet DEAD refuses the connection (the caller moves on to the next in
+        order) or hangs until this node holds it DEAD (:meth:`while_live`).
         """
         cap = evaluator_capability(evaluator, version)
-        members = {m.node_id: m for m in self.gossip.membership.members() if cap in m.capabilities and m.state is not MemberState.LEFT}
+        members = {m.node_id: m for m in self.gossip.membership.live_members(cap)}
         order = rendezvous_order(key, list(members))
         return [(n, self.addr if n == self.fab.node_id else members[n].addr) for n in order]
+
+    def resolver_order(self, evaluator: str) -> list[tuple[str, str]]:
+        """``[(node_id, addr)]``: the live members other than this node that advertise some
+        version of ``evaluator``, in the rendezvous order of the evaluator's *name*; the first
+        resolves requests for it that name no version on behalf of members that lack it.
+
+        Keyed by the name, so while membership holds still every such request is resolved
+        by one member and all agree on which version "latest" is."""
+        prefix = evaluator_capability(evaluator, "")
+        members = {m.node_id: m for m in self.gossip.membership.live_members()
+                   if m.node_id != self.fab.node_id and any(c.startswith(prefix) for c in m.capabilities)}
+        order = rendezvous_order(prefix.encode("utf-8"), list(members))
+        return [(n, members[n].addr) for n in order]
+
+    async def ask_holders(self, key: ContentKey) -> list[tuple[str, str, None]]:
+        """``(node_id, addr, None)`` of live members other than this node that some live peer
+        says holds ``key``, nearest first: every live peer is asked (op ``holders``) at once,
+        all within :data:`ASK_HOLDERS_S`, and their answers merged.  For a key the gossiped
+        index does not know yet (a put on a peer moments ago); the digest is unknown, so
+        what is fetched is verified against the key alone."""
+        me = self.fab.node_id
+        peers = [m for m in self.gossip.membership.live_members() if m.node_id != me]
+        said: set[str] = set()
+
+        async def ask(addr: str) -> None:
+            try:
+                ids = await self.pool.request(addr, "holders", {"key": key})
+            except FabricError as exc:
+                log.debug("holders of %s from %s failed: %s", key.short(), addr, exc.status_code.name)
+                return
+            if isinstance(ids, (list, tuple)):
+                said.update(i for i in ids if type(i) is str)
+
+        with trio.move_on_after(ASK_HOLDERS_S):
+            async with trio.open_nursery() as nursery:
+                for m in peers:
+                    nursery.start_soon(ask, m.addr)
+        out = []
+        for node_id in said - {me}:
+            m = self.gossip.membership.member(node_id)
+            if m is not None and m.live:
+                out.append((node_id, m.addr, None))
+        out.sort(key=lambda t: self.pool.rtt.get(t[1], math.inf))
+        return out
+
+    async def until_not_live(self, node_id: str) -> None:
+        """Return once this node's failure detector holds ``node_id`` DEAD or LEFT (or forgets it).
+
+        Membership is a sans-I/O machine with no callbacks, so the state is read
+        every :data:`LIVENESS_POLL_S` (a dictionary lookup)."""
+        while self.gossip.membership.is_live(node_id):
+            await trio.sleep(LIVENESS_POLL_S)
+
+    async def while_live(self, node_id: str, fn) -> tuple[bool, Any]:
+        """``(True, await fn())``, or ``(False, None)`` when ``node_id`` turns DEAD or LEFT
+        first: the call is then cancelled, so waiting on a hung peer ends when the failure
+        detector gives up on it instead of at the asker's deadline.  ``fn``'s exceptions
+        propagate unchanged."""
+        done, result, error = False, None, None
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                nonlocal done, result, error
+                try:
+                    result = await fn()
+                except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery
+                    error = exc
+                done = True
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await self.until_not_live(node_id)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            nursery.start_soon(watch)
+        if error is not None:
+            raise error
+        return done, result
 
     def stats(self) -> dict:
         """Members, facts, rounds and conflicts, for ``fabric stats``."""
@@ -316,6 +409,17 @@ class Fleet:
         await self.pool.aclose()
 
 
+def _unregistered(evaluator: str, version: str | None) -> str:
+    """What this node's registry says of ``evaluator`` at ``version`` (None: any) when it lacks it."""
+    from fabric import registry
+
+    try:
+        registry.lookup(evaluator, version)
+    except FabricError as exc:
+        return exc.message
+    return f"{evaluator!r} version {version!r} is registered here but not advertised"
+
+
 class ContentAddressedFabric:
     """The fleet lookup of a node (see the module docstring)."""
 
@@ -326,7 +430,11 @@ class ContentAddressedFabric:
         self._fetched: dict[ContentKey, int] = {}  # verified chunk bytes fetched so far, per artifact being obtained
 
     async def realize(self, call: "ServerCall", req: Any, *, at_home: bool, begin, end) -> dict:
-        """Answer a realize for ``req`` (version resolved) as the module docstring says."""
+        """Answer a realize for ``req`` as the module docstring says.  A request naming no
+        version reaches here only on a member that does not know the evaluator: see
+        :meth:`_realize_elsewhere`."""
+        if req.version is None:
+            return await self._realize_elsewhere(call, req, begin, end)
         key = req.key
         hit = await answer_if_held(call, self.fab, key)
         if hit is not None:
@@ -338,13 +446,21 @@ class ContentAddressedFabric:
                 rec, holder = got
                 return await self._record_and_answer(call, rec, "peer", holder)
             if not at_home:
-                for home_id, home_addr in self.fleet.home_order(key, req.evaluator, req.version):
+                order = self.fleet.home_order(key, req.evaluator, req.version)
+                cap = evaluator_capability(req.evaluator, req.version)
+                if not order:
+                    raise FabricError(StatusCode.NOT_FOUND, f"on node {self.fab.node_id}: {_unregistered(req.evaluator, req.version)}; "
+                                      f"no live member of the fleet advertises {cap} and none holds this request's reply", key=key)
+                for home_id, home_addr in order:
                     if home_id == self.fab.node_id:
                         break  # this node is the first reachable home: compute here
-                    forwarded = await self._forward(home_addr, req)
+                    forwarded = await self._forward(home_id, home_addr, req)
                     if forwarded is not None:
                         rec, source, holder = forwarded
                         return await self._record_and_answer(call, rec, source, holder)
+                else:  # this node lacks the evaluator and no member advertising it answered
+                    raise FabricError(StatusCode.UNAVAILABLE, f"on node {self.fab.node_id}: no live member advertising "
+                                      f"{cap} could be reached", retryable=True, key=key)
             rep = await self.fab.arealize(req)
         except FabricError:
             raise
@@ -356,6 +472,43 @@ class ContentAddressedFabric:
             raise FabricError(StatusCode.INTERNAL, "reply vanished from the cassette after recording", key=key)
         await self.fleet.announce_recorded()
         return await answer_held(call, self.fab.cassette, key, {"key": key, "source": rep.source, "holder": self.fab.node_id})
+
+    async def _realize_elsewhere(self, call: "ServerCall", req: Any, begin, end) -> dict:
+        """A request naming no version, on a member whose registry lacks the evaluator: it is
+        forwarded, still naming no version and not marked ``home``, to the first reachable
+        member of :meth:`Fleet.resolver_order`, which resolves "latest" as it would for its own
+        client and then looks the request up as usual (local, holders, home).  The record that
+        comes back is verified against the key of the version it names, recorded here and
+        announced.  NOT_FOUND when no live member advertises any version of the evaluator."""
+        order = self.fleet.resolver_order(req.evaluator)
+        if not order:
+            raise FabricError(StatusCode.NOT_FOUND, f"on node {self.fab.node_id}: {_unregistered(req.evaluator, None)}; "
+                              "no live member of the fleet advertises any version of it")
+        body = {"evaluator": req.evaluator, "version": None, "args": req.args}
+        begin()
+        try:
+            for node_id, addr in order:
+                try:
+                    live, got = await self.fleet.while_live(node_id, lambda: self.fleet.pool.record(addr, "realize", body))
+                except FabricError as exc:
+                    if exc.status_code is not StatusCode.UNAVAILABLE:
+                        raise
+                    live = False
+                if not live:
+                    log.info("resolver %s of %s unreachable or DEAD: trying the next", node_id, req.evaluator)
+                    continue
+                reply, raw = got
+                try:
+                    version = unpack_record(raw).version
+                except FabricError as exc:
+                    raise FabricError(StatusCode.DATA_LOSS, f"received record fails verification: {exc.message}") from None
+                rec = verify_record(raw, ContentKey.for_request(req.evaluator, version, req.args))
+                source = "computed" if reply.get("source") == "computed" else "peer"
+                return await self._record_and_answer(call, rec, source, str(reply.get("holder", "")))
+        finally:
+            end()
+        raise FabricError(StatusCode.UNAVAILABLE, f"on node {self.fab.node_id}: no live member advertising "
+                          f"{req.evaluator!r} could be reached", retryable=True)
 
     async def obtain(self, key: ContentKey) -> str | None:
         """Make this node hold ``key`` (a reply or an artifact with all its chunks) by fetching
@@ -383,7 +536,9 @@ class ContentAddressedFabric:
         return self._fetched.get(key, 0)
 
     async def _obtain(self, key: ContentKey) -> str | None:
-        got = await self._from_holders(key)
+        # a key the index knows no live holder of may be news the gossip has not brought yet: ask
+        asked = [] if self.fleet.live_holders(key) else await self.fleet.ask_holders(key)
+        got = await self._from_holders(key, asked or None)
         if got is None:
             return None
         rec, holder = got
@@ -393,7 +548,8 @@ class ContentAddressedFabric:
             manifest = codec.decode(rec.payload)
             missing = list(dict.fromkeys(self.fab.cassette.missing(manifest["chunks"], verify_blobs=True)))
             if missing:
-                holders = [(node_id, addr) for node_id, addr, digest in self.fleet.live_holders(key) if digest == rec.digest]
+                known = self.fleet.live_holders(key) or asked  # a holder found by asking vouches by its manifest
+                holders = [(node_id, addr) for node_id, addr, digest in known if digest in (rec.digest, None)]
                 await self._fetch_chunks(key, missing, holders)
         # the manifest (or reply) is recorded only once every chunk it names is held here
         await self.fab.cassette.aput_record(rec)
@@ -457,8 +613,11 @@ class ContentAddressedFabric:
             await flush()
             live = [h for h in live if h[0] not in failed]
 
-    async def _from_holders(self, key: ContentKey) -> tuple[Record, str] | None:
-        holders = self.fleet.live_holders(key)
+    async def _from_holders(self, key: ContentKey, holders: list | None = None) -> tuple[Record, str] | None:
+        """The verified record of ``key`` from the first of ``holders`` ``[(node_id, addr,
+        digest or None)]`` (default: the live holders the index knows) that serves it."""
+        if holders is None:
+            holders = self.fleet.live_holders(key)
         if not holders:
             return None
         preferred = self.fleet.gossip.preferred_digest(key)
@@ -466,11 +625,15 @@ class ContentAddressedFabric:
             metrics.DETERMINISM_VIOLATIONS.inc()
             log.warning("holders of %s disagree on its digest; serving the majority's", key.short())
         for node_id, addr, digest in holders:
-            if preferred is not None and digest != preferred:
-                continue
+            if preferred is not None and digest is not None and digest != preferred:
+                continue  # (a holder found by asking, digest None, is verified against the key alone)
             try:
-                reply, raw = await self.fleet.pool.record(addr, "fetch", {"key": key})
-                rec = verify_record(raw, key, digest)
+                live, got = await self.fleet.while_live(node_id, lambda: self.fleet.pool.record(addr, "fetch", {"key": key}))
+                if not live:
+                    log.info("fetch of %s from %s: the holder is now DEAD; trying the next holder", key.short(), node_id)
+                    continue
+                reply, raw = got
+                rec = verify_record(raw, key, digest if digest is not None else preferred)
             except FabricError as exc:
                 if exc.status_code is StatusCode.DATA_LOSS:
                     metrics.ERRORS.labels(op="peer_fetch", status="DATA_LOSS").inc()
@@ -480,15 +643,22 @@ class ContentAddressedFabric:
             return rec, node_id
         return None
 
-    async def _forward(self, addr: str, req: Any) -> tuple[Record, str, str] | None:
+    async def _forward(self, home_id: str, addr: str, req: Any) -> tuple[Record, str, str] | None:
+        """The home's verified reply to ``req``, or None when the next home in order must take
+        over: the home refused the connection, or this node's failure detector holds it DEAD
+        (before or while the forward waits; see :meth:`Fleet.while_live`)."""
         body = {"evaluator": req.evaluator, "version": req.version, "args": req.args, "home": True}
         try:
-            reply, raw = await self.fleet.pool.record(addr, "realize", body)
+            live, got = await self.fleet.while_live(home_id, lambda: self.fleet.pool.record(addr, "realize", body))
         except FabricError as exc:
             if exc.status_code is StatusCode.UNAVAILABLE:  # down or gone: the next in order takes over
                 log.info("home %s unreachable for %s: trying the next in rendezvous order", addr, req.key.short())
                 return None
             raise  # a slow home is not a dead one: never compute twice because of a timeout
+        if not live:  # the detector gave up on it (suspicion ran out unrefuted): the next in order takes over
+            log.info("home %s of %s is now DEAD: trying the next in rendezvous order", home_id, req.key.short())
+            return None
+        reply, raw = got
         rec = verify_record(raw, req.key)
         source = reply.get("source") if reply.get("source") in ("local", "peer", "computed") else "peer"
         # from here the reply came over the wire: "local" at the home is "peer" for us

@@ -269,7 +269,8 @@ class NodeService:
     def _realize_request(self, body: Any) -> Request:
         """The :class:`~fabric.request.Request` a realize body names, checked as this node
         must: INVALID_ARGUMENT for a malformed body; NOT_FOUND for an evaluator this
-        node cannot resolve (no version given) or, in a fleet, cannot compute."""
+        node cannot resolve (no version given) unless it is a relay or a fleet member,
+        which route what they cannot compute (:mod:`fabric.fleet`)."""
         if not isinstance(body, dict) or not isinstance(body.get("evaluator"), str):
             raise FabricError(StatusCode.INVALID_ARGUMENT, "body: expected {'evaluator': str, 'version': str|None, 'args': map}")
         args = body.get("args", {})
@@ -277,10 +278,8 @@ class NodeService:
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"body.args: expected a map, got {type(args).__name__}")
         req = Request(body["evaluator"], args, version=body.get("version"))
         try:
-            if req.version is None and self.relay is None:
+            if req.version is None and self.relay is None and self.caf is None:
                 registry.lookup(req.evaluator)  # NOT_FOUND listing what this node has
-            if self.caf is not None:
-                registry.lookup(req.evaluator, req.version)  # this node must be able to compute it (NOT_FOUND otherwise)
         except FabricError as exc:  # say whose registry that is: the client's may differ
             raise FabricError(exc.status_code, f"on node {self.node_id}: {exc.message}") from None
         return req
@@ -340,7 +339,9 @@ class NodeService:
         if self.caf is not None and not self.fab.cassette.contains(key):
             # from a live holder, verified, recorded here; an artifact's client hears progress meanwhile
             obtain = self.caf.obtain(key) if key.kind != "artifact" else self._obtain_telling(call, key)
-            holder = await obtain or self.node_id
+            holder = await obtain
+            if holder is None:
+                raise FabricError(StatusCode.NOT_FOUND, "not held by this node, and no live member of the fleet holds it", key=key)
         raw = self.serve.fetch(key)
         if key.kind != "artifact":
             return await send_record(call, raw, {"key": key, "holder": holder})
@@ -370,8 +371,15 @@ class NodeService:
                         return  # the client is gone: the fetch goes on (it serves the next asker too)
 
             nursery.start_soon(tell)
-            holder = await self.caf.obtain(key)
+            try:
+                holder = await self.caf.obtain(key)
+            except FabricError as exc:  # re-raised after the nursery, so not wrapped in an ExceptionGroup
+                error = exc
+            else:
+                error = None
             nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
         return holder
 
     def _begin(self) -> None:

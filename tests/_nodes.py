@@ -16,13 +16,15 @@ FABRIC = str(Path(sys.executable).parent / "fabric")
 SECRET = b"test-secret-0123456789abcdef-XYZ"
 
 
-def start_node(tmp_path: Path, name: str = "node", *extra: str, env: dict | None = None) -> tuple[str, subprocess.Popen, Path]:
-    """Start a node; returns (address, process, data_dir) once it printed its listening line."""
+def start_node(tmp_path: Path, name: str = "node", *extra: str, env: dict | None = None,
+               evaluators: str | None = EVALUATORS) -> tuple[str, subprocess.Popen, Path]:
+    """Start a node (loading ``evaluators`` unless None; ``extra`` may add more); returns
+    (address, process, data_dir) once it printed its listening line."""
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(SECRET)
     data = tmp_path / name
     cmd = [FABRIC, "node", "--data", str(data), "--listen", "127.0.0.1:0", "--secret-file", str(secret_file),
-           "--evaluators", EVALUATORS, "--drain-s", "10", *extra]
+           *(["--evaluators", evaluators] if evaluators else []), "--drain-s", "10", *extra]
     # logs go to a file: a pipe nobody reads would block a chatty node once full
     log = open(tmp_path / f"{name}.log", "a")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,

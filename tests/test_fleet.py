@@ -274,3 +274,165 @@ def test_a_row_written_beside_a_running_member_reaches_its_peers_and_a_restart_k
         if b_proc is not None:
             stop_node(b_proc)
         stop_node(a_proc)
+
+
+def _homed_on(ids: list[str], home: str, make, n: int) -> list:
+    """``n`` requests ``make(i)`` whose rendezvous home among ``ids`` (all advertising the
+    evaluator at version 1) is ``home``."""
+    out = []
+    for i in range(5000):
+        req = make(i)
+        if rendezvous_home(req.key, _members_with(ids, evaluator_capability(req.evaluator, "1"))) == home:
+            out.append(req)
+            if len(out) == n:
+                return out
+    raise AssertionError(f"no {n} requests homed on {home}")
+
+
+def test_a_hung_home_is_given_up_once_dead_and_is_a_home_again_after_it_comes_back(fleet_of):
+    """A member SWIM holds DEAD is no home: an asker whose forward to it was already waiting
+    moves on once the detector declares it DEAD, one asking afterwards never waits on it, and
+    the member is a home again once it is ALIVE again.  (It used to stay a candidate
+    "whatever the detector thinks", and a forward to a hung process had no bound: DEADLINE_EXCEEDED.)"""
+    fl = fleet_of(3)
+    fl.converged(3)
+    ids = fl.ids()
+    n0, n2 = fl.nodes[0][1], fl.addrs()[2]
+    in_flight, after_dead, after_back = _homed_on(
+        ids, ids[0], lambda i: fabric.Request("slow.square", {"x": 10_000 + i, "delay": 0.0}, version="1"), 3)
+    n0.send_signal(signal.SIGSTOP)  # hung, not gone: its port still accepts connections
+    try:
+        with fabric.open(n2, secret=SECRET) as f:
+            rep = f.realize(in_flight, timeout=30)  # forwarded to the hung home before it is DEAD
+            assert rep.value == in_flight.args["x"] ** 2 and rep.holder != ids[0]
+            _wait(lambda: _stats(n2)["members_live"] == 2, 30, "n2 to hold n0 DEAD")
+            rep = f.realize(after_dead, timeout=15)
+            assert rep.value == after_dead.args["x"] ** 2 and rep.holder != ids[0]
+    finally:
+        n0.send_signal(signal.SIGCONT)
+    fl.converged(3)
+    with fabric.open(n2, secret=SECRET) as f:
+        rep = f.realize(after_back, timeout=30)
+    assert (rep.source, rep.holder) == ("computed", ids[0])
+
+
+def test_home_order_skips_dead_and_left_members_keeps_suspects_and_takes_back_a_returning_member():
+    from types import SimpleNamespace
+
+    from fabric.fleet import Fleet as FleetImpl
+    from gossip.membership import MemberState
+    from gossip.messages import MemberUpdate
+    from gossip.node import GossipNode, rendezvous_order
+
+    cap = evaluator_capability("text.stats", "1")
+    me = GossipNode("n0", addr="127.0.0.1:1", capabilities=[cap])
+    ns = SimpleNamespace(gossip=me, addr="127.0.0.1:1", fab=SimpleNamespace(node_id="n0"))
+    peers = {f"n{i}": f"127.0.0.1:{i + 1}" for i in range(1, 5)}
+    me.membership.apply_updates([MemberUpdate(n, 1, MemberState.ALIVE, a, frozenset({cap})) for n, a in peers.items()]
+                                + [MemberUpdate("n9", 1, MemberState.ALIVE, "127.0.0.1:99", frozenset())], 0.0)
+    key = ContentKey.of("request", b"homes")
+    everyone = rendezvous_order(key, ["n0", *peers])
+    assert [n for n, _ in FleetImpl.home_order(ns, key, "text.stats", "1")] == everyone  # n9 lacks the evaluator
+    me.membership.apply_updates([MemberUpdate("n1", 1, MemberState.SUSPECT, peers["n1"], frozenset({cap})),
+                                 MemberUpdate("n2", 1, MemberState.DEAD, peers["n2"], frozenset({cap})),
+                                 MemberUpdate("n3", 1, MemberState.LEFT, peers["n3"], frozenset({cap}))], 1.0)
+    assert [n for n, _ in FleetImpl.home_order(ns, key, "text.stats", "1")] == [n for n in everyone if n not in ("n2", "n3")]
+    me.membership.apply_updates([MemberUpdate("n2", 2, MemberState.ALIVE, "127.0.0.1:42", frozenset({cap}))], 2.0)
+    order = FleetImpl.home_order(ns, key, "text.stats", "1")
+    assert [n for n, _ in order] == [n for n in everyone if n != "n3"] and ("n2", "127.0.0.1:42") in order
+
+
+_ONLY_ON_A = textwrap.dedent(
+    """
+    import fabric
+
+    @fabric.evaluator("only.on.a", version="1")
+    def v1(x: int) -> int:
+        return x + 1
+
+    @fabric.evaluator("only.on.a", version="2")
+    def v2(x: int) -> int:
+        return x + 2
+    """
+)
+
+
+def test_a_member_without_the_evaluator_routes_realize_to_holders_and_to_members_advertising_it(tmp_path):
+    """B runs no evaluator: a realize through B is served by the holder A (a held key), computed
+    at the home among members advertising ``eval:NAME@VERSION`` (a new key), or, naming no
+    version, resolved by a member advertising the name; NOT_FOUND only when no live member
+    advertises it.  (B used to refuse all of these with NOT_FOUND: 'no evaluator named ...'.)"""
+    only = tmp_path / "only_on_a.py"
+    only.write_text(_ONLY_ON_A)
+    nothing = tmp_path / "no_evaluators.py"
+    nothing.write_text("# registers nothing\n")
+    a_addr, a_proc, _ = start_node(tmp_path, "a", "--gossip-interval", "0.3", "--evaluators", str(only))
+    b_proc = None
+    try:
+        b_addr, b_proc, _ = start_node(tmp_path, "b", "--gossip-interval", "0.3", "--join", a_addr, evaluators=str(nothing))
+        for addr in (a_addr, b_addr):
+            _wait(lambda addr=addr: _stats(addr)["members_live"] == 2, 30, f"{addr} to see both members")
+        a_id, b_id = _stats(a_addr)["node_id"], _stats(b_addr)["node_id"]
+        held = fabric.Request("text.stats", {"text": "held by a"}, version="1")
+        with fabric.open(a_addr, secret=SECRET) as fa:
+            first = fa.realize(held)
+        _wait(lambda: a_id in _holders(b_addr, held.key), 20, "B to learn that A holds the key")
+        with fabric.open(b_addr, secret=SECRET) as fb:
+            rep = fb.realize(fabric.Request("text.stats", dict(held.args), version="1"))
+            assert (rep.source, rep.holder, rep.value) == ("peer", a_id, first.value)
+            new = fb.realize(fabric.Request("text.stats", {"text": "new through b"}, version="1"))
+            assert (new.source, new.holder) == ("computed", a_id) and new.value["words"] == 3
+            assert fb.realize(fabric.Request("text.stats", {"text": "new through b"}, version="1")).source == "local"
+
+            versionless = fabric.Request("only.on.a", {"x": 40})  # this process never registered it
+            assert versionless.version is None
+            rep = fb.realize(versionless)
+            assert (rep.value, rep.source, rep.holder) == (42, "computed", a_id)  # A's latest: version 2
+            assert rep.key == ContentKey.for_request("only.on.a", "2", {"x": 40})
+            assert fb.realize(fabric.Request("only.on.a", {"x": 40}, version="1")).value == 41
+
+            for req, says in ((fabric.Request("text.stats", {"text": "x"}, version="9"), "eval:text.stats@9"),
+                              (fabric.Request("nobody.has", {"x": 1}), "'nobody.has'")):
+                with pytest.raises(fabric.FabricError) as err:
+                    fb.realize(req)
+                assert err.value.status_code is fabric.StatusCode.NOT_FOUND
+                assert "no live member of the fleet advertises" in err.value.message and says in err.value.message
+        assert _stats(b_addr)["records"] == 4  # B recorded what it served: it is a holder now
+    finally:
+        if b_proc is not None:
+            stop_node(b_proc)
+        stop_node(a_proc)
+
+
+def test_a_get_through_a_member_right_after_a_put_on_another_never_misses(tmp_path):
+    """A get through B right after a put on A often comes before the gossip of the put (1 in
+    12 here, on a loaded machine): B asks its live peers who holds the key and fetches it (it
+    used to answer NOT_FOUND, 'not held by this node').  A key no member holds is NOT_FOUND
+    saying so."""
+    import numpy as np
+
+    slow = ("--gossip-interval", "3")  # anti-entropy rarely repairs a lost push in time
+    a_addr, a_proc, _ = start_node(tmp_path, "a", *slow)
+    b_proc = None
+    try:
+        b_addr, b_proc, _ = start_node(tmp_path, "b", *slow, "--join", a_addr)
+        for addr in (a_addr, b_addr):
+            _wait(lambda addr=addr: _stats(addr)["members_live"] == 2, 30, f"{addr} to see both members")
+        a_id = _stats(a_addr)["node_id"]
+        with fabric.open(a_addr, secret=SECRET) as fa, fabric.open(b_addr, secret=SECRET) as fb:
+            for i in range(100):
+                data = f"put on A, got through B, try {i}".encode()
+                ref = fa.put(data)
+                assert fb.get(ref.key) == data
+            arr = np.arange(100_000, dtype=np.float64)
+            ref = fa.put(arr, chunk_size=1 << 16)  # several chunks, none of them on B yet
+            np.testing.assert_array_equal(fb.get(ref.key), arr)
+            assert a_id in fb.holders(ref.key)
+            with pytest.raises(fabric.FabricError) as err:
+                fb.get(ContentKey.of("artifact", b"never put anywhere"))
+            assert err.value.status_code is fabric.StatusCode.NOT_FOUND
+            assert "no live member of the fleet holds it" in err.value.message
+    finally:
+        if b_proc is not None:
+            stop_node(b_proc)
+        stop_node(a_proc)

@@ -110,17 +110,21 @@ class _Fleet:
     ``announced`` lists the keys of the member's ledger rows in the order they were announced."""
 
     count_fetch = Fleet.count_fetch
+    while_live = Fleet.while_live
+    until_not_live = Fleet.until_not_live
 
     def __init__(self, peers: list[_Peer], digest: bytes, member) -> None:
         self.pool = _Pool({f"127.0.0.1:{9000 + i}": p for i, p in enumerate(peers)})
         self._live = [(p.node_id, addr, digest) for addr, p in self.pool.peers.items()]
-        self.gossip = SimpleNamespace(preferred_digest=lambda key: None)
+        self.dead: set[str] = set()  # node ids the fake failure detector holds DEAD
+        self.gossip = SimpleNamespace(preferred_digest=lambda key: None,
+                                      membership=SimpleNamespace(is_live=lambda node_id: node_id not in self.dead))
         self.fetched_bytes: dict[str, int] = {}
         self.member = member  # the member's fabric
         self.announced: list = []
 
     def live_holders(self, key):
-        return list(self._live)
+        return [h for h in self._live if h[0] not in self.dead]
 
     async def announce_recorded(self) -> None:
         self.announced += [rec.key for rec in self.member.cassette.iter_ledger(len(self.announced) + 1)]
@@ -201,6 +205,37 @@ def test_a_holder_sending_altered_bytes_is_dropped_and_nothing_unverified_is_sto
         assert dst.get(ref.key) == data
         assert "B" not in fleet.fetched_bytes and fleet.fetched_bytes["A"] >= 40 * CHUNK
         assert b.calls == FETCH_PER_HOLDER  # its first answers failed verification; no more were asked
+        _verified_clean(dst)
+    finally:
+        dst.close()
+
+
+def test_a_fetch_waiting_on_a_hung_holder_moves_on_once_the_holder_is_dead(tmp_path, source):
+    """A holder that accepts the fetch and never answers (a hung process) is given up when the
+    failure detector declares it DEAD, and the next holder serves (it used to wait for good)."""
+    src, ref, data = source
+    a, b = _Peer("A", src.cassette, delay=3600), _Peer("B", src.cassette)
+    dst = fabric.open(tmp_path / "dst", durability="fast")
+    fleet = _Fleet([a, b], src.cassette.get_record(ref.key).digest, dst)
+    got = []
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            async def obtain():
+                got.append(await ContentAddressedFabric(dst, fleet).obtain(ref.key))
+            nursery.start_soon(obtain)
+            with trio.move_on_after(60):  # bound only: the test fails, never hangs
+                while not a.calls:
+                    await trio.sleep(0.01)
+                fleet.dead.add("A")  # the detector's verdict arrives while the fetch waits on A
+                while not got:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(go)
+        assert got == ["B"] and a.calls == 1
+        assert dst.get(ref.key) == data
         _verified_clean(dst)
     finally:
         dst.close()
