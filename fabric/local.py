@@ -170,7 +170,20 @@ class Fabric(metaclass=abc.ABCMeta):
         return rep if device is None else on_device(rep, device)
 
     def _realize_miss(self, req: Request, key: ContentKey, timeout: float | None) -> Reply:
-        metrics.MISSES.inc()
+        """A realize the hit path could not answer: compute once (single-flight), counted by
+        the answer's source (:mod:`fabric.metrics`)."""
+        t0 = time.perf_counter()
+        try:
+            rep = self._compute_or_wait(req, key, timeout)
+        finally:
+            metrics.LATENCY.labels(op="realize_miss").observe(time.perf_counter() - t0)
+        if rep.source == "local":  # recorded meanwhile by another process (or the leader we waited on found it so)
+            self.local_hits += 1
+        else:
+            metrics.MISSES.inc()
+        return rep
+
+    def _compute_or_wait(self, req: Request, key: ContentKey, timeout: float | None) -> Reply:
         ev = registry.lookup(req.evaluator, req.version)
         with self._flights_lock:
             flight = self._flights.get(key)
@@ -188,7 +201,6 @@ class Fabric(metaclass=abc.ABCMeta):
                 raise flight.error
             assert flight.reply is not None
             return flight.reply
-        t0 = time.perf_counter()
         try:
             reply = self._compute_once(req, key, ev)
             flight.reply = reply
@@ -201,21 +213,18 @@ class Fabric(metaclass=abc.ABCMeta):
             with self._flights_lock:
                 del self._flights[key]
             flight.event.set()
-            metrics.LATENCY.labels(op="realize_miss").observe(time.perf_counter() - t0)
 
     def _compute_once(self, req: Request, key: ContentKey, ev: registry.Evaluator) -> Reply:
         with _KeyLock(self._lockfd, key):
             value = self.cassette.lookup_value(key)  # another process may have recorded it meanwhile
             if value is not MISS:
-                self.local_hits += 1
-                return Reply(key, value, "local", self.node_id)
+                return Reply(key, value, "local", self.node_id)  # counted by _realize_miss
             t0 = time.perf_counter()
             result = ev.call(req.args)
             compute_s = time.perf_counter() - t0
             metrics.EVALUATOR_RUNS.labels(evaluator=ev.name).inc()
             payload = codec.encode(result, root="reply")
             self.cassette.put(key, payload, evaluator=ev.name, version=ev.version, compute_s=compute_s)
-        metrics.SOURCE_HITS.labels(source="computed").inc()
         # hand back exactly what later hits will return (tuples as lists, read-only arrays)
         return Reply(key, codec.decode(payload), "computed", self.node_id)
 

@@ -1,8 +1,24 @@
 """Prometheus metrics, all named ``fabric_*`` (default registry).
 
-Local cache hits are the hot path and must not take a lock, so they are plain
-per-fabric counters that :class:`_HitCollector` reads at scrape time; everything
-else is an ordinary prometheus_client metric.
+Cache answers.  Every realize a fabric owning a cassette answers (embedded, or a
+node for its clients) is counted exactly once, by where the answer came from:
+
+* ``fabric_cache_hits_total{source="local"}``: from this fabric's own cassette;
+* ``fabric_cache_hits_total{source="peer"}``: recorded here from another node
+  that held it (a fleet holder, the key's home answering from its cassette, a
+  relay's upstream);
+* ``fabric_cache_misses_total``: answered by a computation — run here, or at
+  the key's home for a fleet member that forwarded the request (each node
+  counts the realize it answered; ``fabric_evaluator_runs_total{evaluator}``
+  counts the evaluator calls this process made).
+
+A request that waited on an identical in-flight one is counted as the answer it
+got, plus ``fabric_singleflight_coalesced_total``.  A :class:`fabric.remote.RemoteFabric`
+client counts none of these (its node does).
+
+Local hits are the hot path and must not take a lock, so they are plain
+per-fabric counters (``Fabric.local_hits``) that :class:`_HitCollector` reads at
+scrape time, adding them to the peer hits of an ordinary counter.
 """
 
 from __future__ import annotations
@@ -14,8 +30,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = [
+    "PEER_HITS",
     "MISSES",
-    "SOURCE_HITS",
     "LATENCY",
     "ERRORS",
     "RETRIES",
@@ -29,11 +45,14 @@ __all__ = [
     "CORRUPT_READS",
     "DETERMINISM_VIOLATIONS",
     "track_fabric",
+    "count_answer",
     "snapshot",
 ]
 
-SOURCE_HITS = Counter("fabric_cache_source_hits", "Replies served from a peer or a fresh computation", ["source"])
-MISSES = Counter("fabric_cache_misses", "Lookups the local cassette could not answer")
+#: Peer hits: not registered on its own; :class:`_HitCollector` exports it as
+#: ``fabric_cache_hits_total{source="peer"}`` next to the lock-free local hits.
+PEER_HITS = Counter("fabric_cache_hits", "Realizes answered from another node's record", registry=None)
+MISSES = Counter("fabric_cache_misses", "Realizes answered by a computation (here, or at the key's home)")
 LATENCY = Histogram(
     "fabric_operation_latency_seconds",
     "Latency of fabric operations that leave the local hit path",
@@ -55,16 +74,34 @@ CONNECTIONS = Gauge("fabric_peer_connections", "Open authenticated peer connecti
 
 _fabrics: "weakref.WeakSet" = weakref.WeakSet()
 
-
 def track_fabric(fab) -> None:
     """Include ``fab``'s lock-free hit counter and ledger size in scrapes."""
     _fabrics.add(fab)
 
 
+def count_answer(source: str) -> None:
+    """Count a realize answered with a reply from ``source`` ``"peer"`` or ``"computed"``
+    (a ``"local"`` answer is counted lock-free on its fabric instead)."""
+    if source == "computed":
+        MISSES.inc()
+    else:
+        PEER_HITS.inc()
+
+
+def _peer_hits() -> float:
+    for fam in PEER_HITS.collect():
+        for s in fam.samples:
+            if s.name == "fabric_cache_hits_total":
+                return s.value
+    return 0.0
+
+
 class _HitCollector:
     def collect(self) -> Iterator:
-        hits = CounterMetricFamily("fabric_cache_hits", "Replies served from the local cassette", labels=["source"])
+        hits = CounterMetricFamily("fabric_cache_hits", "Realizes answered from a record: this node's cassette (local) or another node's (peer)",
+                                   labels=["source"])
         hits.add_metric(["local"], sum(f.local_hits for f in list(_fabrics)))
+        hits.add_metric(["peer"], _peer_hits())
         yield hits
         recs = GaugeMetricFamily("fabric_ledger_records", "Records indexed in open cassettes", labels=["node"])
         nbytes = GaugeMetricFamily("fabric_ledger_bytes", "Ledger bytes in open cassettes", labels=["node"])

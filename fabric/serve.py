@@ -33,7 +33,7 @@ from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from cassette.record import Record, unpack_record
 from cassette.store import Cassette
-from fabric import registry
+from fabric import metrics, registry
 from fabric.request import Request
 
 if TYPE_CHECKING:
@@ -327,6 +327,7 @@ class NodeService:
                 self.relay_versions[req.evaluator] = rec.version
         finally:
             self._end()
+        metrics.count_answer("peer")
         return await answer_held(call, self.fab.cassette, rec.key, {"key": rec.key, "source": "peer", "holder": holder})
 
     async def get(self, call: "ServerCall") -> dict:
