@@ -187,3 +187,60 @@ def test_errors_through_a_node_are_counted_by_the_client(tmp_path):
         assert _moves(ERRORS, _raises(lambda: f.get(missing))) == {_error("get", "NOT_FOUND"): 1}
         out = np.empty(4, dtype=np.float32)
         assert _moves(ERRORS, _raises(lambda: f.get_into(missing, out))) == {_error("get_into", "NOT_FOUND"): 1}
+
+
+# -------------------------------------------------------------------------- a node
+def test_a_node_times_its_async_ops_and_counts_every_fault_by_op_and_status(tmp_path):
+    """Read from the node subprocess's own registry (its stats answer)."""
+    with node(tmp_path) as (addr, _, _), fabric.open(addr, secret=SECRET) as f:
+        def node_samples() -> dict[str, float]:
+            return {k: v for k, v in f.stats()["node"]["metrics"].items() if k.startswith(LATENCY + ERRORS)}
+
+        def moves(fn: Callable[[], object]) -> dict[str, float]:
+            return _moves((), fn, node_samples)
+
+        req = fabric.Request("text.stats", {"text": "node metrics"}, version="1")
+        # a miss runs in the async handler: timed as node_realize (and its embedded miss as realize)
+        assert moves(lambda: f.realize(req)) == {'fabric_operation_latency_seconds_count{op="node_realize"}': 1,
+                                                  'fabric_operation_latency_seconds_count{op="realize"}': 1}
+        assert moves(lambda: f.realize(req)) == {}  # a hit answered inline: counted as a hit, not timed
+        missing = fabric.ContentKey.of("artifact", b"never put")
+        assert moves(_raises(lambda: f.get(missing))) == {'fabric_operation_latency_seconds_count{op="node_get"}': 1,
+                                                          _error("node_get", "NOT_FOUND"): 1}
+        # an inline fault (fetch of a key not held) is counted, not timed
+        assert moves(_raises(lambda: trio.run(RemoteFabric(addr, SECRET).afetch, missing))) == {_error("node_fetch", "NOT_FOUND"): 1}
+        fail = fabric.Request("fail.always", {"message": "kaput"}, version="1")
+        assert moves(_raises(lambda: f.realize(fail), ValueError)) == {
+            'fabric_operation_latency_seconds_count{op="node_realize"}': 1, _error("node_realize", "EVALUATOR"): 1,
+            'fabric_operation_latency_seconds_count{op="realize"}': 1, _error("realize", "EVALUATOR"): 1}
+
+
+def test_a_node_op_cut_off_by_its_deadline_counts_deadline_exceeded_and_a_peer_cancel_nothing(tmp_path):
+    from fabric.serve import NodeService
+
+    class Call:
+        op, body = "get", {}
+
+        def __init__(self, deadline: float) -> None:
+            self.deadline = deadline
+
+    async def main() -> list[dict[str, float]]:
+        with fabric.open(tmp_path / "n") as fab:
+            service = NodeService(fab)
+
+            async def forever(call):
+                await trio.sleep_forever()
+
+            service._dispatch = forever
+            out = []
+            for deadline_in, cancel_in in ((0.05, None), (60.0, 0.05)):  # the deadline fires; the client cancels
+                before = _samples(ERRORS)
+                call = Call(trio.current_time() + deadline_in)
+                with trio.CancelScope(deadline=call.deadline) as scope:
+                    if cancel_in is not None:
+                        scope.deadline = trio.current_time() + cancel_in  # as a peer's cancel: before the deadline
+                    await service.handle(call)
+                out.append(_delta(before, _samples(ERRORS)))
+            return out
+
+    assert trio.run(main) == [{_error("node_get", "DEADLINE_EXCEEDED"): 1}, {}]
