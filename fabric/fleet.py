@@ -667,7 +667,7 @@ class ContentAddressedFabric:
     async def _record_and_answer(self, call: "ServerCall", rec: Record, source: str, holder: str) -> dict:
         await self.fab.cassette.aput_record(rec)
         await self.fleet.announce_recorded()
-        metrics.SOURCE_HITS.labels(source=source).inc()
+        metrics.count_answer(source)
         return await answer_held(call, self.fab.cassette, rec.key, {"key": rec.key, "source": source, "holder": holder})
 
     def holders(self, key: ContentKey) -> list[str]:

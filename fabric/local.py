@@ -29,6 +29,9 @@ __all__ = ["Fabric", "open_cassette", "release_cassette"]
 
 log = logging.getLogger("fabric")
 
+#: Realizes that leave the hit path (a local hit is counted, not timed: see :mod:`fabric.metrics`).
+_REALIZE_TIMER = metrics.LATENCY.labels(op="realize")
+
 # LMDB must not be opened twice in one process: share one Cassette per directory.
 _shared_lock = threading.Lock()
 _shared: dict[str, list] = {}  # realpath -> [cassette, refcount, flights, flights_lock, lockfd]
@@ -147,30 +150,51 @@ class Fabric(metaclass=abc.ABCMeta):
         ``device="cuda:0"`` returns numpy values as CuPy arrays on that device
         (:func:`gpu.to_device`; FAILED_PRECONDITION without CuPy, after recording).
         """
-        key = req.key
-        value = self.cassette.lookup_value(key)
-        if value is not MISS:
-            self.local_hits += 1
-            rep = Reply(key, value, "local", self.node_id)
-        else:
-            rep = self._realize_miss(req, key, timeout)
-        return rep if device is None else on_device(rep, device)
+        try:  # a try costs the hit path nothing (zero-cost exceptions); only a failure counts
+            key = req.key
+            value = self.cassette.lookup_value(key)
+            if value is not MISS:
+                self.local_hits += 1
+                rep = Reply(key, value, "local", self.node_id)
+            else:
+                rep = self._realize_miss(req, key, timeout)
+            return rep if device is None else on_device(rep, device)
+        except Exception as exc:
+            metrics.count_error("realize", exc, evaluates=True)
+            raise
 
     async def arealize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
         """:meth:`realize` under trio: hits answer inline, misses compute in a worker thread."""
-        key = req.key
-        value = self.cassette.lookup_value(key)
-        if value is not MISS:
-            self.local_hits += 1
-            rep = Reply(key, value, "local", self.node_id)
-        else:
-            import trio
+        try:
+            key = req.key
+            value = self.cassette.lookup_value(key)
+            if value is not MISS:
+                self.local_hits += 1
+                rep = Reply(key, value, "local", self.node_id)
+            else:
+                import trio
 
-            rep = await trio.to_thread.run_sync(self._realize_miss, req, key, timeout)
-        return rep if device is None else on_device(rep, device)
+                rep = await trio.to_thread.run_sync(self._realize_miss, req, key, timeout)
+            return rep if device is None else on_device(rep, device)
+        except Exception as exc:
+            metrics.count_error("realize", exc, evaluates=True)
+            raise
 
     def _realize_miss(self, req: Request, key: ContentKey, timeout: float | None) -> Reply:
-        metrics.MISSES.inc()
+        """A realize the hit path could not answer: compute once (single-flight), timed as
+        op ``realize`` and counted by the answer's source (:mod:`fabric.metrics`)."""
+        t0 = time.perf_counter()
+        try:
+            rep = self._compute_or_wait(req, key, timeout)
+        finally:
+            _REALIZE_TIMER.observe(time.perf_counter() - t0)
+        if rep.source == "local":  # recorded meanwhile by another process (or the leader we waited on found it so)
+            self.local_hits += 1
+        else:
+            metrics.MISSES.inc()
+        return rep
+
+    def _compute_or_wait(self, req: Request, key: ContentKey, timeout: float | None) -> Reply:
         ev = registry.lookup(req.evaluator, req.version)
         with self._flights_lock:
             flight = self._flights.get(key)
@@ -188,34 +212,29 @@ class Fabric(metaclass=abc.ABCMeta):
                 raise flight.error
             assert flight.reply is not None
             return flight.reply
-        t0 = time.perf_counter()
         try:
             reply = self._compute_once(req, key, ev)
             flight.reply = reply
             return reply
         except BaseException as exc:
             flight.error = exc
-            metrics.ERRORS.labels(op="realize", status=exc.status_code.name if isinstance(exc, FabricError) else "EVALUATOR").inc()
             raise
         finally:
             with self._flights_lock:
                 del self._flights[key]
             flight.event.set()
-            metrics.LATENCY.labels(op="realize_miss").observe(time.perf_counter() - t0)
 
     def _compute_once(self, req: Request, key: ContentKey, ev: registry.Evaluator) -> Reply:
         with _KeyLock(self._lockfd, key):
             value = self.cassette.lookup_value(key)  # another process may have recorded it meanwhile
             if value is not MISS:
-                self.local_hits += 1
-                return Reply(key, value, "local", self.node_id)
+                return Reply(key, value, "local", self.node_id)  # counted by _realize_miss
             t0 = time.perf_counter()
             result = ev.call(req.args)
             compute_s = time.perf_counter() - t0
             metrics.EVALUATOR_RUNS.labels(evaluator=ev.name).inc()
             payload = codec.encode(result, root="reply")
             self.cassette.put(key, payload, evaluator=ev.name, version=ev.version, compute_s=compute_s)
-        metrics.SOURCE_HITS.labels(source="computed").inc()
         # hand back exactly what later hits will return (tuples as lists, read-only arrays)
         return Reply(key, codec.decode(payload), "computed", self.node_id)
 
@@ -224,6 +243,7 @@ class Fabric(metaclass=abc.ABCMeta):
         return [self.realize(r) for r in reqs]
 
     # --------------------------------------------------------------- artifacts
+    @metrics.observed("put")
     def put(self, data: Any, *, progress: Any = None, **kw: Any):
         """Store bytes, a numpy array, a file or an iterator of bytes; returns an :class:`ArtifactRef`.
 
@@ -234,24 +254,28 @@ class Fabric(metaclass=abc.ABCMeta):
 
         return artifacts.put(self.cassette, data, progress=progress, **kw)
 
+    @metrics.observed("get")
     def get(self, key: ContentKey | str):
         """An artifact as bytes or a numpy array, or a recorded reply's value."""
         from fabric import artifacts
 
         return artifacts.get(self.cassette, key)
 
+    @metrics.observed("get_into")
     def get_into(self, key: ContentKey | str, out: Any):
         """Fill the preallocated numpy (or CuPy) array ``out`` with the artifact; returns ``out``."""
         from fabric import artifacts
 
         return artifacts.get_into(self.cassette, key, out)
 
+    @metrics.observed("artifact_stream")
     def artifact_stream(self, key: ContentKey | str):
         """``(manifest, iterator of verified chunk bytes)`` for a held artifact (used by :mod:`gpu`)."""
         from fabric import artifacts
 
         return artifacts._stream_artifact(self.cassette, ContentKey.parse(key))
 
+    @metrics.observed("holders")
     def holders(self, key: ContentKey | str) -> list[str]:
         """Nodes known to hold ``key``: this node if its cassette does (embedded mode knows no peers)."""
         key = ContentKey.parse(key)
@@ -265,15 +289,18 @@ class Fabric(metaclass=abc.ABCMeta):
         st["metrics"] = metrics.snapshot()
         return st
 
+    @metrics.observed("verify")
     def verify(self, **kw: Any):
         """Scrub the cassette (see :meth:`cassette.Cassette.verify`)."""
         return self.cassette.verify(**kw)
 
+    @metrics.observed("export")
     def export(self, path: str | os.PathLike, *, progress: Any = None) -> int:
         """Write the cassette's portable ledger file to ``path`` (as ``fabric export``); returns
         the records written.  The same bytes a node's client gets from :meth:`RemoteFabric.export`."""
         return self.cassette.export(path, progress=progress)
 
+    @metrics.observed("replay")
     def replay(self, path: str | os.PathLike, *, progress: Any = None) -> dict:
         """Append the records and blobs of the ledger file at ``path`` (validated whole
         first: a bad file is DATA_LOSS / INVALID_ARGUMENT and nothing is appended);

@@ -1,21 +1,70 @@
 """Prometheus metrics, all named ``fabric_*`` (default registry).
 
-Local cache hits are the hot path and must not take a lock, so they are plain
-per-fabric counters that :class:`_HitCollector` reads at scrape time; everything
-else is an ordinary prometheus_client metric.
+Cache answers.  Every realize a fabric owning a cassette answers (embedded, or a
+node for its clients) is counted exactly once, by where the answer came from:
+
+* ``fabric_cache_hits_total{source="local"}``: from this fabric's own cassette;
+* ``fabric_cache_hits_total{source="peer"}``: recorded here from another node
+  that held it (a fleet holder, the key's home answering from its cassette, a
+  relay's upstream);
+* ``fabric_cache_misses_total``: answered by a computation — run here, or at
+  the key's home for a fleet member that forwarded the request (each node
+  counts the realize it answered; ``fabric_evaluator_runs_total{evaluator}``
+  counts the evaluator calls this process made).
+
+A request that waited on an identical in-flight one is counted as the answer it
+got, plus ``fabric_singleflight_coalesced_total``.  A :class:`fabric.remote.RemoteFabric`
+client counts none of these (its node does).
+
+Local hits are the hot path and must not take a lock, so they are plain
+per-fabric counters (``Fabric.local_hits``) that :class:`_HitCollector` reads at
+scrape time, adding them to the peer hits of an ordinary counter.
+
+Operations.  ``fabric_operation_latency_seconds{op}`` and
+``fabric_operation_errors_total{op,status}`` cover every call of the public
+API that leaves the local-hit path, one observation per outermost public call
+(:func:`observed`; a public method calling another is not counted twice):
+
+* embedded :class:`fabric.local.Fabric`: ``realize`` (its misses: a local hit
+  is counted above but not timed, since a clock read and a histogram update
+  would double its ~9 µs), ``put``, ``get``, ``get_into``, ``artifact_stream``,
+  ``holders``, ``verify``, ``export``, ``replay`` (``realize_many`` is
+  ``realize`` per request);
+* :class:`fabric.remote.RemoteFabric`: every public call, hits included (each
+  is a round trip): ``realize`` (``arealize``, ``arealize_record``),
+  ``realize_many``, ``fetch``, ``get``, ``get_into``, ``artifact_stream``,
+  ``put``, ``holders``, ``stats``, ``verify``, ``export``, ``replay``;
+* a node, per wire op its async handler runs: ``op="node_OP"`` (``node_realize``,
+  ``node_get``, ``node_put``, ...; an op name it does not know is ``node_other``).
+  Requests the node answers inline (realize hits, small fetches, ``holders``,
+  ``lookup``) are not timed; their faults are counted.
+
+An error's ``status`` is the :class:`~cassette.errors.StatusCode` name of the
+``FabricError`` that reached the caller (or that a node answered as a fault),
+with one addition: ``EVALUATOR``, an evaluator's own exception (embedded: any
+non-``FabricError`` out of a realize; a node's INTERNAL fault "evaluator raised
+..." and what a client re-raises from it).  It is not gRPC's ``UNKNOWN``:
+evalfabric's codes have no UNKNOWN, and an evaluator failing is the caller's
+code failing, never retried, which a dashboard wants apart from the fabric's
+own faults.  Any other non-``FabricError`` (a bug) counts as ``INTERNAL``, as a
+node reports one.  Cancellation is not an error.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
+import time
 import weakref
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = [
+    "PEER_HITS",
     "MISSES",
-    "SOURCE_HITS",
     "LATENCY",
     "ERRORS",
     "RETRIES",
@@ -28,19 +77,26 @@ __all__ = [
     "LAYOUT_MISMATCH",
     "CORRUPT_READS",
     "DETERMINISM_VIOLATIONS",
+    "EVALUATOR",
     "track_fabric",
+    "count_answer",
+    "count_error",
+    "error_status",
+    "observed",
     "snapshot",
 ]
 
-SOURCE_HITS = Counter("fabric_cache_source_hits", "Replies served from a peer or a fresh computation", ["source"])
-MISSES = Counter("fabric_cache_misses", "Lookups the local cassette could not answer")
+#: Peer hits: not registered on its own; :class:`_HitCollector` exports it as
+#: ``fabric_cache_hits_total{source="peer"}`` next to the lock-free local hits.
+PEER_HITS = Counter("fabric_cache_hits", "Realizes answered from another node's record", registry=None)
+MISSES = Counter("fabric_cache_misses", "Realizes answered by a computation (here, or at the key's home)")
 LATENCY = Histogram(
     "fabric_operation_latency_seconds",
-    "Latency of fabric operations that leave the local hit path",
+    "Latency of public operations that leave the local hit path, and of a node's async wire ops",
     ["op"],
     buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
 )
-ERRORS = Counter("fabric_operation_errors", "Operations that failed, by status", ["op", "status"])
+ERRORS = Counter("fabric_operation_errors", "Operations that ended in an error, by op and status", ["op", "status"])
 RETRIES = Counter("fabric_operation_retries", "Retries taken by the retry helper", ["op", "status"])
 COALESCED = Counter("fabric_singleflight_coalesced", "Realizes that waited on an identical in-flight one")
 EVALUATOR_RUNS = Counter("fabric_evaluator_runs", "Evaluator invocations on this process", ["evaluator"])
@@ -53,7 +109,15 @@ CORRUPT_READS = Counter("fabric_corrupt_reads", "Stored rows that failed their h
 DETERMINISM_VIOLATIONS = Counter("fabric_determinism_violations", "Keys whose holders claim different digests")
 CONNECTIONS = Gauge("fabric_peer_connections", "Open authenticated peer connections")
 
+#: The ``status`` of an evaluator's own (non-FabricError) exception.
+EVALUATOR = "EVALUATOR"
+
 _fabrics: "weakref.WeakSet" = weakref.WeakSet()
+
+#: The op of the outermost public call in progress in this context (None outside one).
+_CALL: contextvars.ContextVar[str | None] = contextvars.ContextVar("fabric_metrics_call", default=None)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def track_fabric(fab) -> None:
@@ -61,10 +125,103 @@ def track_fabric(fab) -> None:
     _fabrics.add(fab)
 
 
+def count_answer(source: str) -> None:
+    """Count a realize answered with a reply from ``source`` ``"peer"`` or ``"computed"``
+    (a ``"local"`` answer is counted lock-free on its fabric instead)."""
+    if source == "computed":
+        MISSES.inc()
+    else:
+        PEER_HITS.inc()
+
+
+def error_status(exc: BaseException, *, evaluates: bool = False) -> str:
+    """The ``status`` label of ``exc`` (module docstring); ``evaluates``: it came out of a
+    call that runs an evaluator, so a non-FabricError is the evaluator's own."""
+    from cassette.errors import FabricError, StatusCode
+
+    if isinstance(exc, FabricError):
+        if exc.status_code is StatusCode.INTERNAL:
+            from fabric.serve import EVALUATOR_ERROR  # only on this rare path: serve imports trio
+
+            if exc.message.startswith(EVALUATOR_ERROR):
+                return EVALUATOR
+        return exc.status_code.name
+    return EVALUATOR if evaluates else "INTERNAL"
+
+
+def count_error(op: str, exc: BaseException, *, evaluates: bool = False) -> None:
+    """Count ``exc`` reaching the caller of public operation ``op`` — unless it happens
+    inside another public call (:func:`observed`), which counts it under its own op."""
+    if _CALL.get() is None:
+        ERRORS.labels(op=op, status=error_status(exc, evaluates=evaluates)).inc()
+
+
+def observed(op: str, *, evaluates: bool = False) -> Callable[[F], F]:
+    """Decorate a public method (sync or async): time it in ``fabric_operation_latency_seconds{op}``
+    and count an exception it raises in ``fabric_operation_errors_total{op,status}``, once per
+    outermost public call (a decorated call made inside another runs unobserved)."""
+
+    def deco(fn: F) -> F:
+        timer = LATENCY.labels(op=op)
+
+        def enter() -> tuple[contextvars.Token, float]:
+            return _CALL.set(op), time.perf_counter()
+
+        def leave(token: contextvars.Token, t0: float, exc: BaseException | None) -> None:
+            _CALL.reset(token)
+            timer.observe(time.perf_counter() - t0)
+            if isinstance(exc, Exception):  # not a cancellation
+                ERRORS.labels(op=op, status=error_status(exc, evaluates=evaluates)).inc()
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                if _CALL.get() is not None:
+                    return await fn(*args, **kwargs)
+                token, t0 = enter()
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    leave(token, t0, exc)
+                    raise
+                leave(token, t0, None)
+                return result
+
+            return awrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if _CALL.get() is not None:
+                return fn(*args, **kwargs)
+            token, t0 = enter()
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                leave(token, t0, exc)
+                raise
+            leave(token, t0, None)
+            return result
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+def _peer_hits() -> float:
+    for fam in PEER_HITS.collect():
+        for s in fam.samples:
+            if s.name == "fabric_cache_hits_total":
+                return s.value
+    return 0.0
+
+
 class _HitCollector:
     def collect(self) -> Iterator:
-        hits = CounterMetricFamily("fabric_cache_hits", "Replies served from the local cassette", labels=["source"])
+        hits = CounterMetricFamily("fabric_cache_hits", "Realizes answered from a record: this node's cassette (local) or another node's (peer)",
+                                   labels=["source"])
         hits.add_metric(["local"], sum(f.local_hits for f in list(_fabrics)))
+        hits.add_metric(["peer"], _peer_hits())
         yield hits
         recs = GaugeMetricFamily("fabric_ledger_records", "Records indexed in open cassettes", labels=["node"])
         nbytes = GaugeMetricFamily("fabric_ledger_bytes", "Ledger bytes in open cassettes", labels=["node"])

@@ -326,6 +326,12 @@ class ServerCall:
         return f"<ServerCall {self.req_id} op={self.op!r} from {self.peer}>"
 
     @property
+    def deadline(self) -> float:
+        """The trio time at which the request's deadline cancels its handler (``inf`` if none);
+        a handler cancelled at or past it is answered DEADLINE_EXCEEDED."""
+        return self._scope.deadline
+
+    @property
     def peer_limits(self) -> AdvertisedLimits:
         """The limits the client advertised (what :meth:`send` must respect: frame and stream bytes)."""
         return self._c.link.conn.peer_limits  # type: ignore[return-value]

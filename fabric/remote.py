@@ -30,7 +30,7 @@ from cassette import codec
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from cassette.record import Record
-from fabric import artifacts
+from fabric import artifacts, metrics
 from fabric.errors import RetryPolicy, aretry_call, bounded_wait, policy_for
 from fabric.local import Fabric, on_device
 from fabric.net import WireClient, open_connection
@@ -176,6 +176,7 @@ class RemoteFabric:
         return await self._call(op, functools.partial(fn, wait_s=pol.deadline_s), policy=dataclasses.replace(pol, deadline_s=math.inf))
 
     # ---------------------------------------------------------------- realize
+    @metrics.observed("realize", evaluates=True)
     async def arealize_record(self, req: Request) -> tuple[Record, str, str]:
         """``(verified record, source, holder)`` for ``req`` from the node.
 
@@ -193,6 +194,7 @@ class RemoteFabric:
             _raise_fault(exc)
         return _check_realized(req, reply, raw)
 
+    @metrics.observed("realize_many", evaluates=True)
     async def arealize_many(self, reqs: list[Request]) -> list[Reply]:
         """Realize every request of ``reqs`` on the node over one connection: about one or
         two round trips plus the per-request work, instead of one round trip each.
@@ -234,10 +236,12 @@ class RemoteFabric:
                 _raise_fault(answer)
         return answers
 
+    @metrics.observed("realize_many", evaluates=True)
     def realize_many(self, reqs: list[Request]) -> list[Reply]:
         """Sync :meth:`arealize_many`."""
         return self._portal(self.arealize_many, list(reqs))
 
+    @metrics.observed("realize", evaluates=True)
     async def arealize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
         """Realize ``req`` on the node (trio); ``timeout`` bounds the whole call (DEADLINE_EXCEEDED);
         ``device="cuda:0"``: numpy values come back as CuPy arrays on that device.
@@ -302,6 +306,7 @@ class RemoteFabric:
                 conns.sending = None
             batch.done.set()
 
+    @metrics.observed("realize", evaluates=True)
     def realize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
         """Realize ``req`` on the node (sync; runs on this client's portal thread)."""
         return self._portal(self._arealize_kw, req, timeout, device)
@@ -310,6 +315,7 @@ class RemoteFabric:
         return await self.arealize(req, timeout=timeout, device=device)
 
     # ---------------------------------------------------------------- reading
+    @metrics.observed("fetch")
     async def afetch(self, key: ContentKey, expected_digest: bytes | None = None) -> Record:
         """The verified record of ``key`` from the node's ContentServeFabric (NOT_FOUND if not held)."""
 
@@ -327,6 +333,7 @@ class RemoteFabric:
 
         return await self._call("get", go)
 
+    @metrics.observed("get")
     async def aget(self, key: ContentKey | str, *, progress: Callable[[int], None] | None = None) -> Any:
         """An artifact (bytes / numpy) or a reply value from the node, every chunk verified.
 
@@ -355,6 +362,7 @@ class RemoteFabric:
         raw, items = _take_record(reply, items)
         return codec.decode(verify_record(raw, key).payload)
 
+    @metrics.observed("get")
     def get(self, key: ContentKey | str, *, progress: Callable[[int], None] | None = None) -> Any:
         """Sync :meth:`aget` (``progress`` is called on this client's portal thread)."""
         return self._portal(self._aget_kw, key, progress)
@@ -362,6 +370,7 @@ class RemoteFabric:
     async def _aget_kw(self, key: ContentKey | str, progress: Callable[[int], None] | None) -> Any:
         return await self.aget(key, progress=progress)
 
+    @metrics.observed("artifact_stream")
     def artifact_stream(self, key: ContentKey | str) -> tuple[dict, Any]:
         """``(manifest, iterator of verified chunk bytes)`` of an artifact held by or through the
         node: the source :mod:`gpu` materializes from (as :meth:`fabric.local.Fabric.artifact_stream`).
@@ -429,6 +438,7 @@ class RemoteFabric:
         finally:
             self._streams.discard(release)
 
+    @metrics.observed("get_into")
     def get_into(self, key: ContentKey | str, out: Any) -> Any:
         """Fill the preallocated numpy or CuPy array ``out`` with an artifact from the node; returns ``out``.
 
@@ -446,6 +456,7 @@ class RemoteFabric:
         """
         return self._portal(self.aget_into, key, out)
 
+    @metrics.observed("get_into")
     async def aget_into(self, key: ContentKey | str, out: Any) -> Any:
         """:meth:`get_into` under trio (the copy into ``out`` runs on a worker thread)."""
         key = artifacts.artifact_key(key, "get_into")
@@ -456,6 +467,7 @@ class RemoteFabric:
         return await self._call_transfer("get_into", go)
 
     # ---------------------------------------------------------------- writing
+    @metrics.observed("put")
     async def aput(self, data: Any, *, chunk_size: int | None = None, progress: Callable[[int], None] | None = None) -> Any:
         """Store ``data`` (bytes, numpy array, file path or object, iterator of bytes) on the
         node as an artifact; returns its :class:`~fabric.artifacts.ArtifactRef`, the same
@@ -488,6 +500,7 @@ class RemoteFabric:
             plan.close()
         return plan.ref
 
+    @metrics.observed("put")
     def put(self, data: Any, *, chunk_size: int | None = None, progress: Callable[[int], None] | None = None) -> Any:
         """Sync :meth:`aput` (``progress`` is called on this client's portal thread)."""
         return self._portal(self._aput_kw, data, chunk_size, progress)
@@ -499,6 +512,7 @@ class RemoteFabric:
         self.chunks_uploaded += 1
         self.bytes_uploaded += nbytes
 
+    @metrics.observed("holders")
     async def aholders(self, key: ContentKey | str) -> list[str]:
         """Node ids the node knows to hold ``key``."""
         key = ContentKey.parse(key)
@@ -508,10 +522,12 @@ class RemoteFabric:
 
         return list(await self._call("get", go))
 
+    @metrics.observed("holders")
     def holders(self, key: ContentKey | str) -> list[str]:
         """Sync :meth:`aholders`."""
         return self._portal(self.aholders, key)
 
+    @metrics.observed("stats")
     async def astats(self) -> dict:
         """The node's stats answer: ``{"node": {counts, gossip counters, "metrics": {fabric_* sample: value}}, "wire": {...}, "server": {...}}``."""
 
@@ -520,11 +536,13 @@ class RemoteFabric:
 
         return await self._call("get", go)
 
+    @metrics.observed("stats")
     def stats(self) -> dict:
         """Sync :meth:`astats`."""
         return self._portal(self.astats)
 
     # ------------------------------------------------------------------ admin
+    @metrics.observed("verify")
     async def averify(self) -> Any:
         """Scrub the node's cassette (op ``verify``); returns a
         :class:`fabric.admin.NodeVerifyReport` (``records``, ``indexed``, ``blobs``,
@@ -538,10 +556,12 @@ class RemoteFabric:
         reply = await self._call("verify", go, admin.ADMIN_POLICY)
         return admin.verify_report(reply, self.node_id or "")
 
+    @metrics.observed("verify")
     def verify(self) -> Any:
         """Sync :meth:`averify`."""
         return self._portal(self.averify)
 
+    @metrics.observed("export")
     async def aexport(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
         """Write the node's portable ledger file to ``path`` (op ``export``); returns its record count.
 
@@ -565,6 +585,7 @@ class RemoteFabric:
 
         return await aretry_call(attempt, op="export", policy=admin.ADMIN_POLICY)
 
+    @metrics.observed("export")
     def export(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
         """Sync :meth:`aexport`."""
         return self._portal(self._aexport_kw, path, progress)
@@ -572,6 +593,7 @@ class RemoteFabric:
     async def _aexport_kw(self, path: str | os.PathLike, progress: Callable[[int], None] | None) -> int:
         return await self.aexport(path, progress=progress)
 
+    @metrics.observed("replay")
     async def areplay(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> dict:
         """Append the records and blobs of the ledger file at ``path`` to the node (op ``replay``).
 
@@ -585,6 +607,7 @@ class RemoteFabric:
 
         return await admin.send_replay(functools.partial(self._call, "replay", policy=admin.ADMIN_POLICY), path, progress)
 
+    @metrics.observed("replay")
     def replay(self, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> dict:
         """Sync :meth:`areplay`."""
         return self._portal(self._areplay_kw, path, progress)

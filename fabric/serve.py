@@ -25,6 +25,7 @@ payload, and that the record's key is the key asked for.  A record larger than
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -33,7 +34,7 @@ from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from cassette.record import Record, unpack_record
 from cassette.store import Cassette
-from fabric import registry
+from fabric import metrics, registry
 from fabric.request import Request
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ LOOKUP_MAX = 256
 LOOKUP_REPLY_MAX = 2 << 20
 #: Message prefix marking an evaluator's own exception carried in a fault.
 EVALUATOR_ERROR = "evaluator raised "
+#: The ``op`` label of each wire op a node handles (:mod:`fabric.metrics`); any other is ``node_other``.
+_NODE_OPS = {op: f"node_{op}" for op in ("realize", "fetch", "get", "holders", "lookup", "put", "verify", "export", "replay", "gossip")}
 #: While a fleet member obtains an artifact for a ``get`` (before its manifest can go out), it
 #: sends a ``metadata`` ``{"obtaining": verified chunk bytes fetched so far}`` this often, so a client that bounds
 #: each wait for the node (fabric.remote) sees progress and does not give up on a long fetch.
@@ -186,34 +189,56 @@ class NodeService:
     def handle_now(self, op: str, body: Any) -> Any:
         """The node's ``fast`` handler (see :func:`fabric.net.serve`): answer at once what needs
         no waiting — a realize or fetch of a key held here whose record fits inline, and
-        ``holders`` — and :data:`fabric.net.DEFER` everything else."""
+        ``holders`` — and :data:`fabric.net.DEFER` everything else.  Not timed (a request
+        answered here is a hit); a fault counted as in :meth:`handle`."""
         from fabric.net import DEFER
 
-        if op == "realize":
-            hint = body.get("key") if type(body) is dict else None
-            if type(hint) is ContentKey and hint.kind == "request" and type(body.get("version")) is str:
-                key = hint  # safe for a hit: the client checks the record is its request's; never recorded under
-            else:
-                req = self._relay_versioned(self._realize_request(body))
-                if req.version is None:
-                    return DEFER
-                key = req.key
-            raw = self.fab.cassette.get_raw(key)
-            if raw is None or len(raw) > INLINE_MAX:
-                return DEFER  # a miss, or a record that is pushed in pieces
-            return inline_record(raw, local_reply(self.fab, key))
-        if op == "fetch":
-            key = _key_field(body)
-            reply = inline_record(self.serve.fetch(key), {"key": key, "holder": self.node_id})
-            return DEFER if reply is None else reply
-        if op == "holders":
-            return self.holders(_key_field(body))
-        if op == "lookup":
-            return self.lookup(body)
-        return DEFER
+        try:
+            if op == "realize":
+                hint = body.get("key") if type(body) is dict else None
+                if type(hint) is ContentKey and hint.kind == "request" and type(body.get("version")) is str:
+                    key = hint  # safe for a hit: the client checks the record is its request's; never recorded under
+                else:
+                    req = self._relay_versioned(self._realize_request(body))
+                    if req.version is None:
+                        return DEFER
+                    key = req.key
+                raw = self.fab.cassette.get_raw(key)
+                if raw is None or len(raw) > INLINE_MAX:
+                    return DEFER  # a miss, or a record that is pushed in pieces
+                return inline_record(raw, local_reply(self.fab, key))
+            if op == "fetch":
+                key = _key_field(body)
+                reply = inline_record(self.serve.fetch(key), {"key": key, "holder": self.node_id})
+                return DEFER if reply is None else reply
+            if op == "holders":
+                return self.holders(_key_field(body))
+            if op == "lookup":
+                return self.lookup(body)
+            return DEFER
+        except Exception as exc:
+            metrics.ERRORS.labels(op=_NODE_OPS.get(op, "node_other"), status=metrics.error_status(exc)).inc()
+            raise
 
     async def handle(self, call: "ServerCall") -> Any:
-        """Dispatch one wire request by op name."""
+        """Dispatch one wire request by op name (:meth:`_dispatch`), timed in
+        ``fabric_operation_latency_seconds{op="node_OP"}``; a fault it ends in (a cut-off by
+        the request's deadline included) counted in ``fabric_operation_errors_total``."""
+        op = _NODE_OPS.get(call.op, "node_other")
+        t0 = time.perf_counter()
+        try:
+            return await self._dispatch(call)
+        except Exception as exc:
+            metrics.ERRORS.labels(op=op, status=metrics.error_status(exc)).inc()
+            raise
+        except trio.Cancelled:
+            if trio.current_time() >= call.deadline:  # fabric.net answers DEADLINE_EXCEEDED
+                metrics.ERRORS.labels(op=op, status="DEADLINE_EXCEEDED").inc()
+            raise
+        finally:
+            metrics.LATENCY.labels(op=op).observe(time.perf_counter() - t0)
+
+    async def _dispatch(self, call: "ServerCall") -> Any:
         op = call.op
         if op == "realize":
             return await self.realize(call)
@@ -326,6 +351,7 @@ class NodeService:
                 self.relay_versions[req.evaluator] = rec.version
         finally:
             self._end()
+        metrics.count_answer("peer")
         return await answer_held(call, self.fab.cassette, rec.key, {"key": rec.key, "source": "peer", "holder": holder})
 
     async def get(self, call: "ServerCall") -> dict:
