@@ -244,12 +244,7 @@ def _chunks_of(data: Any) -> tuple[Iterable[bytes | memoryview], str | None, tup
             data = data.tobytes()  # its elements in logical order, as numpy input is made contiguous
         return [data], None, None
     if isinstance(data, (str, os.PathLike)):
-        p = Path(data)
-        if p.is_dir():
-            raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: {p} is a directory, not a file")
-        if not p.is_file():
-            raise FabricError(StatusCode.NOT_FOUND, f"put: no such file {p}")
-        return _read_file(p.open("rb")), None, None
+        return _read_file(source_file(data).open("rb")), None, None
     if isinstance(data, io.IOBase) or hasattr(data, "read"):
         return _read_file(data, close=False), None, None
     if getattr(data, "__cuda_array_interface__", None) is not None:  # a device array (iterable too: check first)
@@ -257,6 +252,19 @@ def _chunks_of(data: Any) -> tuple[Iterable[bytes | memoryview], str | None, tup
     if hasattr(data, "__iter__"):
         return _check_iter(data), None, None
     raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: cannot store {type(data).__name__} (bytes, numpy array, file, or iterator of bytes)")
+
+
+def source_file(path: str | os.PathLike) -> Path:
+    """``path`` as a file :func:`put` can read: INVALID_ARGUMENT for a directory or
+    another non-regular file, NOT_FOUND if there is nothing there."""
+    p = Path(path)
+    if p.is_dir():
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: {p} is a directory, not a file")
+    if not p.is_file():
+        if p.exists():
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: {p} is not a regular file")
+        raise FabricError(StatusCode.NOT_FOUND, f"put: no such file {p}")
+    return p
 
 
 def _read_file(f: Any, close: bool = True) -> Iterator[bytes]:

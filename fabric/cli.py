@@ -196,16 +196,13 @@ def cmd_realize(args: argparse.Namespace) -> int:
 
 def cmd_put(args: argparse.Namespace) -> int:
     """``fabric put FILE``: store FILE as an artifact, print its key, size, digest and chunk count as JSON."""
-    if Path(args.file).is_dir():
-        raise FabricError(StatusCode.FAILED_PRECONDITION, f"{args.file} is a directory, not a file")
-    if Path(args.file).exists() and not Path(args.file).is_file():
-        raise FabricError(StatusCode.FAILED_PRECONDITION, f"{args.file} is not a regular file")
-    if not Path(args.file).is_file():
-        raise FabricError(StatusCode.NOT_FOUND, f"no such file {args.file}")
+    from fabric.artifacts import source_file
+
+    path = source_file(args.file)  # before connecting: one status line for a bad FILE
     with _open(args) as fab:
-        cb, stop = _progress(Path(args.file).stat().st_size, f"putting {args.file}", nbytes=True)
+        cb, stop = _progress(path.stat().st_size, f"putting {args.file}", nbytes=True)
         try:
-            ref = fab.put(Path(args.file), progress=cb)
+            ref = fab.put(path, progress=cb)
         finally:
             stop()
     print(json.dumps({"key": str(ref.key), "size_bytes": ref.size_bytes, "digest": ref.digest, "chunks": ref.chunks}))
