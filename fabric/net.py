@@ -66,6 +66,7 @@ __all__ = [
     "FastHandler",
     "DEFER",
     "serve",
+    "bind_error",
     "open_connection",
     "READ_BYTES",
     "UPLOAD_WINDOW",
@@ -651,6 +652,7 @@ async def serve(
     connection tasks a new socket is closed at once, unread.  A connection that
     fails the handshake, breaks the protocol, exceeds a limit or idles past
     ``idle_timeout_s`` is closed with one log line, and only that connection.
+    An address that cannot be bound is a ``FabricError`` naming it (:func:`bind_error`).
     """
     if limits is None:
         limits = StreamFrameLimits()
@@ -658,13 +660,32 @@ async def serve(
     accept = tuple(bytes(a) for a in accept)
     WireConnection("server", secret, limits, node_id=node_id, accept=accept)
     state = _ServerState(bytes(secret), handler, limits, node_id, stats, welcome, fast, accept)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise bind_error("listen", host, port, exc) from None
     bound = listeners[0].socket.getsockname()
     async with trio.open_nursery() as nursery:
         for listener in listeners:
             nursery.start_soon(_accept_loop, listener, state, nursery)
         log.info("wire server listening on %s:%d node=%s", bound[0], bound[1], node_id)
         task_status.started(Listening(str(bound[0]), int(bound[1])))
+
+
+def bind_error(what: str, host: str, port: int, exc: OSError) -> FabricError:
+    """``FabricError("cannot {what} on HOST:PORT: reason")`` for a socket that could not be
+    bound: UNAVAILABLE when the port is in use (it may be freed), PERMISSION_DENIED for a
+    privileged port, FAILED_PRECONDITION otherwise (an address that is not this machine's,
+    a host name that does not resolve)."""
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        code = StatusCode.UNAVAILABLE
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        code = StatusCode.PERMISSION_DENIED
+    else:
+        code = StatusCode.FAILED_PRECONDITION
+    return FabricError(code, f"cannot {what} on {host}:{port}: {exc.strerror or exc}")
 
 
 async def _accept_loop(listener: trio.SocketListener, state: _ServerState, nursery: trio.Nursery) -> None:

@@ -8,7 +8,7 @@ in-flight computations finish and their records commit (bounded by
 ``--drain-s``), close LMDB, exit 0.
 
 Bad flags fail before anything is opened (:func:`check_args`); a port that
-cannot be bound fails as one status line (:func:`bind_error`).
+cannot be bound fails as one status line (:func:`fabric.net.bind_error`).
 
 Logs (stderr, logger names ``fabric.*``) carry one line per connection event
 and name keys, never payloads or secrets.
@@ -27,7 +27,7 @@ import trio
 from cassette.errors import FabricError, StatusCode
 from fabric.wire import StreamFrameLimits
 
-__all__ = ["main", "run_node", "check_args", "bind_error"]
+__all__ = ["main", "run_node", "check_args"]
 
 log = logging.getLogger("fabric.node")
 DRAIN_S = 30.0
@@ -37,6 +37,7 @@ async def run_node(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     from fabric import api, metrics
     from fabric.local import Fabric
+    from fabric.net import bind_error, serve
     from fabric.registry import load_evaluators, registered
     from fabric.remote import RemoteFabric, parse_address
     from fabric.serve import NodeService
@@ -73,7 +74,7 @@ async def run_node(args: argparse.Namespace) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 listening = await nursery.start(
-                    lambda task_status: _serve_or_bind_error(
+                    lambda task_status: serve(
                         host, port, secret, service.handle, limits, node_id=fab.node_id, fast=service.handle_now,
                         stats=lambda: _node_stats(fab, service), welcome={"node": fab.node_id, "capabilities": caps},
                         accept=forms[1:], task_status=task_status,
@@ -109,43 +110,6 @@ async def run_node(args: argparse.Namespace) -> int:
         metrics.CONNECTIONS.set(0)
     log.info("node %s stopped cleanly", fab.node_id)
     return 0
-
-
-async def _serve_or_bind_error(host: str, port: int, *args, task_status=trio.TASK_STATUS_IGNORED, **kwargs) -> None:
-    """:func:`fabric.net.serve`, with a failure to listen (before it reports started) raised
-    as :func:`bind_error`'s one status line instead of a bare ``OSError``."""
-    from fabric.net import serve
-
-    started = False
-
-    class _Status:
-        def started(self, value=None) -> None:
-            nonlocal started
-            started = True
-            task_status.started(value)
-
-    try:
-        await serve(host, port, *args, task_status=_Status(), **kwargs)
-    except OSError as exc:
-        if started:
-            raise
-        raise bind_error("listen", host, port, exc) from None
-
-
-def bind_error(what: str, host: str, port: int, exc: OSError) -> FabricError:
-    """``FabricError("cannot {what} on HOST:PORT: reason")`` for a socket that could not be
-    bound: UNAVAILABLE when the port is in use (it may be freed), PERMISSION_DENIED for a
-    privileged port, FAILED_PRECONDITION otherwise (an address that is not this machine's,
-    a host name that does not resolve)."""
-    import errno
-
-    if exc.errno == errno.EADDRINUSE:
-        code = StatusCode.UNAVAILABLE
-    elif exc.errno in (errno.EACCES, errno.EPERM):
-        code = StatusCode.PERMISSION_DENIED
-    else:
-        code = StatusCode.FAILED_PRECONDITION
-    return FabricError(code, f"cannot {what} on {host}:{port}: {exc.strerror or exc}")
 
 
 def check_args(args: argparse.Namespace) -> None:
