@@ -125,17 +125,25 @@ def _node_address(args: argparse.Namespace) -> str | None:
     return getattr(args, "node", None) or (None if getattr(args, "data", None) else os.environ.get("FABRIC_NODE")) or None
 
 
+def _node_secret(args: argparse.Namespace, node: str) -> bytes:
+    """The secret for talking to ``node``: ``--secret-file``, else ``$FABRIC_SECRET(_FILE)``.
+    INVALID_ARGUMENT for an address that is not HOST:PORT, UNAUTHENTICATED when no secret is given."""
+    from fabric import api
+
+    if not api.is_address(node):
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"--node must be HOST:PORT, got {node!r}")
+    secret = api.read_secret_file(args.secret_file) if getattr(args, "secret_file", None) else api._secret_from_env()
+    if secret is None:
+        raise FabricError(StatusCode.UNAUTHENTICATED, f"talking to node {node} needs --secret-file F (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
+    return secret
+
+
 def _open(args: argparse.Namespace):
     from fabric import api
 
     node = _node_address(args)
     if node:
-        secret = api.read_secret_file(args.secret_file) if getattr(args, "secret_file", None) else api._secret_from_env()
-        if not api.is_address(node):
-            raise FabricError(StatusCode.INVALID_ARGUMENT, f"--node must be HOST:PORT, got {node!r}")
-        if secret is None:
-            raise FabricError(StatusCode.UNAUTHENTICATED, f"talking to node {node} needs --secret-file F (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
-        return api.open(node, secret=secret)
+        return api.open(node, secret=_node_secret(args, node))
     return api.open(Path(args.data) if args.data else api.default_home())
 
 

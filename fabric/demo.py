@@ -10,9 +10,11 @@ already recorded, whatever the overlap.
 
 ``--node HOST:PORT`` (or ``$FABRIC_NODE``) runs the agents through that running
 node instead (it must have the example evaluators); ``--nodes N`` starts a
-local fleet of N nodes for them.  The integer flags are checked first:
-``--agents``, ``--requests`` and ``--distinct`` at least 1, ``--nodes`` at least
-0, and ``--node`` excludes ``--nodes``; INVALID_ARGUMENT otherwise.
+local fleet of N nodes for them.  The integer flags are checked first
+(:data:`LIMITS`: ``--agents`` 1-64, ``--requests`` 1-1,000,000, ``--distinct``
+1-100,000, ``--nodes`` 0-16), and ``--node`` excludes ``--nodes``;
+INVALID_ARGUMENT otherwise.  Through a node, a missing secret is UNAUTHENTICATED
+as for every ``--node`` command.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ import time
 from pathlib import Path
 
 EXAMPLES = "examples.evaluators"
+#: (flag, attribute, least, most) of demo's integer flags: each agent and node is a process
+#: and the request pool is built in memory, so a typo cannot start thousands of them
+LIMITS = (("--agents", "agents", 1, 64), ("--requests", "requests", 1, 1_000_000),
+          ("--distinct", "distinct", 1, 100_000), ("--nodes", "nodes", 0, 16))
 
 _TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -123,19 +129,17 @@ def main(args: argparse.Namespace) -> int:
     from cassette.errors import FabricError, StatusCode
     from fabric import api
 
-    from fabric.cli import _node_address
+    from fabric.cli import _node_address, _node_secret
 
-    for flag, value, least in (("--agents", args.agents, 1), ("--requests", args.requests, 1),
-                               ("--distinct", args.distinct, 1), ("--nodes", args.nodes, 0)):
-        if value < least:  # checked before anything is started (a negative --nodes divided by zero)
-            raise FabricError(StatusCode.INVALID_ARGUMENT, f"{flag} must be at least {least}, got {value}")
+    for flag, attr, least, most in LIMITS:
+        value = getattr(args, attr)
+        if not least <= value <= most:  # checked before anything is started (a negative --nodes divided by zero)
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"{flag} must be {least}-{most}, got {value}")
     node = _node_address(args)
     if node and args.nodes:
         raise FabricError(StatusCode.INVALID_ARGUMENT, "--node (or $FABRIC_NODE) and --nodes exclude each other")
     if node:
-        if not api.is_address(node):
-            raise FabricError(StatusCode.INVALID_ARGUMENT, f"--node must be HOST:PORT, got {node!r}")
-        return node_main(args, node)
+        return node_main(args, node, _node_secret(args, node))
     data = Path(args.data) if args.data else api.default_home()
     if args.nodes:
         return fleet_main(args, data)
@@ -172,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def node_main(args: argparse.Namespace, node: str) -> int:
+def node_main(args: argparse.Namespace, node: str, secret: bytes) -> int:
     """``fabric demo --node HOST:PORT``: the agents realize through that running node.
 
     The summary counts evaluator runs on the node from its ``fabric_evaluator_runs``
@@ -184,12 +188,8 @@ def node_main(args: argparse.Namespace, node: str) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from cassette.errors import FabricError, StatusCode
     from fabric import api
 
-    if not args.secret_file and not api._secret_from_env():
-        raise FabricError(StatusCode.INVALID_ARGUMENT, "--node needs --secret-file F (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
-    secret = api.read_secret_file(args.secret_file) if args.secret_file else None
     spec = _examples_spec()
     console = Console()
     with api.open(node, secret=secret) as fab:  # an unreachable node or a wrong secret fails here, once

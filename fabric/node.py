@@ -89,9 +89,8 @@ async def run_node(args: argparse.Namespace) -> int:
                     log.info("node %s: gossip running, %d holdings replayed from the ledger, seeds=%s", fab.node_id, facts, args.join)
                 print(f"listening on {listening.host}:{listening.port} node={fab.node_id}", flush=True)
                 log.info("node %s serving %s on %s:%d (relay=%s)", fab.node_id, data, listening.host, listening.port, args.relay)
-                async for signum in signals:
-                    log.info("node %s: %s received, shutting down", fab.node_id, signal.Signals(signum).name)
-                    break
+                signum = await _first_signal(signals, getattr(args, "early_signals", ()))
+                log.info("node %s: %s received, shutting down", fab.node_id, signal.Signals(signum).name)
                 if fleet is not None:
                     await fleet.aclose()
                 nursery.cancel_scope.cancel()
@@ -110,6 +109,15 @@ async def run_node(args: argparse.Namespace) -> int:
         metrics.CONNECTIONS.set(0)
     log.info("node %s stopped cleanly", fab.node_id)
     return 0
+
+
+async def _first_signal(signals, early) -> int:
+    """The first shutdown signal: one caught before the receiver was open (``early``), else the next."""
+    if early:
+        return early[0]
+    async for signum in signals:
+        return signum
+    raise AssertionError("a signal receiver never ends")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -154,7 +162,15 @@ def _node_stats(fab, service) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point for ``fabric node`` (argparse namespace from :mod:`fabric.cli`)."""
+    """Entry point for ``fabric node`` (argparse namespace from :mod:`fabric.cli`).
+
+    SIGTERM/SIGINT are caught from here on: one that arrives while the node is
+    still starting (opening its cassette, loading evaluators) shuts it down
+    cleanly, exit 0, as soon as it serves."""
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
+    args.early_signals = early
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not hasattr(args, "drain_s"):
         args.drain_s = DRAIN_S

@@ -191,7 +191,10 @@ def test_every_command_has_help(cli, cmd):
         (["demo", "--distinct", "-3"], "INVALID_ARGUMENT"),
         (["demo", "--node", "garbage", "--secret-file", "/dev/null"], "INVALID_ARGUMENT"),
         (["demo", "--node", "127.0.0.1:1", "--nodes", "2"], "INVALID_ARGUMENT"),
-        (["demo", "--node", "127.0.0.1:1"], "INVALID_ARGUMENT"),  # no secret
+        (["demo", "--node", "127.0.0.1:1"], "UNAUTHENTICATED"),  # no secret: as every --node command says
+        (["demo", "--agents", "100000"], "INVALID_ARGUMENT"),  # would start 100k processes
+        (["demo", "--nodes", "500"], "INVALID_ARGUMENT"),
+        (["demo", "--distinct", "1000000000"], "INVALID_ARGUMENT"),  # the pool is built in memory
         (["stats", "--node", "127.0.0.1:1"], "UNAUTHENTICATED"),  # no secret: says to give --secret-file
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40],

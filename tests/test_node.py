@@ -592,3 +592,37 @@ def test_cli_get_and_stats_through_a_node(tmp_path):
         r = subprocess.run([FABRIC, "get", "artifact:" + "0" * 64, "--node", addr, "--secret-file", str(tmp_path / "secret")],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and "NOT_FOUND" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_while_the_node_is_still_starting_is_a_clean_shutdown(tmp_path):
+    """A SIGTERM that lands while the node loads its evaluators (cassette already open)
+    is held until it serves, then shuts it down as any SIGTERM does: exit 0, lock released."""
+    started, go = tmp_path / "loading", tmp_path / "go"
+    mod = tmp_path / "slow_evaluators.py"
+    mod.write_text(
+        "import pathlib, time\n"
+        f"pathlib.Path({str(started)!r}).touch()\n"
+        f"while not pathlib.Path({str(go)!r}).exists():\n"
+        "    time.sleep(0.01)\n"
+    )
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    data = tmp_path / "data"
+    proc = subprocess.Popen([FABRIC, "node", "--data", str(data), "--listen", "127.0.0.1:0", "--secret-file", str(secret),
+                             "--evaluators", str(mod)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "slow start"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        go.touch()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_node(proc)
+    assert proc.returncode == 0, err
+    assert out.startswith("listening on "), out
+    assert "SIGTERM received, shutting down" in err and "stopped cleanly" in err
+    with Cassette(data) as cas:  # closed cleanly: it opens again at once
+        assert cas.stats()["records"] == 0
