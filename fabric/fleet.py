@@ -562,8 +562,9 @@ class ContentAddressedFabric:
         ``FETCH_PER_HOLDER`` lanes per holder take chunks from one shared queue;
         ``pool.blob`` verifies each against its key (DATA_LOSS otherwise) and
         verified chunks are stored every ``FETCH_BATCH``.  A holder whose fetch
-        fails is done: the chunk goes back to the front of the queue for the
-        others.  A round ends when every lane has stopped; chunks a failed holder
+        fails, takes over ``CHUNK_DEADLINE_S`` or turns DEAD while a chunk waits on
+        it (:meth:`Fleet.while_live`) is done: the chunk goes back to the front of
+        the queue for the others.  A round ends when every lane has stopped; chunks a failed holder
         handed back after the others had stopped start another round with the
         holders left.  UNAVAILABLE when no holder is left for a chunk.
         """
@@ -577,18 +578,32 @@ class ContentAddressedFabric:
                 batch.clear()
                 await self.fab.cassette.aput_blobs(items, verified=True)  # pool.blob checked each
 
-        async def lane(node_id: str, addr: str, failed: set[str]) -> None:
+        async def one(node_id: str, addr: str, ck: ContentKey, failed: dict[str, bool]) -> bytes | None:
+            if node_id in failed:  # another lane's failure came while this one was being scheduled
+                return None
+            try:
+                return await pool.blob(addr, ck)
+            except FabricError:
+                failed.setdefault(node_id, False)  # at once: no lane of this holder starts another chunk
+                raise
+
+        async def lane(node_id: str, addr: str, failed: dict[str, bool]) -> None:
             while pending and node_id not in failed:
                 ck = pending.popleft()
                 try:
                     with trio.fail_after(CHUNK_DEADLINE_S):
-                        data = await pool.blob(addr, ck)
+                        live, data = await self.fleet.while_live(node_id, lambda: one(node_id, addr, ck, failed))
+                    if not live:  # the failure detector gave up on it while this chunk waited
+                        raise FabricError(StatusCode.UNAVAILABLE, "the holder is now DEAD")
+                    if data is None:
+                        pending.appendleft(ck)
+                        return
                 except (FabricError, trio.TooSlowError) as exc:
                     if isinstance(exc, trio.TooSlowError):  # a holder that accepts but never answers
                         exc = FabricError(StatusCode.DEADLINE_EXCEEDED, f"no answer within {CHUNK_DEADLINE_S:g} s")
                     pending.appendleft(ck)
-                    if node_id not in failed:
-                        failed.add(node_id)
+                    if not failed.get(node_id):  # (False: failed, not yet reported)
+                        failed[node_id] = True
                         if exc.status_code is StatusCode.DATA_LOSS:
                             metrics.ERRORS.labels(op="peer_fetch", status="DATA_LOSS").inc()
                         log.info("chunk %s of %s from %s failed: %s; it gets no further chunks",
@@ -605,7 +620,7 @@ class ContentAddressedFabric:
         while pending:
             if not live:
                 raise FabricError(StatusCode.UNAVAILABLE, f"no live holder could serve chunk {pending[0].short()}", key=key)
-            failed: set[str] = set()
+            failed: dict[str, bool] = {}  # holder -> its failure was reported
             async with trio.open_nursery() as nursery:
                 for node_id, addr in live:
                     for _ in range(FETCH_PER_HOLDER):

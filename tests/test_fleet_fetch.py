@@ -241,6 +241,41 @@ def test_a_fetch_waiting_on_a_hung_holder_moves_on_once_the_holder_is_dead(tmp_p
         dst.close()
 
 
+def test_chunk_lanes_waiting_on_a_hung_holder_move_on_once_the_holder_is_dead(tmp_path, source, monkeypatch):
+    """Chunks a hung holder accepted go to the other holders as soon as the failure detector
+    declares it DEAD, not after the per-chunk deadline (made an hour here)."""
+    import fabric.fleet
+
+    monkeypatch.setattr(fabric.fleet, "CHUNK_DEADLINE_S", 3600.0)
+    src, ref, data = source
+    a, hung = _Peer("A", src.cassette), _Peer("H", src.cassette, delay=3600)  # A serves the manifest
+    dst = fabric.open(tmp_path / "dst", durability="fast")
+    fleet = _Fleet([a, hung], src.cassette.get_record(ref.key).digest, dst)
+    got = []
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            async def obtain():
+                got.append(await ContentAddressedFabric(dst, fleet).obtain(ref.key))
+            nursery.start_soon(obtain)
+            with trio.move_on_after(60):  # bound only: the test fails, never hangs
+                while hung.calls < FETCH_PER_HOLDER:
+                    await trio.sleep(0.01)
+                fleet.dead.add("H")  # the detector's verdict arrives while H's lanes wait
+                while not got:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(go)
+        assert got == ["A"] and hung.served == [] and hung.calls == FETCH_PER_HOLDER
+        assert sorted(a.served) == sorted(_chunks(src, ref))  # H's chunks went back to A, each once
+        assert dst.get(ref.key) == data
+        _verified_clean(dst)
+    finally:
+        dst.close()
+
+
 def test_concurrent_obtains_of_one_key_share_one_fetch(tmp_path, source):
     src, ref, data = source
     a, b = _Peer("A", src.cassette), _Peer("B", src.cassette)
