@@ -210,6 +210,28 @@ def test_a_holder_sending_altered_bytes_is_dropped_and_nothing_unverified_is_sto
         dst.close()
 
 
+def _obtain_declaring_dead(dst, fleet, key, hung: _Peer, calls: int) -> list:
+    """Run ``obtain(key)``; once ``hung`` has taken ``calls`` calls, the fake failure detector
+    declares it DEAD.  Returns what obtain returned ([] if it did not within 60 s)."""
+    got = []
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            async def obtain():
+                got.append(await ContentAddressedFabric(dst, fleet).obtain(key))
+            nursery.start_soon(obtain)
+            with trio.move_on_after(60):  # bound only: the test fails, never hangs
+                while hung.calls < calls:
+                    await trio.sleep(0.01)
+                fleet.dead.add(hung.node_id)  # the detector's verdict arrives while calls wait on it
+                while not got:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(go)
+    return got
+
+
 def test_a_fetch_waiting_on_a_hung_holder_moves_on_once_the_holder_is_dead(tmp_path, source):
     """A holder that accepts the fetch and never answers (a hung process) is given up when the
     failure detector declares it DEAD, and the next holder serves (it used to wait for good)."""
@@ -217,24 +239,8 @@ def test_a_fetch_waiting_on_a_hung_holder_moves_on_once_the_holder_is_dead(tmp_p
     a, b = _Peer("A", src.cassette, delay=3600), _Peer("B", src.cassette)
     dst = fabric.open(tmp_path / "dst", durability="fast")
     fleet = _Fleet([a, b], src.cassette.get_record(ref.key).digest, dst)
-    got = []
-
-    async def go():
-        async with trio.open_nursery() as nursery:
-            async def obtain():
-                got.append(await ContentAddressedFabric(dst, fleet).obtain(ref.key))
-            nursery.start_soon(obtain)
-            with trio.move_on_after(60):  # bound only: the test fails, never hangs
-                while not a.calls:
-                    await trio.sleep(0.01)
-                fleet.dead.add("A")  # the detector's verdict arrives while the fetch waits on A
-                while not got:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-
     try:
-        trio.run(go)
-        assert got == ["B"] and a.calls == 1
+        assert _obtain_declaring_dead(dst, fleet, ref.key, a, 1) == ["B"] and a.calls == 1
         assert dst.get(ref.key) == data
         _verified_clean(dst)
     finally:
@@ -251,24 +257,9 @@ def test_chunk_lanes_waiting_on_a_hung_holder_move_on_once_the_holder_is_dead(tm
     a, hung = _Peer("A", src.cassette), _Peer("H", src.cassette, delay=3600)  # A serves the manifest
     dst = fabric.open(tmp_path / "dst", durability="fast")
     fleet = _Fleet([a, hung], src.cassette.get_record(ref.key).digest, dst)
-    got = []
-
-    async def go():
-        async with trio.open_nursery() as nursery:
-            async def obtain():
-                got.append(await ContentAddressedFabric(dst, fleet).obtain(ref.key))
-            nursery.start_soon(obtain)
-            with trio.move_on_after(60):  # bound only: the test fails, never hangs
-                while hung.calls < FETCH_PER_HOLDER:
-                    await trio.sleep(0.01)
-                fleet.dead.add("H")  # the detector's verdict arrives while H's lanes wait
-                while not got:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-
     try:
-        trio.run(go)
-        assert got == ["A"] and hung.served == [] and hung.calls == FETCH_PER_HOLDER
+        assert _obtain_declaring_dead(dst, fleet, ref.key, hung, FETCH_PER_HOLDER) == ["A"]
+        assert hung.served == [] and hung.calls == FETCH_PER_HOLDER
         assert sorted(a.served) == sorted(_chunks(src, ref))  # H's chunks went back to A, each once
         assert dst.get(ref.key) == data
         _verified_clean(dst)
