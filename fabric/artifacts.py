@@ -38,7 +38,7 @@ from fabric import metrics
 __all__ = [
     "ArtifactRef", "ArtifactSession", "ChunkCutter", "ChunkPlan", "build_manifest", "parse_manifest", "check_content",
     "put", "get", "get_into", "manifest_of", "DEFAULT_CHUNK", "artifact_key", "verified_chunks", "assemble",
-    "fill_target", "check_target",
+    "fill_target", "check_target", "key_of",
 ]
 
 DEFAULT_CHUNK = 1 << 20
@@ -240,9 +240,7 @@ def _chunks_of(data: Any) -> tuple[Iterable[bytes | memoryview], str | None, tup
             flat = (flat != 0).view(np.uint8)
         return [memoryview(flat)], le.str, tuple(data.shape)
     if isinstance(data, (bytes, bytearray, memoryview)):
-        if isinstance(data, memoryview) and not data.c_contiguous:
-            data = data.tobytes()  # its elements in logical order, as numpy input is made contiguous
-        return [data], None, None
+        return [_contiguous(data)], None, None
     if isinstance(data, (str, os.PathLike)):
         return _read_file(source_file(data).open("rb")), None, None
     if isinstance(data, io.IOBase) or hasattr(data, "read"):
@@ -282,11 +280,18 @@ def _read_file(f: Any, close: bool = True) -> Iterator[bytes]:
             f.close()
 
 
-def _check_iter(it: Iterable[Any]) -> Iterator[bytes]:
+def _contiguous(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+    """``data``, or a strided memoryview's elements in logical order (as numpy input is made contiguous)."""
+    if isinstance(data, memoryview) and not data.c_contiguous:
+        return data.tobytes()
+    return data
+
+
+def _check_iter(it: Iterable[Any]) -> Iterator[bytes | bytearray | memoryview]:
     for i, b in enumerate(it):
         if not isinstance(b, (bytes, bytearray, memoryview)):
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: item [{i}] of the iterator is {type(b).__name__}, not bytes")
-        yield b
+        yield _contiguous(b)
 
 
 def put(cassette: Cassette, data: Any, *, chunk_size: int = DEFAULT_CHUNK, progress: Callable[[int], None] | None = None) -> ArtifactRef:
@@ -442,10 +447,16 @@ def manifest_of(cassette: Cassette, key: ContentKey) -> dict:
     return manifest
 
 
-def artifact_key(key: ContentKey | str, op: str) -> ContentKey:
-    """``key`` parsed, if it names an artifact; INVALID_ARGUMENT naming ``op`` otherwise
-    (a recorded reply or a single blob is not an array's content: ``get`` reads those)."""
-    key = ContentKey.parse(key)
+def key_of(key: "ContentKey | str | ArtifactRef") -> ContentKey:
+    """The :class:`ContentKey` a ``get`` / ``get_into`` / ``holders`` argument names: a key,
+    its text form, or an :class:`ArtifactRef` (its ``key``); INVALID_ARGUMENT otherwise."""
+    return ContentKey.parse(key.key if isinstance(key, ArtifactRef) else key)
+
+
+def artifact_key(key: "ContentKey | str | ArtifactRef", op: str) -> ContentKey:
+    """``key`` parsed (:func:`key_of`), if it names an artifact; INVALID_ARGUMENT naming ``op``
+    otherwise (a recorded reply or a single blob is not an array's content: ``get`` reads those)."""
+    key = key_of(key)
     if key.kind != "artifact":
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"{op}: expected an artifact key, got a {key.kind} key (read it with get)", key=key)
     return key
@@ -533,7 +544,7 @@ def get(cassette: Cassette, key: ContentKey | str, *, progress: Callable[[int], 
     ``progress(n)``, for an artifact: ``n`` bytes of it read and verified so far, per
     chunk; the last call has its ``size_bytes``.  Not called for a reply or a blob.
     """
-    key = ContentKey.parse(key)
+    key = key_of(key)
     if key.kind == "request":
         value = cassette.lookup_value(key)
         if value is MISS:
@@ -571,9 +582,9 @@ def fill_target(stream: Callable[[], tuple[dict, Iterable[bytes]]], key: Content
     (``__cuda_array_interface__``) go to :func:`gpu.materialize_into`.  A numpy
     ``out`` must have the artifact's dtype (any byte order) and shape
     (:func:`check_target`, INVALID_ARGUMENT otherwise, checked before any chunk
-    is used; a bytes artifact fits any array of ``size_bytes`` bytes).  A
-    C-contiguous, writable, same-byte-order target is written chunk by chunk in
-    place; anything else gets a staged copy, counted in
+    is used; a bytes artifact fits any array of ``size_bytes`` bytes that holds
+    no Python objects).  A C-contiguous, writable, same-byte-order target is
+    written chunk by chunk in place; anything else gets a staged copy, counted in
     ``fabric_layout_mismatch_total``.  On DATA_LOSS the content of ``out`` is
     unspecified.
     """
@@ -585,7 +596,7 @@ def fill_target(stream: Callable[[], tuple[dict, Iterable[bytes]]], key: Content
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out must be a numpy or CuPy array, got {type(out).__name__}")
     manifest, chunks = stream()
     if check_target(manifest, out, key):
-        dst = memoryview(out.reshape(-1).view(np.uint8))
+        dst = memoryview(out.view(np.ndarray).reshape(-1).view(np.uint8))  # also for a subclass (np.matrix stays 2-D)
         off = 0
         for data in chunks:
             dst[off : off + len(data)] = data
@@ -604,6 +615,8 @@ def check_target(manifest: dict, out: Any, key: ContentKey) -> bool:
     """Validate ``out`` against the manifest; True when it can be written in place."""
     if not getattr(out, "flags", None) or not out.flags.writeable:
         raise FabricError(StatusCode.INVALID_ARGUMENT, "get_into: out is read-only", key=key)
+    if out.dtype.hasobject:  # its elements are object pointers: no content's bytes belong there
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out dtype {out.dtype} holds Python objects, not numbers", key=key)
     dtype, shape = manifest["dtype"], manifest["shape"]
     if dtype is None:
         if out.nbytes != manifest["size"]:

@@ -255,15 +255,19 @@ class Fabric(metaclass=abc.ABCMeta):
         return artifacts.put(self.cassette, data, progress=progress, **kw)
 
     @metrics.observed("get")
-    def get(self, key: ContentKey | str):
-        """An artifact as bytes or a numpy array, or a recorded reply's value."""
+    def get(self, key: ContentKey | str, *, progress: Any = None):
+        """An artifact as bytes or a numpy array, or a recorded reply's value (``key``: a key, its text, or an ArtifactRef).
+
+        ``progress(n)``, for an artifact: ``n`` bytes of it read and verified so far, per chunk,
+        as :meth:`RemoteFabric.get <fabric.remote.RemoteFabric.get>` reports them (:func:`fabric.artifacts.get`).
+        """
         from fabric import artifacts
 
-        return artifacts.get(self.cassette, key)
+        return artifacts.get(self.cassette, key, progress=progress)
 
     @metrics.observed("get_into")
     def get_into(self, key: ContentKey | str, out: Any):
-        """Fill the preallocated numpy (or CuPy) array ``out`` with the artifact; returns ``out``."""
+        """Fill the preallocated numpy (or CuPy) array ``out`` with the artifact (its key, key text or ArtifactRef); returns ``out``."""
         from fabric import artifacts
 
         return artifacts.get_into(self.cassette, key, out)
@@ -273,12 +277,14 @@ class Fabric(metaclass=abc.ABCMeta):
         """``(manifest, iterator of verified chunk bytes)`` for a held artifact (used by :mod:`gpu`)."""
         from fabric import artifacts
 
-        return artifacts._stream_artifact(self.cassette, ContentKey.parse(key))
+        return artifacts._stream_artifact(self.cassette, artifacts.key_of(key))
 
     @metrics.observed("holders")
     def holders(self, key: ContentKey | str) -> list[str]:
-        """Nodes known to hold ``key``: this node if its cassette does (embedded mode knows no peers)."""
-        key = ContentKey.parse(key)
+        """Nodes known to hold ``key`` (or an ArtifactRef's): this node if its cassette does (embedded mode knows no peers)."""
+        from fabric import artifacts
+
+        key = artifacts.key_of(key)
         return [self.node_id] if self.cassette.contains(key) else []
 
     # -------------------------------------------------------------------- admin

@@ -335,7 +335,8 @@ class RemoteFabric:
 
     @metrics.observed("get")
     async def aget(self, key: ContentKey | str, *, progress: Callable[[int], None] | None = None) -> Any:
-        """An artifact (bytes / numpy) or a reply value from the node, every chunk verified.
+        """An artifact (bytes / numpy) or a reply value from the node, every chunk verified
+        (``key``: a key, its text, or an ArtifactRef).
 
         An artifact streams (as :meth:`get_into` does): the manifest comes first and each
         verified chunk is copied into the result as it arrives, so the artifact is held
@@ -343,7 +344,7 @@ class RemoteFabric:
         attempt, per pushed item (for an artifact, per chunk, ending at its size; called
         from a worker thread).  A retried attempt counts from 0 again.
         """
-        key = ContentKey.parse(key)
+        key = artifacts.key_of(key)
         if key.kind == "artifact":
 
             def assemble(stream: Callable[[], tuple[dict, Any]]) -> Any:
@@ -440,7 +441,8 @@ class RemoteFabric:
 
     @metrics.observed("get_into")
     def get_into(self, key: ContentKey | str, out: Any) -> Any:
-        """Fill the preallocated numpy or CuPy array ``out`` with an artifact from the node; returns ``out``.
+        """Fill the preallocated numpy or CuPy array ``out`` with an artifact (its key, key text or
+        ArtifactRef) from the node; returns ``out``.
 
         Exactly the embedded :meth:`fabric.local.Fabric.get_into`
         (:func:`fabric.artifacts.fill_target`): ``key`` must be an artifact key and
@@ -514,8 +516,8 @@ class RemoteFabric:
 
     @metrics.observed("holders")
     async def aholders(self, key: ContentKey | str) -> list[str]:
-        """Node ids the node knows to hold ``key``."""
-        key = ContentKey.parse(key)
+        """Node ids the node knows to hold ``key`` (or an ArtifactRef's)."""
+        key = artifacts.key_of(key)
 
         async def go(client: WireClient):
             return await client.request("holders", {"key": key})
@@ -867,7 +869,7 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
     DEADLINE_EXCEEDED naming what did not arrive."""
     head = trio.Event()
     state: dict[str, Any] = {}
-    errors: list[FabricError] = []  # the reader's, then the filler's
+    errors: list[Exception] = []  # the reader's (FabricError), then the filler's (whatever consume raised)
     send, recv = trio.open_memory_channel(FILL_AHEAD)
     token = trio.lowlevel.current_trio_token()  # stream() also works from a thread trio did not start
     async with client.stream("get", {"key": key}) as call:
@@ -909,8 +911,8 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
             async def fill() -> None:
                 try:
                     state["out"] = await trio.to_thread.run_sync(consume, stream)
-                except FabricError as exc:
-                    errors.append(exc)
+                except Exception as exc:  # noqa: BLE001 - raised below as it is (a caller's progress callback's own
+                    errors.append(exc)  # error too), not wrapped in this nursery's ExceptionGroup
                 finally:
                     nursery.cancel_scope.cancel()  # the reader has nothing left to do for us
 
