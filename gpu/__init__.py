@@ -163,7 +163,13 @@ def _count_layout_mismatch() -> None:
 
 
 def _copy_chunks(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -> None:
-    """Double-buffered pinned staging: host fill of buffer i%2 overlaps the H2D copy of the other."""
+    """Double-buffered pinned staging: host fill of buffer i%2 overlaps the H2D copy of the other.
+
+    Returns (or raises: a chunk that fails verification, a broken source) only once every
+    copy it queued has finished: CuPy's pinned pool hands a released buffer to the next
+    ``alloc_pinned_memory`` at once, and ``out`` (allocated on another stream) may be
+    freed and reused, so neither may be let go while a copy still reads or writes it.
+    """
     sizes = manifest["sizes"]
     cap = max(sizes) if sizes else 0
     if cap == 0:
@@ -174,18 +180,20 @@ def _copy_chunks(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -
     done = [None, None]
     dst = out.data.ptr
     off = 0
-    for i, data in enumerate(chunks):
-        slot = i % 2
-        if done[slot] is not None:
-            done[slot].synchronize()  # the copy that last used this buffer has finished
-        n = len(data)
-        hosts[slot][:n] = np.frombuffer(data, dtype=np.uint8)
-        cupy.cuda.runtime.memcpyAsync(dst + off, hosts[slot].ctypes.data, n, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
-        ev = cupy.cuda.Event()
-        ev.record(stream)
-        done[slot] = ev
-        off += n
-    stream.synchronize()
+    try:
+        for i, data in enumerate(chunks):
+            slot = i % 2
+            if done[slot] is not None:
+                done[slot].synchronize()  # the copy that last used this buffer has finished
+            n = len(data)
+            hosts[slot][:n] = np.frombuffer(data, dtype=np.uint8)
+            cupy.cuda.runtime.memcpyAsync(dst + off, hosts[slot].ctypes.data, n, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+            ev = cupy.cuda.Event()
+            ev.record(stream)
+            done[slot] = ev
+            off += n
+    finally:
+        stream.synchronize()  # on success and on error alike: nothing queued outlives the buffers
 
 
 def _stream_for(key: ContentKey, source: Any) -> Stream:
