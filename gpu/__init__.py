@@ -165,6 +165,9 @@ def _count_layout_mismatch() -> None:
 def _copy_chunks(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -> None:
     """Double-buffered pinned staging: host fill of buffer i%2 overlaps the H2D copy of the other.
 
+    The copy stream first waits for the work already queued on the current stream: a
+    non-blocking stream is not ordered after it, and that work may still be writing ``out``
+    (``cupy.zeros`` fills it asynchronously) or reading memory the pool just gave ``out``.
     Returns (or raises: a chunk that fails verification, a broken source) only once every
     copy it queued has finished: CuPy's pinned pool hands a released buffer to the next
     ``alloc_pinned_memory`` at once, and ``out`` (allocated on another stream) may be
@@ -175,6 +178,7 @@ def _copy_chunks(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -
     if cap == 0:
         return
     stream = cupy.cuda.Stream(non_blocking=True)
+    stream.wait_event(cupy.cuda.get_current_stream().record())
     pinned = [cupy.cuda.alloc_pinned_memory(cap) for _ in range(2)]
     hosts = [np.frombuffer(p, dtype=np.uint8, count=cap) for p in pinned]
     done = [None, None]

@@ -195,6 +195,14 @@ class _LazyStream:
     def synchronize(self) -> None:
         self.run_until(self.issued)
 
+    def record(self) -> "_LazyEvent":
+        ev = _LazyEvent()
+        ev.record(self)
+        return ev
+
+    def wait_event(self, ev: "_LazyEvent") -> None:  # later work here runs after ev's stream got to ev
+        self.push(ev.synchronize)
+
 
 class _LazyEvent:
     def __init__(self) -> None:
@@ -228,8 +236,9 @@ class _LazyCupy:
 
     def __init__(self) -> None:
         runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, memcpyHostToDevice=1, memcpyAsync=self._memcpy_async)
+        self.current = _LazyStream()  # the null stream, where cupy.zeros & co. queue their kernels
         self.cuda = types.SimpleNamespace(runtime=runtime, Stream=_LazyStream, Event=_LazyEvent, Device=lambda i: _Nothing(),
-                                          alloc_pinned_memory=lambda n: bytearray(n))
+                                          alloc_pinned_memory=lambda n: bytearray(n), get_current_stream=lambda: self.current)
         self.empty = lambda shape, dtype: _HostBacked(shape, dtype)
 
     @staticmethod
@@ -252,8 +261,9 @@ class _Nothing:
 @pytest.fixture
 def lazy_cupy(monkeypatch):
     _LazyCupy.streams.clear()
-    monkeypatch.setitem(sys.modules, "cupy", _LazyCupy())
-    yield _LazyCupy
+    fake = _LazyCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    yield fake
     _LazyCupy.streams.clear()
 
 
@@ -290,3 +300,17 @@ def test_gpu_staging_waits_for_queued_copies_when_a_chunk_fails(tmp_path, lazy_c
         gpu.materialize(ref, source=Source())
     assert ei.value.status_code is StatusCode.DATA_LOSS
     assert lazy_cupy.pending() == 0
+
+
+def test_gpu_copies_land_after_work_already_queued_on_the_current_stream(tmp_path, lazy_cupy):
+    """``out = cupy.zeros(...)`` queues its fill on the current stream and returns; get_into's
+    copies run on their own non-blocking stream, which is not ordered after it, so without
+    waiting for it the late fill overwrote the artifact with zeros."""
+    host = np.arange(3000, dtype="<i4")
+    with fabric.open(tmp_path / "g") as f:
+        ref = f.put(host, chunk_size=1000)
+        out = _HostBacked((3000,), "<i4")
+        lazy_cupy.current.push(lambda: out.host.fill(0))  # cupy.zeros: the fill is still queued
+        assert f.get_into(ref.key, out) is out
+        lazy_cupy.current.synchronize()  # what any later read of out waits for
+        assert np.array_equal(out.host, host)
