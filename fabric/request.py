@@ -86,8 +86,12 @@ class Reply:
     """The answer to a request.
 
     ``value`` (decoded; numpy arrays come back as read-only numpy arrays, tuples
-    as lists), ``key`` (the request's ContentKey), ``source`` (``"local"``,
-    ``"peer"`` or ``"computed"``) and ``holder`` (id of the node that served it).
+    as lists), ``key`` (the request's ContentKey), ``source`` and ``holder`` (id of
+    the node that served it).  ``source``: ``"computed"`` for the one call an
+    evaluator run answered (so "computed" replies count evaluator runs), ``"local"``
+    when the serving node's cassette held it (also for a call that waited on an
+    identical in-flight computation), ``"peer"`` when the serving node got it from
+    another node.
     """
 
     __slots__ = ("key", "value", "source", "holder")
