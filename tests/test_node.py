@@ -26,7 +26,7 @@ from cassette.store import Cassette
 from fabric.errors import FabricError, StatusCode
 from fabric.remote import RemoteFabric
 
-from _nodes import EVALUATORS, FABRIC, ROOT, SECRET, _readline, node, stop_node
+from _nodes import EVALUATORS, FABRIC, ROOT, SECRET, _readline, node, start_node, stop_node
 
 
 def _records(data: Path) -> int:
@@ -348,11 +348,14 @@ def test_64_clients_200_requests_each_distinct_request_evaluated_once(tmp_path):
         rng = random.Random(5)
         plans = [[rng.randrange(distinct) for _ in range(200)] for _ in range(64)]
         bad: list = []
+        computed = 0
 
         async def client(i: int, plan: list[int]):
+            nonlocal computed
             f = RemoteFabric(addr, SECRET)
             for x in plan:
                 rep = await f.arealize(fabric.Request("slow.square", {"x": x, "delay": 0.0}, version="1"))
+                computed += rep.source == "computed"
                 if rep.value != x * x:
                     bad.append((i, x, rep.value))
 
@@ -367,6 +370,7 @@ def test_64_clients_200_requests_each_distinct_request_evaluated_once(tmp_path):
         asked = {x for plan in plans for x in plan}
         runs = log.read_text().splitlines()
         assert len(runs) == len(asked)
+        assert computed == len(asked)  # one "computed" reply per evaluator run; every other caller a hit
         assert _records_after_stop(proc, data) == len(asked)
 
 
@@ -626,3 +630,27 @@ def test_sigterm_while_the_node_is_still_starting_is_a_clean_shutdown(tmp_path):
     assert "SIGTERM received, shutting down" in err and "stopped cleanly" in err
     with Cassette(data) as cas:  # closed cleanly: it opens again at once
         assert cas.stats()["records"] == 0
+
+
+def test_a_client_outlives_a_kill_9_of_its_node_and_reconnects_once_it_is_back(tmp_path):
+    """kill -9 of the node under a client: the next call is UNAVAILABLE after its retries
+    (nothing listening), and once the node is back on the same port the same client
+    object dials again by itself and is served what the node had recorded."""
+    addr, proc, data = start_node(tmp_path)
+    try:
+        f = fabric.open(addr, secret=SECRET)
+        req = fabric.Request("slow.square", {"x": 12, "delay": 0.0}, version="1")
+        assert f.realize(req).source == "computed"
+        proc.kill()
+        proc.wait(10)
+        with pytest.raises(FabricError) as ei:
+            f.realize(fabric.Request("slow.square", {"x": 13, "delay": 0.0}, version="1"), timeout=10)
+        assert ei.value.status_code in (StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED)
+        proc = subprocess.Popen([FABRIC, "node", "--data", str(data), "--listen", addr, "--secret-file", str(tmp_path / "secret"),
+                                 "--evaluators", EVALUATORS], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=str(ROOT))
+        assert _readline(proc, 30).startswith(f"listening on {addr} ")
+        rep = f.realize(req)
+        assert (rep.source, rep.value) == ("local", 144)  # recorded before the kill, served after it
+        f.close()
+    finally:
+        stop_node(proc)
