@@ -94,6 +94,8 @@ async def run_node(args: argparse.Namespace) -> int:
                 if fleet is not None:
                     await fleet.aclose()
                 nursery.cancel_scope.cancel()
+        for sig, handler in getattr(args, "signal_handlers", {}).items():
+            signal.signal(sig, handler)  # a second signal while draining acts as it would have before start-up
         # in-flight computations finish and their records commit before LMDB closes
         with trio.move_on_after(args.drain_s):
             await service.idle.wait()
@@ -168,9 +170,9 @@ def main(args: argparse.Namespace) -> int:
     still starting (opening its cassette, loading evaluators) shuts it down
     cleanly, exit 0, as soon as it serves."""
     early: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: early.append(signum))
     args.early_signals = early
+    args.signal_handlers = {sig: signal.signal(sig, lambda signum, _frame: early.append(signum))
+                            for sig in (signal.SIGTERM, signal.SIGINT)}  # put back once the node stops serving
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not hasattr(args, "drain_s"):
         args.drain_s = DRAIN_S
