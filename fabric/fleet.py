@@ -58,7 +58,7 @@ from fabric import metrics
 from fabric.net import WireClient, open_connection
 from fabric.remote import parse_address
 from fabric.placement import evaluator_capability
-from fabric.serve import answer_held, answer_if_held, evaluator_fault, verify_record
+from fabric.serve import KeyFlights, answer_held, answer_if_held, evaluator_fault, verify_record
 from gossip.membership import MemberState
 from gossip.node import GossipConfig, GossipNode, rendezvous_order
 from gossip.runner import GossipRunner
@@ -428,6 +428,8 @@ class ContentAddressedFabric:
         self.fleet = fleet
         self._obtaining: dict[ContentKey, trio.Event] = {}  # single-flight of obtain, per key
         self._fetched: dict[ContentKey, int] = {}  # verified chunk bytes fetched so far, per artifact being obtained
+        #: one fetch-or-forward per key at a time for askers that are not forwarded here as the home
+        self.resolving = KeyFlights()
 
     async def realize(self, call: "ServerCall", req: Any, *, at_home: bool, begin, end) -> dict:
         """Answer a realize for ``req`` as the module docstring says.  A request naming no
@@ -439,6 +441,20 @@ class ContentAddressedFabric:
         hit = await answer_if_held(call, self.fab, key)
         if hit is not None:
             return hit
+        if at_home:  # never waits on this node's other askers (see KeyFlights)
+            return await self._resolve(call, req, at_home, begin, end)
+        while True:
+            led, reply = await self.resolving.lead(key, lambda: self._resolve(call, req, at_home, begin, end))
+            if led:
+                return reply
+            hit = await answer_if_held(call, self.fab, key)  # what the leader recorded
+            if hit is not None:
+                return hit
+
+    async def _resolve(self, call: "ServerCall", req: Any, at_home: bool, begin, end) -> dict:
+        """A miss here: from a live holder, else from the key's home (computed here when this
+        node is the first reachable home); recorded and announced either way."""
+        key = req.key
         begin()
         try:
             got = await self._from_holders(key)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from fabric.local import Fabric
     from fabric.net import ServerCall
 
-__all__ = ["ContentServeFabric", "NodeService", "INLINE_MAX", "RECORD_CHUNK", "LOOKUP_MAX", "LOOKUP_REPLY_MAX",
+__all__ = ["ContentServeFabric", "KeyFlights", "NodeService", "INLINE_MAX", "RECORD_CHUNK", "LOOKUP_MAX", "LOOKUP_REPLY_MAX",
            "OBTAIN_HEARTBEAT_S", "verify_record", "EVALUATOR_ERROR"]
 
 log = logging.getLogger("fabric.node")
@@ -104,6 +104,54 @@ async def answer_held(call: "ServerCall", cassette: Cassette, key: ContentKey, r
     if raw is None:
         raise FabricError(StatusCode.INTERNAL, "reply vanished from the cassette after recording", key=key)
     return await send_record(call, raw, reply)
+
+
+class KeyFlights:
+    """Single-flight per key among the trio tasks of one node, for work that obtains a key
+    from elsewhere (a forward to the home, a fetch from a holder, a relay upstream): while one
+    task (the leader) runs it for a key, the others asking for that key wait for it instead of
+    repeating it.  :meth:`lead` returns ``(True, result)`` to the leader, ``(False, None)`` to a
+    waiter once the leader succeeded (it recorded the key: the waiter answers from the
+    cassette), and raises to a waiter what the leader's attempt raised; a waiter whose leader
+    was cancelled (its client went away) tries again itself.
+
+    Only askers that may wait for another node belong here: a request a peer forwarded to this
+    node as the key's home must not wait on a leader of this node that forwards elsewhere
+    (two nodes with different views of the home would wait on each other)."""
+
+    class _Turn:
+        __slots__ = ("done", "ok", "error")
+
+        def __init__(self) -> None:
+            self.done = trio.Event()
+            self.ok = False
+            self.error: BaseException | None = None
+
+    def __init__(self) -> None:
+        self._turns: dict[ContentKey, KeyFlights._Turn] = {}
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    async def lead(self, key: ContentKey, fn: Any) -> tuple[bool, Any]:
+        """``await fn()`` for ``key`` unless another task is already running it (see the class)."""
+        while (turn := self._turns.get(key)) is not None:
+            await turn.done.wait()
+            if turn.ok:
+                return False, None
+            if turn.error is not None:
+                raise turn.error
+        turn = self._turns[key] = KeyFlights._Turn()
+        try:
+            result = await fn()
+            turn.ok = True
+            return True, result
+        except Exception as exc:
+            turn.error = exc
+            raise
+        finally:
+            del self._turns[key]
+            turn.done.set()
 
 
 class ContentServeFabric:
@@ -185,6 +233,8 @@ class NodeService:
         self.idle.set()
         #: held while a ``verify`` op scrubs the cassette (one scrub at a time)
         self.scrub_lock = trio.Lock()
+        #: one relay forward per key at a time: concurrent askers of a key wait for it
+        self.relaying = KeyFlights()
 
     def handle_now(self, op: str, body: Any) -> Any:
         """The node's ``fast`` handler (see :func:`fabric.net.serve`): answer at once what needs
@@ -330,7 +380,14 @@ class NodeService:
             if hit is not None:
                 return hit
         if self.relay is not None:
-            return await self._relay(call, req)
+            if held.version is None:  # its key is the upstream's to choose
+                return await self._relay(call, req)
+            led, reply = await self.relaying.lead(held.key, lambda: self._relay(call, req))
+            if led:
+                return reply
+            hit = await answer_if_held(call, self.fab, held.key)  # what the leader recorded
+            # (a miss: the upstream answered the leader with a newer version's record)
+            return hit if hit is not None else await self._relay(call, req)
         self._begin()
         try:
             rep = await self.fab.arealize(req)

@@ -436,3 +436,38 @@ def test_a_get_through_a_member_right_after_a_put_on_another_never_misses(tmp_pa
         if b_proc is not None:
             stop_node(b_proc)
         stop_node(a_proc)
+
+
+def test_concurrent_askers_on_a_member_share_one_forward_to_the_home(fleet_of):
+    """Eight clients of one member ask at once for a reply nobody holds: the member forwards
+    it to the key's home once, and the askers that came while that forward ran are answered
+    from what the member recorded ("local"), so the home sees one realize and no follower hits.
+    (Each asker used to make its own forward: eight realizes at the home, seven of them
+    waiting on its single-flight.)"""
+    import threading
+
+    fl = fleet_of(2)
+    fl.converged(2)
+    ids = fl.ids()
+    home, member = fl.addrs()
+    (req,) = _homed_on(ids, ids[0], lambda i: fabric.Request("slow.square", {"x": 20_000 + i, "delay": 1.5}, version="1"), 1)
+    replies, errors = [], []
+
+    def ask() -> None:
+        try:
+            with fabric.open(member, secret=SECRET) as f:
+                replies.append(f.realize(req, timeout=30))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(replies) == 8
+    assert {r.value for r in replies} == {req.args["x"] ** 2}
+    assert sorted(r.source for r in replies) == ["computed"] + ["local"] * 7
+    home_stats = _stats(home)
+    realizes = home_stats["metrics"]['fabric_operation_latency_seconds_count{op="node_realize"}']
+    assert (realizes, home_stats["local_hits"]) == (1, 0)

@@ -318,6 +318,37 @@ def test_relay_serves_from_upstream_and_becomes_a_holder(tmp_path):
             assert g.realize(fabric.Request("linalg.spectrum", {"seed": 3, "n": 8}, version="1")).source == "local"
 
 
+def test_concurrent_askers_on_a_relay_share_one_upstream_forward(tmp_path):
+    """Eight clients of a relay ask at once for what neither node holds: the relay forwards it
+    upstream once; the askers that came meanwhile are answered from the relay's cassette
+    ("local"), and the upstream handled a single realize (it used to get eight)."""
+    import threading
+
+    req = fabric.Request("slow.square", {"x": 77, "delay": 1.5}, version="1")
+    with node(tmp_path, "upstream") as (up, up_proc, up_data):
+        with node(tmp_path, "relay", "--relay", up) as (relay, relay_proc, relay_data):
+            replies, errors = [], []
+
+            def ask() -> None:
+                try:
+                    with fabric.open(relay, secret=SECRET) as f:
+                        replies.append(f.realize(req, timeout=30))
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=ask) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors and len(replies) == 8
+            assert {r.value for r in replies} == {77 * 77}
+            assert sorted(r.source for r in replies) == ["local"] * 7 + ["peer"]
+        with fabric.open(up, secret=SECRET) as g:
+            st = g.stats()["node"]
+        assert (st["metrics"]['fabric_operation_latency_seconds_count{op="node_realize"}'], st["local_hits"]) == (1, 0)
+
+
 def test_a_relay_without_the_evaluator_serves_requests_naming_no_version_from_its_own_cassette(tmp_path):
     """A client and a relay that do not know the evaluator: the relay answers such a request
     from its cassette under the version its upstream resolved it to, even with the upstream gone."""
