@@ -34,7 +34,7 @@ from cassette.keys import ContentKey, derive
 from cassette.record import unpack_record
 
 if TYPE_CHECKING:
-    from cassette.store import Cassette
+    from cassette.store import Cassette, PendingPuts
 
 __all__ = [
     "MAGIC", "LEDGER_FILE_VERSION", "EXPORT_CHUNK", "TRAILER_SIZE", "write_ledger_file", "read_ledger_file",
@@ -303,25 +303,38 @@ def read_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Call
         records: list[bytes] = []
         chunks: list[tuple[ContentKey, bytes]] = []
         pending_bytes = 0
-        for tag, body, _ in iter_ledger_file(f, path=name):
-            if tag == b"R":
-                records.append(body)
-                seen += 1
-            else:
-                chunks.append((ContentKey.from_bytes(body[:33]), body[33:]))
-                blobs += 1
-            pending_bytes += len(body)
-            if len(records) + len(chunks) >= REPLAY_BATCH or pending_bytes >= REPLAY_BATCH_BYTES:
-                if records:
-                    appended += sum(r.appended for r in cas.put_raw_many(records))  # records first, as in the file
-                if chunks:
-                    cas.put_verified_blobs(chunks)
-                records, chunks, pending_bytes = [], [], 0
-                if progress is not None:
-                    progress(seen)
-        appended += sum(r.appended for r in cas.put_raw_many(records))
-        if chunks:
-            cas.put_verified_blobs(chunks)
+        # a batch of small records is written while the next is read and verified; a batch
+        # of large ones is waited for at once (memory stays bounded by one batch's bytes)
+        writing: PendingPuts | None = None
+        try:
+            for tag, body, _ in iter_ledger_file(f, path=name):
+                if tag == b"R":
+                    records.append(body)
+                    seen += 1
+                else:
+                    chunks.append((ContentKey.from_bytes(body[:33]), body[33:]))
+                    blobs += 1
+                pending_bytes += len(body)
+                if len(records) + len(chunks) >= REPLAY_BATCH or pending_bytes >= REPLAY_BATCH_BYTES:
+                    queued = cas.submit_raw_many(records)  # records first, as in the file
+                    if chunks:
+                        cas.put_verified_blobs(chunks)
+                    done, writing = writing, queued
+                    if done is not None:
+                        appended += sum(r.appended for r in done.wait())
+                    if pending_bytes > REPLAY_BATCH_BYTES // 4:
+                        writing = None
+                        appended += sum(r.appended for r in queued.wait())
+                    records, chunks, pending_bytes = [], [], 0
+                    if progress is not None:
+                        progress(seen)
+            queued = cas.submit_raw_many(records)
+            if chunks:
+                cas.put_verified_blobs(chunks)
+        finally:
+            if writing is not None:
+                appended += sum(r.appended for r in writing.wait())
+        appended += sum(r.appended for r in queued.wait())
     if counts is not None:
         counts.update(records=seen, blobs=blobs)
     return appended

@@ -46,7 +46,7 @@ from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey, derive
 from cassette.record import Record, check_ok, pack_record, payload_digest, record_key, unpack_record
 
-__all__ = ["Cassette", "PutResult", "VerifyReport", "ReplayReport", "FORMAT_VERSION", "MISS"]
+__all__ = ["Cassette", "PendingPuts", "PutResult", "VerifyReport", "ReplayReport", "FORMAT_VERSION", "MISS"]
 
 log = logging.getLogger("cassette")
 
@@ -135,6 +135,25 @@ class _Job:
         self.batch = 0  # number of the commit that applied it (set by the writer)
         self.waited = waited
         self.relay: collections.deque[_Job] | None = None
+
+
+class PendingPuts:
+    """Records queued by :meth:`Cassette.submit_raw_many`; :meth:`wait` once, from the thread that queued them."""
+
+    __slots__ = ("_job",)
+
+    def __init__(self, job: "_Job | None") -> None:
+        self._job = job
+
+    def wait(self) -> list[PutResult]:
+        """Their results in order once durable; the first record's error, if any failed (the rest are still applied)."""
+        if self._job is None:
+            return []
+        outcomes = Cassette._wait(self._job)
+        for o in outcomes:
+            if isinstance(o, BaseException):
+                raise o
+        return outcomes
 
 
 class _Slot:
@@ -717,13 +736,21 @@ class Cassette:
 
     def put_raw_many(self, values: Iterable[bytes]) -> list[PutResult]:
         """:meth:`put_raw` for many values: all verified first, then group-committed together."""
-        jobs = []
+        return self.submit_raw_many(values).wait()
+
+    def submit_raw_many(self, values: Iterable[bytes]) -> "PendingPuts":
+        """:meth:`put_raw_many` without waiting: every value is verified (an invalid one raises
+        here and none is queued), then all are queued as one write; ``.wait()`` on the
+        returned :class:`PendingPuts` gives their results once durable.  Writes queued one
+        after another are applied in that order, so a caller may read and verify its next
+        batch while this one is written."""
+        items = []
+        size = 0
         for value in values:
             rec = unpack_record(value)
-            jobs.append(_Job("raw", (rec.key, bytes(value), rec.digest), len(value), True))
-        for job in jobs:
-            self._submit(job)
-        return [self._wait(job) for job in jobs]
+            items.append((rec.key, bytes(value), rec.digest))
+            size += len(value)
+        return PendingPuts(self._submit(_Job("raws", (items,), size, True)) if items else None)
 
     def _submit_put(self, key, payload, evaluator, version, compute_s, created, node, waited) -> _Job:
         if type(key) is not ContentKey:
@@ -974,24 +1001,16 @@ class Cassette:
             job.batch = commit_no
             job.error = None
             if job.op == "raw":
-                key, value, digest = job.args
-                seqb = _pack_seq(seq + 1)
-                if not index.put(key, seqb, overwrite=False):  # held already
-                    held = txn.get(key, db=self._index)
-                    existing = txn.get(held, db=self._ledger)
-                    if existing is not None and check_ok(existing):
-                        try:
-                            job.result = PutResult(key, _unpack_seq(held)[0], _existing_digest(existing), False)
-                        except FabricError as exc:  # CRC matches but the record does not verify
-                            job.result, job.error = None, exc
-                        continue
-                    log.warning("cassette %s: indexed row for %s is corrupt; appending a fresh row", self.path, key)
-                    txn.put(key, seqb, db=self._index)
-                if not ledger.put(seqb, value, append=True):  # seq is last + 1, so this cannot refuse
-                    raise RuntimeError(f"ledger append refused at seq {seq + 1}")
-                seq += 1
-                added += len(value)
-                job.result = PutResult(key, seq, digest, True)
+                job.result, job.error, seq, n = self._apply_raw(txn, index, ledger, seq, *job.args)
+                added += n
+            elif job.op == "raws":  # many records, one job: a result or an error each
+                (items,) = job.args
+                outcomes = []
+                for key, value, digest in items:
+                    result, error, seq, n = self._apply_raw(txn, index, ledger, seq, key, value, digest)
+                    outcomes.append(result if error is None else error)
+                    added += n
+                job.result = outcomes
             elif job.op == "blobs":
                 (items,) = job.args
                 for k, d in items:
@@ -1011,6 +1030,26 @@ class Cassette:
             txn.put(b"ledger_bytes", str((int(cur) if cur else 0) + added).encode(), db=self._meta)
             wrote = True
         return wrote
+
+    def _apply_raw(self, txn: lmdb.Transaction, index: Any, ledger: Any, seq: int, key: ContentKey, value: bytes,
+                   digest: bytes) -> tuple[PutResult | None, FabricError | None, int, int]:
+        """Append one verified record after ledger row ``seq`` unless ``key`` is held by a row
+        that verifies: ``(result, error, last seq, bytes appended)``.  An index insert that
+        fails if the key is held, and an append to the ledger: two LMDB calls for a new key."""
+        seqb = _pack_seq(seq + 1)
+        if not index.put(key, seqb, overwrite=False):  # held already
+            held = txn.get(key, db=self._index)
+            existing = txn.get(held, db=self._ledger)
+            if existing is not None and check_ok(existing):
+                try:
+                    return PutResult(key, _unpack_seq(held)[0], _existing_digest(existing), False), None, seq, 0
+                except FabricError as exc:  # CRC matches but the record does not verify
+                    return None, exc, seq, 0
+            log.warning("cassette %s: indexed row for %s is corrupt; appending a fresh row", self.path, key)
+            txn.put(key, seqb, db=self._index)
+        if not ledger.put(seqb, value, append=True):  # seq is last + 1, so this cannot refuse
+            raise RuntimeError(f"ledger append refused at seq {seq + 1}")
+        return PutResult(key, seq + 1, digest, True), None, seq + 1, len(value)
 
     # ------------------------------------------------------- scrub and replay
     def verify(self, *, raise_errors: bool = True, progress: Callable[[int], None] | None = None) -> VerifyReport:

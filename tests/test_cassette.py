@@ -1341,3 +1341,27 @@ def test_a_replay_of_large_entries_stores_them_in_batches_of_bounded_bytes(tmp_p
         assert all(dst.get_raw(k) == v for k, v in want.items()) and all(dst.get_blob(b) is not None for b in blobs)
         assert peak < 2 * REPLAY_BATCH_BYTES + 8 * size, f"the replay peaked at {peak >> 20} MiB"  # a batch, its commit, the file reads
         assert dst.commits - commits <= 2 * n * size // REPLAY_BATCH_BYTES + 2  # a batch per ~8 MiB, not a commit per blob
+
+
+def test_submit_raw_many_applies_batches_in_the_order_queued_and_refuses_a_bad_one_whole(tmp_path):
+    """Two batches queued before either is waited for land in queue order (their rows
+    follow each other), already-held records answer ``appended=False`` with their row, and
+    a batch holding one invalid value raises at once and queues nothing."""
+    first = [_record(i) for i in range(5)]
+    second = [_record(i) for i in range(5, 9)] + [first[0]]
+    with Cassette(tmp_path / "c") as cas:
+        a = cas.submit_raw_many(first)
+        b = cas.submit_raw_many(second)
+        got_b, got_a = b.wait(), a.wait()
+        assert [r.seq for r in got_a] == [1, 2, 3, 4, 5] and all(r.appended for r in got_a)
+        assert [r.seq for r in got_b] == [6, 7, 8, 9, 1] and [r.appended for r in got_b] == [True] * 4 + [False]
+        assert [r.key for r in got_a + got_b] == [unpack_record(v).key for v in first + second]
+        bad = bytearray(_record(20))
+        bad[-1] ^= 0x01
+        with pytest.raises(FabricError) as ei:
+            cas.submit_raw_many([_record(21), bytes(bad)])
+        assert ei.value.status_code is StatusCode.DATA_LOSS
+        assert cas.stats()["ledger_rows"] == 9 and not cas.contains(unpack_record(_record(21)).key)
+        assert cas.submit_raw_many([]).wait() == []
+    with Cassette(tmp_path / "c") as again:
+        assert again.verify().ok and [r.key for r in again.iter_ledger()] == [unpack_record(v).key for v in first + second[:4]]
