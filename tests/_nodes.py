@@ -93,3 +93,28 @@ async def in_process_node(fab, limits=None):
             yield f"{at.host}:{at.port}", service
         finally:
             nursery.cancel_scope.cancel()
+
+
+def realize_at_once(addr: str, req, n: int, timeout: float = 30.0) -> list:
+    """``n`` clients, each on its own connection and thread, realize ``req`` through the node
+    at ``addr`` at the same time; their replies (AssertionError if any failed)."""
+    import threading
+
+    import fabric
+
+    replies, errors = [], []
+
+    def ask() -> None:
+        try:
+            with fabric.open(addr, secret=SECRET) as f:
+                replies.append(f.realize(req, timeout=timeout))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * timeout)
+    assert not errors and len(replies) == n, errors
+    return replies

@@ -18,7 +18,7 @@ import fabric
 from cassette.keys import ContentKey
 from fabric.placement import evaluator_capability
 from gossip.node import rendezvous_home
-from _nodes import ROOT, SECRET, start_node, stop_node
+from _nodes import ROOT, SECRET, realize_at_once, start_node, stop_node
 
 
 def _stats(addr: str) -> dict:
@@ -451,21 +451,7 @@ def test_concurrent_askers_on_a_member_share_one_forward_to_the_home(fleet_of):
     ids = fl.ids()
     home, member = fl.addrs()
     (req,) = _homed_on(ids, ids[0], lambda i: fabric.Request("slow.square", {"x": 20_000 + i, "delay": 1.5}, version="1"), 1)
-    replies, errors = [], []
-
-    def ask() -> None:
-        try:
-            with fabric.open(member, secret=SECRET) as f:
-                replies.append(f.realize(req, timeout=30))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=ask) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and len(replies) == 8
+    replies = realize_at_once(member, req, 8)
     assert {r.value for r in replies} == {req.args["x"] ** 2}
     assert sorted(r.source for r in replies) == ["computed"] + ["local"] * 7
     home_stats = _stats(home)

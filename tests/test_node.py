@@ -26,7 +26,7 @@ from cassette.store import Cassette
 from fabric.errors import FabricError, StatusCode
 from fabric.remote import RemoteFabric
 
-from _nodes import EVALUATORS, FABRIC, ROOT, SECRET, _readline, node, start_node, stop_node
+from _nodes import EVALUATORS, FABRIC, ROOT, SECRET, _readline, node, realize_at_once, start_node, stop_node
 
 
 def _records(data: Path) -> int:
@@ -322,26 +322,10 @@ def test_concurrent_askers_on_a_relay_share_one_upstream_forward(tmp_path):
     """Eight clients of a relay ask at once for what neither node holds: the relay forwards it
     upstream once; the askers that came meanwhile are answered from the relay's cassette
     ("local"), and the upstream handled a single realize (it used to get eight)."""
-    import threading
-
     req = fabric.Request("slow.square", {"x": 77, "delay": 1.5}, version="1")
     with node(tmp_path, "upstream") as (up, up_proc, up_data):
         with node(tmp_path, "relay", "--relay", up) as (relay, relay_proc, relay_data):
-            replies, errors = [], []
-
-            def ask() -> None:
-                try:
-                    with fabric.open(relay, secret=SECRET) as f:
-                        replies.append(f.realize(req, timeout=30))
-                except Exception as exc:  # noqa: BLE001 - reported below
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=ask) for _ in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            assert not errors and len(replies) == 8
+            replies = realize_at_once(relay, req, 8)
             assert {r.value for r in replies} == {77 * 77}
             assert sorted(r.source for r in replies) == ["local"] * 7 + ["peer"]
         with fabric.open(up, secret=SECRET) as g:
