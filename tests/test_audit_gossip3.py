@@ -133,3 +133,96 @@ def test_two_nodes_with_one_id_are_reported_once_per_address(caplog):
     assert sum("ALIVE at 'X2'" in m for m in twins) == 1 and sum("ALIVE at 'X1'" in m for m in twins) == 1, twins
     assert p.membership.member("x").state is ALIVE  # still a member, at one of the two addresses
 
+
+# -- facts in our own name ----------------------------------------------------------------------
+def test_facts_in_our_own_name_from_a_peer_are_dropped_not_merged(caplog):
+    """A fact naming this node that its ledger does not have (a lying peer, or a second node
+    running with this id) used to be merged: the node then claimed a key it lacks, its real
+    record of that key was refused (FAILED_PRECONDITION: announced never), and its next record
+    took a seq one too high, so a restart's replay would number it differently."""
+    a = GossipNode("a", addr="A", config=QUIET, roster=Roster([Member("a", "A"), Member("b", "B")]))
+    first = a.add_local(KEYS[0], dg(KEYS[0]))
+    a.flush()
+    lie = FactRun("a", 2, bytes(KEYS[1]) + dg(KEYS[1], b"lie"))
+    echo = FactRun("a", 1, first.record)  # a peer relaying our own fact back is no lie
+    with caplog.at_level(logging.WARNING, logger="evalfabric.gossip"):
+        assert a.receive("B", Facts("b", (echo, lie), True), 0.0) == []
+        a.receive("B", Facts("b", (lie,), False), 0.1)
+    assert a.index.holders(KEYS[1]) == []
+    assert a.stats.foreign_own_facts == 2 and a.stats.facts_new == 0
+    assert [r.getMessage() for r in caplog.records if "in this node's name" in r.getMessage()] != []
+    assert len([r for r in caplog.records if "in this node's name" in r.getMessage()]) == 1  # once per sender
+    mine = [a.add_local(KEYS[1], dg(KEYS[1])), a.add_local(KEYS[2], dg(KEYS[2]))]
+    assert [(f.key, f.seq) for f in mine] == [(KEYS[1], 2), (KEYS[2], 3)]
+    pushed = runs_to_facts(r for _, m in a.tick(0.2) if type(m) is Facts for r in m.runs)
+    assert pushed == mine  # its own new records, and the lie never relayed
+
+
+def test_facts_of_other_origins_still_merge_and_relay():
+    a = GossipNode("a", addr="A", config=QUIET, roster=Roster([Member("a", "A"), Member("b", "B")]))
+    run = FactRun("b", 1, bytes(KEYS[0]) + dg(KEYS[0]))
+    a.receive("B", Facts("b", (run,), True), 0.0)
+    assert a.index.holders(KEYS[0]) == [("b", dg(KEYS[0]))] and a.stats.foreign_own_facts == 0
+    assert any(type(m) is Facts for _, m in a.tick(0.0))
+
+
+# -- hostile but well-formed messages ---------------------------------------------------------------
+IDS = st.sampled_from(["a", "b", "c", "zz"])
+INCS = st.sampled_from([0, 1, 7, 1 << 40, MAX_INCARNATION - 1, MAX_INCARNATION])
+UPDATES = st.lists(
+    st.builds(MemberUpdate, IDS, INCS, st.sampled_from(list(MemberState)), st.sampled_from(["A", "B", "Z"]), st.just(frozenset())),
+    max_size=3,
+).map(tuple)
+RECORDS = st.builds(lambda k, d: bytes(KEYS[k]) + dg(KEYS[k], b"%d" % d), st.integers(0, 3), st.integers(0, 2))
+RUNS = st.lists(
+    st.builds(lambda o, s, rs: FactRun(o, s, b"".join(rs)), IDS, st.sampled_from([1, 2, 3, 9, MAX_SEQ - 1]), st.lists(RECORDS, min_size=1, max_size=2)),
+    max_size=3,
+).map(tuple)
+HOSTILE = st.one_of(
+    st.builds(Ping, IDS, st.integers(0, 4), st.none() | IDS, UPDATES),
+    st.builds(PingReq, IDS, st.integers(0, 4), IDS, st.sampled_from(["A", "B", "Z"]), UPDATES),
+    st.builds(Ack, IDS, st.integers(0, 4), UPDATES),
+    st.builds(Members, IDS, UPDATES, st.booleans(), UPDATES),
+    st.builds(SyncRequest, IDS, st.binary(min_size=16, max_size=16), UPDATES),
+    st.builds(lambda s, m, r, u: Summary.of(s, m, r, u), IDS, st.dictionaries(IDS, st.sampled_from([1, 2, MAX_SEQ])), st.booleans(), UPDATES),
+    st.builds(Facts, IDS, RUNS, st.booleans(), UPDATES),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(HOSTILE, st.sampled_from([0.0, 0.3, 2.5, 20.0])), max_size=8))
+def test_hostile_well_formed_messages_never_corrupt_state_or_break_the_wire(steps):
+    """Whatever an authenticated peer sends (our id as sender or subject, huge or stale
+    incarnations, unknown members, seq gaps, lying summaries, conflicting digests): the node
+    keeps its own facts exactly, stays ALIVE in its own view, only grows its index, and
+    everything it sends still decodes."""
+    logging.disable(logging.WARNING)
+    try:
+        a = GossipNode("a", addr="A", config=QUIET, rng=random.Random(0))
+        own = [a.add_local(KEYS[0], dg(KEYS[0]))]
+        now, size = 0.0, len(a.index)
+        for msg, dt in steps:
+            now += dt
+            decodable(a.receive("B", msg, now))
+            decodable(a.tick(now))
+            assert [f for f in a.index.facts() if f.node_id == "a"] == own
+            assert a.membership.is_live("a") and len(a.index) >= size
+            size = len(a.index)
+        own.append(a.add_local(KEYS[3], dg(KEYS[3])))
+        assert own[-1].seq == 2  # the ledger's numbering held
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def test_a_lying_summary_changes_nothing_here():
+    a = GossipNode("a", addr="A", config=QUIET)
+    for k in KEYS:
+        a.add_local(k, dg(k))
+    digest, facts = a.index.summary_digest(), set(a.index.facts())
+    claims_all = a.receive("B", Summary.of("b", {"a": MAX_SEQ, "ghost": MAX_SEQ}, True), 0.0)
+    assert [type(m) for _, m in claims_all] == [Summary]  # our summary back, and no facts
+    claims_none = a.receive("C", Summary.of("c", {}, False), 0.0)
+    sent = [r for _, m in claims_none for r in m.runs]
+    assert sent == [FactRun("a", 1, b"".join(f.record for f in sorted(facts, key=lambda f: f.seq)))]
+    assert a.index.summary_digest() == digest and set(a.index.facts()) == facts
+
