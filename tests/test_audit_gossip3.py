@@ -226,3 +226,62 @@ def test_a_lying_summary_changes_nothing_here():
     assert sent == [FactRun("a", 1, b"".join(f.record for f in sorted(facts, key=lambda f: f.seq)))]
     assert a.index.summary_digest() == digest and set(a.index.facts()) == facts
 
+
+# -- a hostile address from a peer ------------------------------------------------------------------
+BAD_ADDRS = ["x..y:7000", "h:\u00b2", "a" * 70 + ":7000"]
+
+
+def test_a_bad_address_is_an_invalid_argument_not_a_raw_exception():
+    from fabric.net import open_connection
+    from fabric.remote import parse_address
+
+    with pytest.raises(FabricError) as e:
+        parse_address("h:\u00b2")  # str.isdigit says yes, int says ValueError
+    assert e.value.status_code is StatusCode.INVALID_ARGUMENT
+
+    async def dial(host):
+        await open_connection(host, 7000, SECRET)
+
+    for host in ("x..y", "a" * 70):  # the resolver's IDNA step raised UnicodeError
+        with pytest.raises(FabricError) as e:
+            trio.run(dial, host)
+        assert e.value.status_code is StatusCode.INVALID_ARGUMENT and "host name" in e.value.message
+
+
+@pytest.mark.trio
+async def test_the_fleet_transport_survives_a_peer_naming_a_bad_address():
+    """A ping-req (or a member update) naming an address the resolver refuses used to raise
+    ValueError/UnicodeError out of the runner's sender task, ending the runner and the node."""
+    from fabric.fleet import PeerPool, WireTransport
+
+    pool = PeerPool(SECRET)
+    runner = GossipRunner(GossipNode("a", addr="127.0.0.1:9", config=QUIET), WireTransport(pool, "127.0.0.1:9"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        for i, bad in enumerate(BAD_ADDRS):
+            await runner.deliver("127.0.0.1:10", encode_message(PingReq("b", i, "ghost", bad)))
+        with trio.fail_after(5):
+            while runner.send_failures < len(BAD_ADDRS):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    await pool.aclose()
+
+
+def test_a_real_node_survives_gossip_naming_a_bad_address(tmp_path):
+    from fabric.net import open_connection
+    from fabric.remote import parse_address
+
+    with node(tmp_path, "a") as (addr, proc, _):
+        host, port = parse_address(addr)
+
+        async def hostile():
+            async with await open_connection(host, port, SECRET) as client:
+                for i, bad in enumerate(BAD_ADDRS):
+                    msg = encode_message(PingReq("evil", i, "ghost", bad))
+                    await client.request("gossip", {"from": "127.0.0.1:9", "msg": msg})
+                await trio.sleep(1.0)  # the node's sender tasks dial (and fail) meanwhile
+            async with await open_connection(host, port, SECRET) as client:  # still serving
+                await client.request("gossip", {"from": "127.0.0.1:9", "msg": encode_message(Ping("evil", 9, None))})
+
+        trio.run(hostile)
+        assert proc.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
