@@ -1291,7 +1291,8 @@ async def open_connection(
     Raises ``FabricError``: UNAUTHENTICATED (wrong secret or a non-fabric
     peer), RESOURCE_EXHAUSTED (the server is at its connection limit),
     DEADLINE_EXCEEDED (handshake too slow), UNAVAILABLE (cannot connect, or
-    the peer hung up), INVALID_ARGUMENT (bad secret, limits or node id).
+    the peer hung up), INVALID_ARGUMENT (bad secret, limits or node id, or a host
+    name the resolver cannot encode).
     """
     if limits is None:
         limits = StreamFrameLimits()
@@ -1306,6 +1307,8 @@ async def open_connection(
             except OSError as exc:
                 raise FabricError(StatusCode.UNAVAILABLE, f"cannot connect to {address}: {exc.strerror or exc}",
                                   retryable=True) from None
+            except UnicodeError as exc:  # the resolver's IDNA encoding refuses the host name ('a..b', a 64-char label)
+                raise FabricError(StatusCode.INVALID_ARGUMENT, f"cannot connect to {address}: not a valid host name ({exc})") from None
             link = _Link(stream, conn, _write_timeout(limits))
             welcome = await _client_handshake(link, address)
         if scope.cancelled_caught:

@@ -42,9 +42,10 @@ __all__ = ["RemoteFabric", "parse_address"]
 
 
 def parse_address(address: str, *, listen: bool = False) -> tuple[str, int]:
-    """``"host:port"`` → ``(host, port)``; INVALID_ARGUMENT otherwise (port 0 only when ``listen``)."""
+    """``"host:port"`` → ``(host, port)``; INVALID_ARGUMENT otherwise (port 0 only when ``listen``;
+    the port is ASCII digits: ``str.isdigit`` alone admits '²', which ``int`` refuses)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not (0 if listen else 1) <= int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not (0 if listen else 1) <= int(port) < 65536:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"address must be HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
 

@@ -42,6 +42,7 @@ from gossip.messages import (
     MAX_ADDR_BYTES,
     MAX_CAPABILITIES,
     MAX_CAPABILITY_BYTES,
+    MAX_INCARNATION,
     Ack,
     Members,
     MemberState,
@@ -227,8 +228,8 @@ class Membership:
         self._roster = roster if roster is not None else Roster(())
         self._local: dict[str, _Rec] = {}
         self._extra_ids: list[str] = []  # ids in _local that the roster lacks
-        if type(incarnation) is not int or incarnation < 0:
-            raise FabricError(StatusCode.INVALID_ARGUMENT, f"membership: incarnation must be an int >= 0, got {incarnation!r}")
+        if type(incarnation) is not int or not 0 <= incarnation <= MAX_INCARNATION:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"membership: incarnation must be an int in 0..{MAX_INCARNATION}, got {incarnation!r}")
         self._me = _Rec(node_id, addr, incarnation, _ALIVE, capabilities)
         self._put(self._me)
         self._queue: dict[str, list] = {}  # node_id -> [update, transmits left]
@@ -239,6 +240,7 @@ class Membership:
         self._dead: dict[str, None] = {}  # DEAD (not LEFT) members, for reconnects
         self._leaving = False
         self._health = 0  # Lifeguard local health: 0 = healthy
+        self._twins: set[str] = set()  # addresses already logged for claiming our id
         self._ticked = False
         r = self._rng.random
         self._next_probe = now + r() * cfg.probe_interval
@@ -502,7 +504,7 @@ class Membership:
     def set_capabilities(self, capabilities: Iterable[str]) -> None:
         """Change what this node advertises: bumps the incarnation and gossips ALIVE."""
         self._me.capabilities = _check_capabilities(capabilities)
-        self._me.incarnation += 1
+        self._bump(self._me.incarnation)
         self._enqueue(self._self_update())
 
     # -- internals ---------------------------------------------------------------
@@ -565,12 +567,38 @@ class Membership:
         self._start_timer(r, now)
         self._enqueue(MemberUpdate(node_id, r.incarnation, _SUSPECT, r.addr, r.capabilities))
 
+    def _twin(self, u: MemberUpdate) -> None:
+        """Log (once per address) news of this node's id ALIVE elsewhere at a higher incarnation.
+
+        That is a second node running with this id, or an earlier run of this
+        node that peers remember at a higher incarnation than it restarted
+        with.  It is outbid all the same (the refutation that follows); with a
+        twin that never ends, hence the warning.
+        """
+        if u.addr in self._twins or len(self._twins) >= 256:
+            return
+        self._twins.add(u.addr)
+        log.warning("gossip %s: peers know this node id ALIVE at %r (incarnation %d, ours %d): another node "
+                    "running with the same id, or an earlier run of this one; outbidding it",
+                    self.node_id, u.addr, u.incarnation, self._me.incarnation)
+
     def _refute(self, inc: int) -> None:
         self._health = min(self.config.max_local_health, self._health + 1)
-        me = self._me
-        if inc >= me.incarnation:
-            me.incarnation = inc + 1
+        if inc >= self._me.incarnation:
+            self._bump(inc)
         self._enqueue(self._self_update())
+
+    def _bump(self, inc: int) -> None:
+        """Take incarnation ``inc + 1``, but never past :data:`MAX_INCARNATION`.
+
+        Past it our own updates would no longer decode anywhere (every message
+        carrying them dropped as malformed, so no peer could hear from us); a
+        rumour at the largest incarnation cannot be outbid, which is logged.
+        """
+        if inc >= MAX_INCARNATION and self._me.incarnation < MAX_INCARNATION:  # once: later rumours change nothing
+            log.warning("gossip %s: a peer spread incarnation %d for this node, the largest there is; "
+                        "it cannot be outbid, so peers may keep holding this node suspect or dead", self.node_id, inc)
+        self._me.incarnation = min(inc + 1, MAX_INCARNATION)
 
     def _apply(self, u: MemberUpdate, now: float) -> bool:
         nid, inc, state = u.node_id, u.incarnation, u.state
@@ -578,6 +606,8 @@ class Membership:
             if self._leaving:
                 return False
             me = self._me
+            if state == _ALIVE and inc > me.incarnation and u.addr != me.addr:
+                self._twin(u)
             if (state != _ALIVE and inc >= me.incarnation) or (state == _ALIVE and inc > me.incarnation):
                 self._refute(inc)
                 return True

@@ -43,6 +43,7 @@ __all__ = [
     "MAX_CAPABILITIES",
     "MAX_CAPABILITY_BYTES",
     "MAX_ADDR_BYTES",
+    "MAX_INCARNATION",
 ]
 
 #: Value of the ``v`` field; any other version is INVALID_ARGUMENT.
@@ -61,6 +62,8 @@ MAX_CAPABILITIES = 256
 MAX_CAPABILITY_BYTES = 128
 #: Longest member address, in UTF-8 bytes.
 MAX_ADDR_BYTES = 255
+#: Largest incarnation an update may carry (u64); a member never goes past it.
+MAX_INCARNATION = (1 << 64) - 1
 
 _U64_MAX = (1 << 64) - 1
 _DIGEST_BYTES = 16
@@ -278,7 +281,7 @@ def _update(v: Any, field: str) -> MemberUpdate:
     if type(v) is not list or len(v) != 5:
         raise _bad(field, "expected [node_id, incarnation, state, addr, capabilities]")
     node_id = _node_id(v[0], f"{field}.node_id")
-    inc = _int(v[1], f"{field}.incarnation")
+    inc = _int(v[1], f"{field}.incarnation", 0, MAX_INCARNATION)
     state = _int(v[2], f"{field}.state", 0, 3)
     addr = _text(v[3], f"{field}.addr", MAX_ADDR_BYTES)
     caps = _list(v[4], f"{field}.capabilities", MAX_CAPABILITIES)

@@ -26,7 +26,7 @@ from typing import Iterable
 
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
-from gossip.holding import FactRun, HeldContent, HoldingIndex, RECORD_SIZE, facts_to_runs
+from gossip.holding import KEY_SIZE, RECORD_SIZE, FactRun, HeldContent, HoldingIndex, facts_to_runs
 from gossip.membership import Membership, MembershipConfig, Outgoing, Roster
 from gossip.messages import Ack, Facts, Members, Message, Ping, PingReq, Summary, SyncRequest
 
@@ -67,6 +67,8 @@ class GossipStats:
     facts_new: int = 0
     pushes_sent: int = 0
     conflicts: int = 0
+    #: facts received in this node's own name that its ledger does not have (dropped)
+    foreign_own_facts: int = 0
 
 
 def rendezvous_weight(key: bytes, node_id: str) -> int:
@@ -162,6 +164,7 @@ class GossipNode:
         self.stats = GossipStats()
         self._push: list[HeldContent] = []
         self._sent: dict[str, tuple[float, dict[str, int]]] = {}
+        self._warned_own: set[str] = set()  # senders already logged for facts in our name
         self._next_round = now + self.rng.random() * cfg.interval
 
     # -- local facts -------------------------------------------------------------
@@ -266,12 +269,15 @@ class GossipNode:
             return out
         if t is Facts:
             self.stats.facts_received += sum(len(r.records) for r in msg.runs) // RECORD_SIZE
+            runs = msg.runs
+            if any(r.origin == self.node_id for r in runs):
+                runs = self._without_own(src_addr, runs)
             if msg.push:
-                new = self.index.merge_runs(msg.runs)
+                new = self.index.merge_runs(runs)
                 self.stats.facts_new += len(new)
                 self._push.extend(new)
             else:
-                self.stats.facts_new += self.index.absorb_runs(msg.runs)
+                self.stats.facts_new += self.index.absorb_runs(runs)
             self._note_conflicts()
             return []
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"gossip: cannot handle {t.__name__}")
@@ -308,6 +314,33 @@ class GossipNode:
                     theirs[r.origin] = sent[r.origin]
             self._sent[addr] = (now + 2 * self.config.interval, sent)
         return runs
+
+    def _without_own(self, src_addr: str, runs: tuple) -> list[FactRun]:
+        """``runs`` minus those in this node's own name.
+
+        This node is the only author of its facts, and they come from its ledger
+        alone (``add_local``); a peer can only echo them back.  A fact in its
+        name that it does not hold (another node running with the same id, or a
+        peer that lies) would claim a key it lacks and shift the seq of its next
+        record, so it is dropped, counted in ``stats.foreign_own_facts`` and
+        logged once per sender.
+        """
+        me = self.node_id
+        index = self.index
+        foreign = 0
+        for origin, start, records in runs:
+            if origin == me:
+                for j in range(0, len(records), RECORD_SIZE):
+                    fact = HeldContent(me, records[j : j + KEY_SIZE], records[j + KEY_SIZE : j + RECORD_SIZE], start + j // RECORD_SIZE)
+                    if fact not in index:
+                        foreign += 1
+        if foreign:
+            self.stats.foreign_own_facts += foreign
+            if src_addr not in self._warned_own and len(self._warned_own) < 256:
+                self._warned_own.add(src_addr)
+                log.warning("gossip %s: dropped %d fact(s) in this node's name from %r that its ledger does not have "
+                            "(another node running with the same id, or a peer that lies)", me, foreign, src_addr)
+        return [r for r in runs if r.origin != me]
 
     def _note_conflicts(self) -> None:
         for key in self.index.take_new_conflicts():
