@@ -397,6 +397,7 @@ class Fleet:
             "gossip_facts_new": st.facts_new,
             "gossip_conflicts": st.conflicts,
             "gossip_equivocations": len(self.gossip.index.equivocations()),
+            "gossip_foreign_own_facts": st.foreign_own_facts,
             "gossip_dropped": self.dropped,
             "gossip_bytes_sent": self.runner.bytes_sent,
             "peer_fetch_bytes_by_node": dict(self.fetched_bytes),
