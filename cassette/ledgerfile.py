@@ -142,12 +142,12 @@ def iter_ledger_file_bytes(cas: "Cassette", *, chunk_size: int = EXPORT_CHUNK,
 def write_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> int:
     """Export ``cas`` to ``path`` (written to a temp name, fsync'd, then renamed); returns records written.
 
-    A ``path`` that cannot be written (a directory, a missing or read-only directory, a
-    full disk) is FAILED_PRECONDITION naming it (:func:`write_error`); nothing is left behind.
+    A ``path`` that cannot be written (a directory, a device or a fifo, a missing or
+    read-only directory, a full disk) is FAILED_PRECONDITION naming it (:func:`write_error`); nothing is left behind.
     """
     name = os.fspath(path)
-    check_write_target(name)
-    tmp = f"{name}.tmp-{os.getpid()}"
+    target = check_write_target(name)
+    tmp = f"{target}.tmp-{os.getpid()}"
     it = iter_ledger_file_bytes(cas, progress=progress)
     try:
         try:
@@ -160,7 +160,7 @@ def write_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Cal
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, name)
+            os.replace(tmp, target)
         except OSError as exc:
             raise write_error(name, exc) from None
     finally:
@@ -170,16 +170,33 @@ def write_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Cal
     return it.records
 
 
-def check_write_target(path: str) -> None:
-    """FAILED_PRECONDITION (:func:`write_error`) if ``path`` is a directory: checked before
-    any export work, since the final rename onto it would fail only at the end."""
-    if os.path.isdir(path):
-        raise write_error(path, IsADirectoryError(errno.EISDIR, "it is a directory"))
+def check_write_target(path: str, what: str = "ledger file") -> str:
+    """The path to write ``path`` at through a temporary file beside it and a rename:
+    ``path`` itself, or, for a symlink, the file it names (the link stays a link).
+
+    Checked before any work, since the final rename would fail (or do harm) only at the
+    end: FAILED_PRECONDITION naming ``what`` and ``path`` when it is a directory, when its
+    directory is missing, or when it is an existing file that is not a regular one (a
+    device such as ``/dev/null``, a fifo, a socket), which the rename would replace
+    rather than write into.
+    """
+    label = f"{what} {path}" if what else path
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        raise write_error(path, IsADirectoryError(errno.EISDIR, "it is a directory"), what)
+    if not os.path.isdir(os.path.dirname(real)):
+        raise write_error(path, FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)), what)
+    if os.path.lexists(real) and not os.path.isfile(real):
+        raise FabricError(StatusCode.FAILED_PRECONDITION,
+                          f"cannot write {label}: it is not a regular file (a device, a fifo or a socket), "
+                          "and it would be replaced, not written into")
+    return real
 
 
-def write_error(path: str, exc: OSError) -> FabricError:
-    """FAILED_PRECONDITION for a ledger file that cannot be written (missing or read-only directory...)."""
-    return FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write ledger file {path}: {exc.strerror or exc}")
+def write_error(path: str, exc: OSError, what: str = "ledger file") -> FabricError:
+    """FAILED_PRECONDITION for a ``what`` that cannot be written (missing or read-only directory...)."""
+    label = f"{what} {path}" if what else path
+    return FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {label}: {exc.strerror or exc}")
 
 
 def _verified_values(cas: "Cassette") -> Iterator[bytes]:

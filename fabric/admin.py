@@ -233,8 +233,8 @@ async def receive_export(client: "WireClient", path: str | os.PathLike, progress
     accept the whole file on one stream (its ``max_bytes_per_stream``).
     """
     name = os.fspath(path)
-    check_write_target(name)  # before the node streams the whole ledger
-    tmp = f"{name}.tmp-{os.getpid()}"
+    target = check_write_target(name)  # before the node streams the whole ledger
+    tmp = f"{target}.tmp-{os.getpid()}"
     try:
         f = open(tmp, "wb")
     except OSError as exc:
@@ -262,7 +262,7 @@ async def receive_export(client: "WireClient", path: str | os.PathLike, progress
             except OSError as exc:
                 raise write_error(name, exc) from None
         try:
-            os.replace(tmp, name)
+            os.replace(tmp, target)
         except OSError as exc:
             raise write_error(name, exc) from None
         done = True

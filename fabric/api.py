@@ -11,6 +11,7 @@ The default fabric is created on first use from the environment:
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import sys
@@ -61,9 +62,14 @@ def _secret_forms_from_env() -> tuple[bytes, ...]:
 
 def read_secret_file(path: str | os.PathLike) -> bytes:
     """A shared secret from a file: its bytes without surrounding whitespace (so
-    ``echo secret > F`` works); INVALID_ARGUMENT if nothing is left.  A node that
+    ``echo secret > F`` works); INVALID_ARGUMENT if nothing is left, or if F holds more
+    than :data:`MAX_SECRET_FILE_BYTES` (it is never read whole).  A node that
     reads F also accepts clients proving F's exact bytes (:func:`secret_file_forms`)."""
     return secret_file_forms(path)[0]
+
+
+#: a secret file larger than this is refused (INVALID_ARGUMENT), not read whole
+MAX_SECRET_FILE_BYTES = 64 << 10
 
 
 def secret_file_forms(path: str | os.PathLike) -> tuple[bytes, ...]:
@@ -71,9 +77,12 @@ def secret_file_forms(path: str | os.PathLike) -> tuple[bytes, ...]:
     whitespace (the one it dials peers with) and, when different, its exact bytes
     (a client passing ``secret=open(F, "rb").read()``)."""
     try:
-        raw = Path(path).read_bytes()
+        with builtins.open(path, "rb") as f:
+            raw = f.read(MAX_SECRET_FILE_BYTES + 1)  # bounded: /dev/zero or a huge file is not read into memory
     except OSError as exc:
         raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot read secret file {path}: {exc.strerror}") from None
+    if len(raw) > MAX_SECRET_FILE_BYTES:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"secret file {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
     data = raw.strip()
     if not data:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"secret file {path} is empty")

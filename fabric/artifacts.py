@@ -252,16 +252,16 @@ def _chunks_of(data: Any) -> tuple[Iterable[bytes | memoryview], str | None, tup
     raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: cannot store {type(data).__name__} (bytes, numpy array, file, or iterator of bytes)")
 
 
-def source_file(path: str | os.PathLike) -> Path:
-    """``path`` as a file :func:`put` can read: INVALID_ARGUMENT for a directory or
-    another non-regular file, NOT_FOUND if there is nothing there."""
+def source_file(path: str | os.PathLike, what: str = "put") -> Path:
+    """``path`` as a file :func:`put` (or the ``what`` operation) can read: INVALID_ARGUMENT
+    for a directory or another non-regular file, NOT_FOUND if there is nothing there."""
     p = Path(path)
     if p.is_dir():
-        raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: {p} is a directory, not a file")
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"{what}: {p} is a directory, not a file")
     if not p.is_file():
         if p.exists():
-            raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: {p} is not a regular file")
-        raise FabricError(StatusCode.NOT_FOUND, f"put: no such file {p}")
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"{what}: {p} is not a regular file")
+        raise FabricError(StatusCode.NOT_FOUND, f"{what}: no such file {p}")
     return p
 
 

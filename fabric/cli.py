@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a blob's bytes, or a reply's value as JSON.")
     _common(p)
     p.add_argument("key")
-    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout (- is stdout)")
 
     p = sub.add_parser("holders", help="list the nodes known to hold KEY")
     _common(p)
@@ -127,24 +127,35 @@ def _node_address(args: argparse.Namespace) -> str | None:
 
 def _node_secret(args: argparse.Namespace, node: str) -> bytes:
     """The secret for talking to ``node``: ``--secret-file``, else ``$FABRIC_SECRET(_FILE)``.
-    INVALID_ARGUMENT for an address that is not HOST:PORT, UNAUTHENTICATED when no secret is given."""
+    INVALID_ARGUMENT for an address that is not HOST:PORT with a port 1-65535 (naming
+    ``--node`` or ``$FABRIC_NODE``, whichever gave it), UNAUTHENTICATED when no secret is given."""
     from fabric import api
+    from fabric.remote import parse_address
 
-    if not api.is_address(node):
-        raise FabricError(StatusCode.INVALID_ARGUMENT, f"--node must be HOST:PORT, got {node!r}")
+    try:
+        if not api.is_address(node):
+            raise FabricError(StatusCode.INVALID_ARGUMENT, node)
+        parse_address(node)
+    except FabricError:
+        flag = "--node" if getattr(args, "node", None) else "$FABRIC_NODE"
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"{flag} must be HOST:PORT (port 1-65535), got {node!r}") from None
     secret = api.read_secret_file(args.secret_file) if getattr(args, "secret_file", None) else api._secret_from_env()
     if secret is None:
         raise FabricError(StatusCode.UNAUTHENTICATED, f"talking to node {node} needs --secret-file F (or FABRIC_SECRET / FABRIC_SECRET_FILE)")
     return secret
 
 
-def _open(args: argparse.Namespace):
+def _open(args: argparse.Namespace, *, create: bool = True):
+    """The fabric a command works on: the ``--node`` (or ``$FABRIC_NODE``), else the embedded
+    cassette in ``--data`` (or the default home).  ``create=False`` (commands that only read:
+    get, holders, stats, verify, export) opens only an existing cassette: a mistyped
+    ``--data`` is NOT_FOUND, not a new empty cassette that verifies clean or exports nothing."""
     from fabric import api
 
     node = _node_address(args)
     if node:
         return api.open(node, secret=_node_secret(args, node))
-    return api.open(Path(args.data) if args.data else api.default_home())
+    return api.open(Path(args.data) if args.data else api.default_home(), create=create)
 
 
 def _jsonable(v: Any) -> Any:
@@ -228,10 +239,10 @@ def cmd_get(args: argparse.Namespace) -> int:
     sink = _Sink(args.output)  # before any transfer: a bad -o fails at once
     try:
         if key.kind == "artifact":
-            with _open(args) as fab:
+            with _open(args, create=False) as fab:
                 _stream_to(sink, fab, key)
         else:
-            with _open(args) as fab:
+            with _open(args, create=False) as fab:
                 value = fab.get(key) if _node_address(args) else artifacts.get(fab.cassette, key)
             if key.kind == "request":
                 sink.write((json.dumps(_jsonable(value)) + "\n").encode())
@@ -246,23 +257,28 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 class _Sink:
-    """Where ``fabric get`` writes: stdout, or ``FILE`` through a temporary file beside it
-    (``.FILE.<random>.part``) that replaces ``FILE`` only once every byte is in and
-    verified; :meth:`discard` removes it otherwise.  A ``FILE`` that cannot be written (a
-    directory, or in a missing or read-only one) is FAILED_PRECONDITION naming it, raised
-    by the constructor, before anything is fetched; a write that fails later likewise."""
+    """Where ``fabric get`` writes: stdout (no ``-o``, or ``-o -``), or ``FILE`` through a
+    temporary file beside it (``.FILE.<random>.part``) that replaces ``FILE`` only once
+    every byte is in and verified; :meth:`discard` removes it otherwise.  A ``FILE`` that
+    cannot be written (a directory, a device or a fifo, which the rename would replace, or
+    in a missing or read-only directory) is FAILED_PRECONDITION naming it, raised by the
+    constructor, before anything is fetched (:func:`cassette.ledgerfile.check_write_target`);
+    a write that fails later likewise.  A symlink ``FILE`` stays a link to the new file."""
 
     def __init__(self, output: str | None) -> None:
         self.final: Path | None = None
         self.tmp: Path | None = None
-        if output is None:
+        if output is None or output == "-":
             self.f = sys.stdout.buffer
             return
         import secrets
 
-        self.final = Path(output)
-        if self.final.is_dir():
-            raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {output}: it is a directory")
+        from cassette.ledgerfile import check_write_target
+
+        if not output:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, "-o FILE must not be empty (use -o - or no -o for stdout)")
+        self.name = output
+        self.final = Path(check_write_target(output, what=""))
         self.tmp = self.final.with_name(f".{self.final.name}.{secrets.token_hex(4)}.part")
         try:
             self.f = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
@@ -291,7 +307,7 @@ class _Sink:
         self.tmp = None
 
     def _error(self, exc: OSError) -> FabricError:
-        return FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {self.final or 'stdout'}: {exc.strerror or exc}")
+        return FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {self.name if self.final else 'stdout'}: {exc.strerror or exc}")
 
     def discard(self) -> None:
         """Remove the temporary file if :meth:`commit` did not happen (idempotent)."""
@@ -322,20 +338,23 @@ def _stream_to(sink: _Sink, fab: Any, key: Any) -> None:
 
 
 def cmd_holders(args: argparse.Namespace) -> int:
-    """``fabric holders KEY``: the node ids known to hold KEY, one a line; exit 1 when none is."""
+    """``fabric holders KEY``: the node ids known to hold KEY, one a line; NOT_FOUND (exit 1,
+    one line naming KEY) when none is."""
     from cassette.keys import ContentKey
 
     key = ContentKey.parse(args.key)
-    with _open(args) as fab:
+    with _open(args, create=False) as fab:
         holders = fab.holders(key)
+    if not holders:
+        raise FabricError(StatusCode.NOT_FOUND, "no node is known to hold it", key=key)
     for h in holders:
         print(h)
-    return 0 if holders else EXIT_ERROR
+    return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """``fabric stats``: the node's counters and ``fabric_*`` metrics, as a table or ``--json``."""
-    with _open(args) as fab:
+    with _open(args, create=False) as fab:
         st = fab.stats()
     if isinstance(st.get("node"), dict):  # a remote node's answer: {"node": ..., "wire": ..., "server": ...}
         flat = dict(st["node"])
@@ -376,7 +395,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         count = rep.problem_count
     else:
         path = Path(args.data) if args.data else api.default_home()
-        fab = api.open(path)
+        fab = api.open(path, create=False)
         try:
             cb, stop = _progress(None, "verifying")
             try:
@@ -395,12 +414,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    """``fabric replay LEDGER_FILE``: replay a ledger file into ``--data DIR`` or a node, verifying each row."""
+    """``fabric replay LEDGER_FILE``: replay a ledger file into ``--data DIR`` or a node, verifying each row.
+
+    LEDGER_FILE must be a regular file (:func:`fabric.artifacts.source_file`).  Seeding a
+    ``--data DIR`` that holds no cassette yet validates the whole file first, so a bad file
+    leaves no new empty cassette behind (into an existing one, the import validates it
+    whole before appending anything)."""
+    from cassette.ledgerfile import validate_ledger_file
     from cassette.store import Cassette
     from fabric import api
+    from fabric.artifacts import source_file
 
-    if not Path(args.ledger_file).is_file():
-        raise FabricError(StatusCode.NOT_FOUND, f"no such ledger file {args.ledger_file}")
+    source_file(args.ledger_file, what="replay")
     if _node_address(args):
         with _open(args) as fab:
             cb, stop = _progress(None, "replaying")
@@ -413,6 +438,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
               f"{res['records'] - res['appended']} already held; {res['blobs']} blobs")
         return 0
     path = Path(args.data) if args.data else api.default_home()
+    if not (path / "data.mdb").exists():
+        validate_ledger_file(args.ledger_file)
     cb, stop = _progress(None, "replaying")
     try:
         cas = Cassette.from_ledger(path, args.ledger_file, progress=cb)
@@ -426,8 +453,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``fabric export FILE``: write the whole ledger (and blobs) as a portable ledger file."""
-    with _open(args) as fab:
+    """``fabric export FILE``: write the whole ledger (and blobs) as a portable ledger file.
+    FILE is checked first (:func:`cassette.ledgerfile.check_write_target`), then the cassette
+    must exist: an existing FILE is replaced only by a complete export of a real cassette."""
+    from cassette.ledgerfile import check_write_target
+
+    check_write_target(args.file)
+    with _open(args, create=False) as fab:
         if _node_address(args):
             cb, stop = _progress(None, "exporting")
             try:

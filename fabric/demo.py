@@ -143,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else api.default_home()
     if args.nodes:
         return fleet_main(args, data)
-    data.mkdir(parents=True, exist_ok=True)
+    api.open(data).close()  # a file, or another program's LMDB, is refused before anything is printed or started
     spec = _examples_spec()
     console = Console()
     console.print(f"[bold]evalfabric demo[/]: {args.agents} agents × {args.requests} requests over {args.distinct} distinct, embedded cassette at {data}")

@@ -112,9 +112,10 @@ def on_device(rep: Reply, device: Any) -> Reply:
 class Fabric(metaclass=abc.ABCMeta):
     """An evaluation fabric over a cassette directory (embedded node).
 
-    ``Fabric(path, durability=None, node_id=None)``: ``durability`` ``"sync"``
+    ``Fabric(path, durability=None, node_id=None, create=True)``: ``durability`` ``"sync"``
     (the default for a directory not yet open in this process) or ``"fast"``; a
-    directory already open here is shared (see :func:`open_cassette`).  Use :meth:`realize`
+    directory already open here is shared (see :func:`open_cassette`); ``create=False``
+    opens only an existing cassette (NOT_FOUND otherwise, with nothing created).  Use :meth:`realize`
     (sync) or :meth:`arealize` (trio); artifacts with :meth:`put`,
     :meth:`get`, :meth:`get_into`.  Close with :meth:`close` or ``with``.
 
@@ -124,10 +125,13 @@ class Fabric(metaclass=abc.ABCMeta):
     holds for both.
     """
 
-    def __init__(self, path: str | os.PathLike, *, durability: str | None = None, node_id: str | None = None, map_size: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, durability: str | None = None, node_id: str | None = None, map_size: int | None = None,
+                 create: bool = True) -> None:
         kw: dict[str, Any] = {"durability": durability, "node_id": node_id}
         if map_size is not None:
             kw["map_size"] = map_size
+        if not create:
+            kw["create"] = False
         self.path = Path(path)
         self._entry = open_cassette(self.path, **kw)
         self.cassette: Cassette = self._entry[0]

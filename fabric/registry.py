@@ -258,7 +258,8 @@ def load_evaluators(spec: str) -> None:
             if mod_name in sys.modules and getattr(sys.modules[mod_name], "__file__", None) == str(path.resolve()):
                 return
             s = importlib.util.spec_from_file_location(mod_name, path.resolve())
-            assert s is not None and s.loader is not None
+            if s is None or s.loader is None:  # a file without a Python source suffix
+                raise FabricError(StatusCode.INVALID_ARGUMENT, f"evaluator file {spec} is not a Python source file (.py)")
             module = importlib.util.module_from_spec(s)
             sys.modules[mod_name] = module
             s.loader.exec_module(module)

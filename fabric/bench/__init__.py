@@ -24,9 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
+from cassette.ledgerfile import check_write_target
 from fabric.bench._core import ERROR, Ctx, Row, render, rows_to_json
 
 __all__ = ["main", "run", "BENCHMARKS", "Row"]
@@ -142,10 +144,13 @@ def main(args: Any) -> int:
     base_dir = getattr(args, "data", None)
     console = Console() if Console().is_terminal else Console(width=160)
     err = Console(stderr=True)
-    if not selected(only):
+    if not selected(only):  # one plain line (a rich console would wrap it at 80 columns)
         names = ", ".join(n for n, _ in BENCHMARKS)
-        err.print(f"fabric bench: error: --only {' '.join(only)} matches no benchmark; names: {names}", highlight=False)
+        print(f"fabric bench: error: INVALID_ARGUMENT: --only {' '.join(only)} matches no benchmark; names: {names}",
+              file=sys.stderr)
         return 2
+    if json_path:  # before minutes of benchmarking, not after
+        json_path = check_write_target(json_path, what="JSON file")
     t0 = time.perf_counter()
     with err.status("benchmarking…") as status:
         ctx = _run(quick=quick, only=only, base_dir=base_dir, progress=lambda n: status.update(f"benchmarking {n}…"))
