@@ -76,7 +76,7 @@ _DEFAULT_MAP = 1 << 30
 #: the named databases of a cassette: the only keys its LMDB main database may hold
 _DB_NAMES = (b"ledger", b"index", b"blobs", b"meta")
 #: files of ours that may sit in a cassette directory before its data.mdb does
-_OWN_FILES = ("data.mdb", "lock.mdb", "compute.lock")
+_OWN_FILES = ("data.mdb", "lock.mdb", "compute.lock", "node.lock")
 
 
 @dataclass(frozen=True)

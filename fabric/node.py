@@ -17,7 +17,9 @@ and name keys, never payloads or secrets.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -62,7 +64,9 @@ async def run_node(args: argparse.Namespace) -> int:
 
     caps = node_capabilities(registered(), compute=not args.relay)  # a relay forwards misses, never computes
     metrics_server = None
+    lock_fd = -1
     try:
+        lock_fd = _hold_node_lock(data)
         if args.metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -102,6 +106,8 @@ async def run_node(args: argparse.Namespace) -> int:
         if service.active_computations:
             log.warning("node %s: %d computations still running after %.0f s; closing anyway", fab.node_id, service.active_computations, args.drain_s)
     finally:
+        if lock_fd >= 0:
+            os.close(lock_fd)  # (the lock goes with it; a kill -9 lets it go too)
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
@@ -111,6 +117,31 @@ async def run_node(args: argparse.Namespace) -> int:
         metrics.CONNECTIONS.set(0)
     log.info("node %s stopped cleanly", fab.node_id)
     return 0
+
+
+#: In a node's data directory: held (``flock``) by the one ``fabric node`` serving it.
+NODE_LOCK = "node.lock"
+
+
+def _hold_node_lock(data: Path) -> int:
+    """Take the node lock of ``data`` (returns its fd, to be closed when the node stops);
+    FAILED_PRECONDITION if another ``fabric node`` serves that directory: two nodes on one
+    cassette would gossip under one node id.  Embedded fabrics and CLI commands that open
+    the directory are not affected."""
+    path = data / NODE_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        finally:
+            os.close(fd)
+        raise FabricError(StatusCode.FAILED_PRECONDITION, f"another fabric node (pid {holder}) is serving {data}; "
+                          "run one node per data directory") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 async def _first_signal(signals, early) -> int:

@@ -318,6 +318,33 @@ def test_relay_serves_from_upstream_and_becomes_a_holder(tmp_path):
             assert g.realize(fabric.Request("linalg.spectrum", {"seed": 3, "n": 8}, version="1")).source == "local"
 
 
+def test_a_second_node_on_the_same_data_dir_is_refused_until_the_first_is_gone(tmp_path):
+    """Two nodes on one cassette would gossip under one node id: the second is refused with
+    one FAILED_PRECONDITION line naming the first's pid, and the directory is untouched.
+    Embedded use of the directory beside the node goes on; once the node is killed -9, a new
+    node serves the directory (the lock does not outlive its holder)."""
+    addr, first, data = start_node(tmp_path, "shared")
+    try:
+        with fabric.open(addr, secret=SECRET) as f:
+            f.realize(fabric.Request("text.stats", {"text": "held once"}, version="1"))
+        second = subprocess.run([FABRIC, "node", "--data", str(data), "--listen", "127.0.0.1:0", "--secret-file",
+                                 str(tmp_path / "secret"), "--evaluators", EVALUATORS],
+                                capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+        assert second.returncode != 0 and second.stdout == ""
+        err = second.stderr.strip().splitlines()
+        assert err[-1] == f"fabric node: error: FAILED_PRECONDITION: another fabric node (pid {first.pid}) is serving {data}; run one node per data directory"
+        with fabric.open(data) as embedded:  # not a node: no lock taken
+            assert embedded.realize(fabric.Request("text.stats", {"text": "held once"}, version="1")).source == "local"
+    finally:
+        stop_node(first, signal.SIGKILL)
+    again, proc, _ = start_node(tmp_path, "shared")
+    try:
+        with fabric.open(again, secret=SECRET) as f:
+            assert f.realize(fabric.Request("text.stats", {"text": "held once"}, version="1")).source == "local"
+    finally:
+        assert stop_node(proc) == 0
+
+
 def test_concurrent_askers_on_a_relay_share_one_upstream_forward(tmp_path):
     """Eight clients of a relay ask at once for what neither node holds: the relay forwards it
     upstream once; the askers that came meanwhile are answered from the relay's cassette
