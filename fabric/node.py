@@ -119,6 +119,21 @@ async def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Characters a log message may not carry as they are: C0/C1 controls and Unicode line breaks.
+_UNPRINTABLE = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+                for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]}
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each log record is one line: control characters and line breaks in its message (a
+    node id, an address or an evaluator name a peer chose) are written escaped (``\\x0a``),
+    so a peer cannot forge log lines.  A traceback, when one is logged, follows as usual."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_UNPRINTABLE)
+        return super().formatMessage(record)
+
+
 #: In a node's data directory: held (``flock``) by the one ``fabric node`` serving it.
 NODE_LOCK = "node.lock"
 
@@ -204,7 +219,9 @@ def main(args: argparse.Namespace) -> int:
     args.early_signals = early
     args.signal_handlers = {sig: signal.signal(sig, lambda signum, _frame: early.append(signum))
                             for sig in (signal.SIGTERM, signal.SIGINT)}  # put back once the node stops serving
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     if not hasattr(args, "drain_s"):
         args.drain_s = DRAIN_S
     if not hasattr(args, "gossip_interval"):

@@ -504,6 +504,30 @@ def test_a_node_logs_each_connection_event_at_its_default_level(tmp_path):
     assert "payload" not in log and SECRET.decode() not in log
 
 
+def test_a_peer_chosen_node_id_cannot_forge_log_lines(tmp_path):
+    """A client proves the secret with a node id holding a line break and a terminal escape:
+    the node's log shows them escaped inside its one 'authenticated' line, and no line of
+    the log starts with the forged text."""
+    from fabric.net import open_connection
+
+    evil = "agent\n2026-01-01 00:00:00,000 fabric.node INFO forged line\x1b[2J"
+    with node(tmp_path) as (addr, proc, _):
+        host, port = addr.rsplit(":", 1)
+
+        async def main() -> None:
+            async with await open_connection(host, int(port), SECRET, node_id=evil) as client:
+                await client.stats()
+
+        trio.run(main)
+        deadline = time.monotonic() + 10
+        while "closed cleanly" not in proc.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    lines = proc.log_path.read_text().splitlines()
+    assert any(" INFO authenticated 127.0.0.1:" in ln and "node=agent\\x0a2026-01-01" in ln and "\\x1b[2J" in ln for ln in lines), lines
+    assert not any("forged line" in ln and "authenticated" not in ln for ln in lines), lines
+    assert "\x1b" not in "".join(lines)
+
+
 def test_node_bind_failures_and_malformed_addresses_are_one_status_line(tmp_path):
     (tmp_path / "secret").write_bytes(SECRET)
     base = [FABRIC, "node", "--data", str(tmp_path / "d"), "--secret-file", str(tmp_path / "secret"), "--evaluators", EVALUATORS]
