@@ -2,7 +2,10 @@
 
 Load them with ``--evaluators examples.evaluators`` (from the repo root) or
 ``--evaluators examples/evaluators.py``.  Every evaluator is deterministic:
-equal arguments give byte-identical replies on every machine.
+equal arguments give byte-identical replies on every machine.  Names carry a
+prefix (``text.embed``, not the ``embed`` of the design's examples) so that loading
+these into a process never changes which version of a user's own ``embed`` is the
+latest registered one.
 """
 
 from __future__ import annotations
@@ -62,10 +65,10 @@ def text_stats(text: str, top: int = 5) -> dict:
     }
 
 
-@fabric.evaluator("embed", version="1")
+@fabric.evaluator("text.embed", version="1")
 def embed(text: str, dim: int = 16) -> np.ndarray:
     """A hashed bag-of-words embedding (BLAKE3 feature hashing), L2-normalised float32."""
-    _side_effect("embed")
+    _side_effect("text.embed")
     v = np.zeros(dim, dtype=np.float32)
     for w in text.lower().split():
         h = blake3.blake3(w.encode()).digest(8)

@@ -58,7 +58,7 @@ def request_pool(distinct: int, seed: int) -> list[tuple[str, dict]]:
         elif kind == 1:
             pool.append(("text.stats", {"text": " ".join(rng.sample(_TEXTS, 3)), "top": 3}))
         else:
-            pool.append(("embed", {"text": rng.choice(_TEXTS) + f" #{i}", "dim": 32}))
+            pool.append(("text.embed", {"text": rng.choice(_TEXTS) + f" #{i}", "dim": 32}))
         i += 1
     return pool
 

@@ -72,7 +72,7 @@ def test_realize_prints_json_computed_then_local(cli, tmp_path):
     assert len(log.read_text().splitlines()) == 1
 
     # module-path form of --evaluators, explicit --version, and $FABRIC_HOME as the default data dir
-    home = cli("realize", "embed", '{"text": "x y", "dim": 4}', "--evaluators", "examples.evaluators", "--version", "1")
+    home = cli("realize", "text.embed", '{"text": "x y", "dim": 4}', "--evaluators", "examples.evaluators", "--version", "1")
     assert home.returncode == 0, home.stderr.decode()
     out3 = json.loads(home.stdout)
     assert out3["source"] == "computed" and len(out3["value"]) == 4

@@ -88,7 +88,7 @@ def test_a_realize_key_hint_answers_hits_but_is_never_trusted(tmp_path):
 def test_fabric_node_env_routes_the_default_fabric(tmp_path):
     with node(tmp_path) as (addr, proc, data):
         (tmp_path / "s").write_bytes(SECRET)
-        code = "import fabric; r = fabric.realize(fabric.Request('embed', {'text': 'x y', 'dim': 4}, version='1')); print(r.source, r.holder)"
+        code = "import fabric; r = fabric.realize(fabric.Request('text.embed', {'text': 'x y', 'dim': 4}, version='1')); print(r.source, r.holder)"
         env = dict(os.environ, FABRIC_NODE=addr, FABRIC_SECRET_FILE=str(tmp_path / "s"), FABRIC_HOME=str(tmp_path / "unused"))
         out = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60) for _ in range(2)]
         assert [o.returncode for o in out] == [0, 0], out[0].stderr
@@ -149,7 +149,7 @@ def test_wrong_secret_is_unauthenticated_and_node_keeps_serving(tmp_path):
     with node(tmp_path) as (addr, proc, data):
         bad = RemoteFabric(addr, b"not-the-secret-at-all-0123456789")
         with pytest.raises(FabricError) as ei:
-            bad.realize(fabric.Request("embed", {"text": "secret stuff", "dim": 4}, version="1"))
+            bad.realize(fabric.Request("text.embed", {"text": "secret stuff", "dim": 4}, version="1"))
         bad.close()
         assert ei.value.status_code is StatusCode.UNAUTHENTICATED
         # garbage before any handshake, and a silent connection, while others are served
@@ -159,7 +159,7 @@ def test_wrong_secret_is_unauthenticated_and_node_keeps_serving(tmp_path):
             got = _recv_all(garbage, 2.0)
             assert b"secret stuff" not in got
             with fabric.open(addr, secret=SECRET) as good:
-                assert good.realize(fabric.Request("embed", {"text": "a b", "dim": 4}, version="1")).source == "computed"
+                assert good.realize(fabric.Request("text.embed", {"text": "a b", "dim": 4}, version="1")).source == "computed"
             assert silent.fileno() >= 0
         assert proc.poll() is None
         assert _records_after_stop(proc, data) == 1  # nothing from the bad peers
@@ -180,7 +180,7 @@ def test_a_short_secret_file_with_a_newline_serves_clients_proving_either_form(t
         line = _readline(proc, 30)
         assert line.startswith("listening on "), line
         addr = line.split()[2]
-        req = fabric.Request("embed", {"text": "short secret", "dim": 4}, version="1")
+        req = fabric.Request("text.embed", {"text": "short secret", "dim": 4}, version="1")
         for secret, source in ((b"s3cret", "computed"), (b"s3cret\n", "local")):
             with fabric.open(addr, secret=secret) as f:
                 assert f.realize(req).source == source
@@ -231,7 +231,7 @@ def live_node(tmp_path_factory):
     with node(tmp) as (addr, proc, data):
         yield addr, proc
         with fabric.open(addr, secret=SECRET) as f:  # still serving after all the garbage
-            assert f.realize(fabric.Request("embed", {"text": "still here", "dim": 4}, version="1")).value.shape == (4,)
+            assert f.realize(fabric.Request("text.embed", {"text": "still here", "dim": 4}, version="1")).value.shape == (4,)
         assert proc.poll() is None
 
 
