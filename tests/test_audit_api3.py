@@ -19,7 +19,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import trio
 from prometheus_client import REGISTRY
 
 import fabric
@@ -324,11 +323,11 @@ def test_module_level_realize_on_a_device_without_cupy_names_the_extra(default_f
 _CHILD = """
 import json, sys
 import numpy as np
+import trio
 import fabric
 {register}
 req = fabric.Request({evaluator!r}, {args!r})
 reps = [fabric.realize(req) for _ in range(2)]
-import trio
 reps.append(trio.run(fabric.arealize, req))
 print(json.dumps([[r.source, r.holder, str(r.key), req.version] for r in reps]))
 """
