@@ -6,8 +6,9 @@ invalidates nothing and recomputes everything.  Registering the same name and
 version twice with a *different* function is FAILED_PRECONDITION; registering
 the same function again (the same object, or the same definition made anew:
 same module, qualified name and code, e.g. a module reload) replaces it
-silently.  The "latest" version of a name is the one
-registered last.
+silently, in its place.  The "latest" version of a name is the last *new*
+version registered for it, so reloading a module of older versions does not
+make them the latest again.
 """
 
 from __future__ import annotations
@@ -168,8 +169,7 @@ def register(name: str, version: Any, fn: Callable[..., Any]) -> Evaluator:
                 f"evaluator {name!r} version {v!r} is already registered to another function "
                 f"({_describe(old.fn)}); bump the version to register a different function",
             )
-        versions.pop(v, None)
-        versions[v] = ev  # re-insert: the last registered is the latest
+        versions[v] = ev  # a new version goes last (the latest); the same one again keeps its place
     return ev
 
 
@@ -213,7 +213,7 @@ def evaluator(name: str | Callable | None = None, *, version: Any = "1") -> Call
 
 
 def latest_version(name: str) -> str | None:
-    """The version of ``name`` registered last, or ``None`` if ``name`` is unknown."""
+    """The last new version of ``name`` registered (see module docstring), or ``None`` if ``name`` is unknown."""
     versions = _by_name.get(name)
     if not versions:
         return None
