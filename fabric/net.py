@@ -479,6 +479,10 @@ class _ServerConnection:
             if isinstance(ev, Closed):
                 await link.flush()
                 return ev.reason
+            if conn.state is ConnectionState.CLOSED:
+                # parsed from the same read as the frame that closed the connection (a peer's
+                # violation, or our refusal): nothing can be answered on it any more
+                continue
             self._dispatch(ev)
 
     def _dispatch(self, ev: Any) -> None:

@@ -1,0 +1,172 @@
+"""Audit: an authenticated but misbehaving client against a live ``fabric node``.
+
+Each probe plays a client that knows the secret and then writes whatever sealed
+frames it likes (:class:`RawPeer`: the handshake from :class:`WireConnection`,
+then frames sealed with the session key recomputed from the public formulas of
+specs/wire.md, and the node's frames read back without a state machine).  The
+contract checked: every bad request gets a one-line fault with the right status,
+a protocol violation closes only that connection, the node keeps serving other
+clients, holds no unbounded memory for a client, and still stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from cassette import codec
+from cassette.keys import ContentKey
+from fabric.wire import (
+    Authenticated,
+    StreamFrameLimits,
+    WireConnection,
+    frame_mac,
+    proof_key,
+    session_key,
+    transcript_hash,
+)
+
+from _nodes import SECRET, node, start_node, stop_node
+
+
+# --------------------------------------------------------------------------- a raw authenticated client
+
+
+class RawPeer:
+    """A client that completes the handshake honestly, then seals any message it is given."""
+
+    def __init__(self, addr: str, *, limits: StreamFrameLimits | None = None, rcvbuf: int | None = None,
+                 after_auth: list | None = None) -> None:
+        host, port = addr.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        conn = WireConnection("client", SECRET, limits, node_id="raw-peer")
+        hc = conn.data_to_send()
+        self.buf = b""
+        self.sock.sendall(hc)
+        hs = self._frame()
+        conn.receive_data(len(hs).to_bytes(4, "big") + hs)
+        self.skey = session_key(proof_key(SECRET), transcript_hash(hc[4:], hs))
+        self.seq = self.rseq = 0
+        # frames in ``after_auth`` leave in the same write as our auth
+        self.sock.sendall(conn.data_to_send() + b"".join(self.seal(m) for m in after_auth or ()))
+        auth = self._frame()
+        conn.receive_data(len(auth).to_bytes(4, "big") + auth)
+        events = [conn.next_event(), conn.next_event()]  # Hello, then Authenticated: the node proved the secret
+        assert isinstance(events[1], Authenticated), events
+        self.welcome = None if after_auth else self.recv()
+
+    def _frame(self) -> bytes:
+        while True:
+            if len(self.buf) >= 4:
+                n = int.from_bytes(self.buf[:4], "big")
+                if len(self.buf) >= 4 + n:
+                    body, self.buf = self.buf[4 : 4 + n], self.buf[4 + n :]
+                    return body
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError("the node closed the connection")
+            self.buf += chunk
+
+    def seal(self, msg: dict | None, raw: bytes | None = None) -> bytes:
+        """The next sealed frame carrying ``msg`` (or the message bytes ``raw``)."""
+        body = codec.pack(msg) if raw is None else raw
+        env = msgpack.packb([self.seq, body, frame_mac(self.skey, 1, self.seq, body)])
+        self.seq += 1
+        return len(env).to_bytes(4, "big") + env
+
+    def send(self, msg: dict | None = None, raw: bytes | None = None) -> None:
+        self.sock.sendall(self.seal(msg, raw))
+
+    def recv(self, timeout: float = 10) -> dict:
+        self.sock.settimeout(timeout)
+        seq, raw, mac = msgpack.unpackb(self._frame())
+        assert seq == self.rseq and mac == frame_mac(self.skey, 2, seq, raw)
+        self.rseq += 1
+        return codec.decode(raw)
+
+    def open(self, rid: int, op, body=None, *, end: bool = True, credit: int = 0, timeout=None) -> None:
+        self.send({"t": "open", "id": rid, "op": op, "body": body, "end": end, "credit": credit, "timeout": timeout})
+
+    def final(self, rid: int, timeout: float = 10) -> dict:
+        """The node's final frame for ``rid`` (close / fault / stats answer) or a connection fault."""
+        while True:
+            m = self.recv(timeout)
+            if m["id"] in (rid, 0) and m["t"] in ("close", "fault", "stats"):
+                return m
+
+    def ask(self, rid: int, op, body=None, **kw) -> dict:
+        self.open(rid, op, body, **kw)
+        return self.final(rid)
+
+    def closing_fault(self, timeout: float = 10) -> dict:
+        """The connection ``fault`` the node sends before it closes (frames before it skipped)."""
+        while True:
+            m = self.recv(timeout)
+            if m["id"] == 0 and m["t"] == "fault":
+                with pytest.raises((EOFError, ConnectionError)):
+                    self.recv(timeout)
+                return m["error"]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def still_serving(addr: str) -> None:
+    """Another client is answered by the node (a stats query and a realize)."""
+    p = RawPeer(addr)
+    try:
+        assert p.ask(1, "realize", {"evaluator": "embed", "version": "1", "args": {"text": "ok", "dim": 4}})["t"] == "close"
+        p.send({"t": "stats", "id": 2, "body": None})
+        assert p.final(2)["t"] == "stats"
+    finally:
+        p.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """One node for the probes that must leave it serving; checked alive after every test."""
+    with node(tmp_path_factory.mktemp("audit-wire3")) as (addr, proc, data):
+        yield addr, proc
+
+
+@pytest.fixture
+def addr(live):
+    address, proc = live
+    yield address
+    assert proc.poll() is None, "the node died"
+    still_serving(address)
+
+
+# --------------------------------------------------------------------------- one client's violation never kills the node
+
+
+def test_a_stats_query_and_a_bad_frame_in_one_write_close_only_that_connection(addr):
+    # the node parses both frames of the read, then answered the query on the closed
+    # connection: its send raised UNAVAILABLE out of the read loop and the node exited
+    p = RawPeer(addr)
+    p.sock.sendall(p.seal({"t": "stats", "id": 1, "body": None}) + p.seal({"t": "bogus"}))
+    err = p.closing_fault()
+    assert err["code"] == "INVALID_ARGUMENT" and "unknown frame type 'bogus'" in err["message"]
+
+
+def test_a_bad_frame_right_behind_the_auth_closes_only_that_connection(addr):
+    # the same read brings the proof and the violation: the welcome was queued on a closed connection
+    p = RawPeer(addr, after_auth=[{"t": "bogus"}])
+    err = p.closing_fault()
+    assert err["code"] == "INVALID_ARGUMENT" and "'bogus'" in err["message"]
+
+
+def test_pipelining_past_max_inflight_in_one_write_is_resource_exhausted_for_that_connection(addr):
+    # 300 stats queries in one write: the 257th is over max_inflight_requests (256) while the
+    # first 256 still wait for their answers
+    p = RawPeer(addr)
+    p.sock.sendall(b"".join(p.seal({"t": "stats", "id": i, "body": None}) for i in range(1, 301)))
+    err = p.closing_fault()
+    assert err["code"] == "RESOURCE_EXHAUSTED" and "max_inflight_requests 256" in err["message"]
