@@ -90,6 +90,9 @@ MANY_FLUSH_EVERY = 8
 #: A connection quiet this long (seconds) is checked for the peer's goodbye before it is reused
 #: (:meth:`WireClient.reusable`): a node closes connections idle past its ``idle_timeout_s``.
 REUSE_CHECK_AFTER_S = 1.0
+#: Once a server stops serving a connection (shutdown), its pending writes (replies, the goodbye)
+#: get at most this long: a client that does not read can no longer hold the node's exit.
+TEARDOWN_WRITE_S = 1.0
 
 _NET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 #: Most buffers one ``writev`` takes (POSIX guarantees 16; Linux takes 1024).
@@ -138,6 +141,7 @@ class _Link:
         self._pending: list = []  # frames (bytes, or a view of the unwritten end of one), in order
         self._lock = trio.Lock()
         self._write_timeout = write_timeout
+        self._write_scope: trio.CancelScope | None = None  # bounds the blocking write in progress
         self._fd = stream.socket.fileno()
 
     def queue(self, event: Any) -> None:
@@ -216,13 +220,24 @@ class _Link:
                 if self.broken is not None:
                     return
                 with trio.move_on_after(self._write_timeout) as scope:
+                    self._write_scope = scope
                     try:
                         for data in _coalesced(frames):
                             await self.stream.send_all(data)
                     except _NET_ERRORS as exc:
                         self.broken = f"write failed ({type(exc).__name__})"
+                    finally:
+                        self._write_scope = None
                 if scope.cancelled_caught:
                     self.broken = f"write stalled for {self._write_timeout:g} s"
+
+    def hurry(self, grace: float) -> None:
+        """Give the blocking write in progress, and every later one, at most ``grace`` more
+        seconds (the shielded writes of :meth:`flush` otherwise wait up to the write timeout
+        for a peer that does not read)."""
+        self._write_timeout = min(self._write_timeout, grace)
+        if self._write_scope is not None:
+            self._write_scope.deadline = min(self._write_scope.deadline, trio.current_time() + grace)
 
     async def aclose(self) -> None:
         self._fd = -1  # never write to the number again: the OS may reuse it
@@ -425,6 +440,7 @@ class _ServerConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                nursery.start_soon(self._hurry_writes_when_cancelled)
                 reason = await self._read_loop()
                 nursery.cancel_scope.cancel()
         finally:
@@ -439,6 +455,16 @@ class _ServerConnection:
             await self.link.flush()
             await self.link.aclose()
         self._log_close(reason)
+
+    async def _hurry_writes_when_cancelled(self) -> None:
+        """When this connection stops being served (the server shuts down, or the read loop
+        ended), bound its pending writes by :data:`TEARDOWN_WRITE_S`: they are shielded from
+        cancellation, so a client that stopped reading would otherwise keep the node from
+        exiting for the whole write timeout."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.link.hurry(TEARDOWN_WRITE_S)
 
     def _log_close(self, reason: FabricError | None) -> None:
         if self.refused:

@@ -40,12 +40,9 @@ from _nodes import SECRET, node, start_node, stop_node
 class RawPeer:
     """A client that completes the handshake honestly, then seals any message it is given."""
 
-    def __init__(self, addr: str, *, limits: StreamFrameLimits | None = None, rcvbuf: int | None = None,
-                 after_auth: list | None = None) -> None:
+    def __init__(self, addr: str, *, limits: StreamFrameLimits | None = None, after_auth: list | None = None) -> None:
         host, port = addr.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=10)
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         conn = WireConnection("client", SECRET, limits, node_id="raw-peer")
         hc = conn.data_to_send()
         self.buf = b""
@@ -170,3 +167,29 @@ def test_pipelining_past_max_inflight_in_one_write_is_resource_exhausted_for_tha
     p.sock.sendall(b"".join(p.seal({"t": "stats", "id": i, "body": None}) for i in range(1, 301)))
     err = p.closing_fault()
     assert err["code"] == "RESOURCE_EXHAUSTED" and "max_inflight_requests 256" in err["message"]
+
+
+# --------------------------------------------------------------------------- a client that stops reading
+
+
+BIG_EMBED = {"evaluator": "embed", "version": "1", "args": {"text": "a big reply", "dim": 200_000}}  # ~800 KB record
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_nodes_exit(tmp_path):
+    # the node's writes are shielded from cancellation and bounded only by the write timeout
+    # (300 s): SIGTERM left the node waiting on a client that no longer reads
+    addr, proc, _ = start_node(tmp_path)
+    try:
+        p = RawPeer(addr)
+        assert p.ask(1, "realize", BIG_EMBED)["t"] == "close"
+        for rid in range(2, 102):  # 100 hits of ~800 KB, never read: more than both socket buffers hold
+            p.open(rid, "realize", BIG_EMBED)
+        time.sleep(1.0)
+        still_serving(addr)  # meanwhile others are served
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(8)
+        assert proc.returncode == 0 and time.monotonic() - t0 < 8
+        p.close()
+    finally:
+        stop_node(proc)
