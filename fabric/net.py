@@ -70,6 +70,7 @@ __all__ = [
     "open_connection",
     "READ_BYTES",
     "UPLOAD_WINDOW",
+    "MAX_CALL_METADATA",
     "DEFAULT_CREDIT",
     "MANY_FLUSH_EVERY",
     "REUSE_CHECK_AFTER_S",
@@ -83,6 +84,10 @@ READ_BYTES = 256 * 1024
 INLINE_FLUSH_EVERY = 4
 #: Push credits a server handler keeps outstanding while it reads an upload.
 UPLOAD_WINDOW = 8
+#: ``metadata`` frames a server keeps per request (:attr:`ServerCall.metadata`); one more fails the
+#: request RESOURCE_EXHAUSTED.  Metadata is not flow-controlled, so without a bound a client could
+#: make the server hold up to ``max_bytes_per_stream`` (1 GiB) of decoded bodies per request.
+MAX_CALL_METADATA = 8
 #: Push credits a client grants a download stream at open (then one per item consumed).
 DEFAULT_CREDIT = 8
 #: Requests :meth:`WireClient.call_many` queues per write (so the server starts on them while more are encoded).
@@ -310,7 +315,8 @@ class ServerCall:
     client's remaining deadline, already applied as this task's cancel scope
     deadline), ``peer`` (address), ``peer_node_id``, ``peer_limits`` (what
     the client advertised), and ``metadata`` (the bodies of ``metadata``
-    frames the client sent so far).
+    frames the client sent so far: at most :data:`MAX_CALL_METADATA`; one
+    more fails the request RESOURCE_EXHAUSTED and cancels its handler).
 
     ``async for item in call`` reads the upload (granting credit as it goes;
     ends at the client's end of stream).  ``await call.send(item)`` pushes one
@@ -335,6 +341,7 @@ class ServerCall:
         self._granted = False
         self._signal = _Signal()
         self._cancelled_by_peer = False
+        self._refused: FabricError | None = None  # why the server ended the request itself
         deadline = math.inf if req.timeout_s is None else trio.current_time() + req.timeout_s
         self._scope = trio.CancelScope(deadline=deadline)
 
@@ -369,6 +376,20 @@ class ServerCall:
         item = self._inbox.popleft()
         await self._grant(1)
         return item
+
+    def _take_metadata(self, body: Any) -> None:
+        """Keep a ``metadata`` body from the client, or fail the request once it sent more than
+        :data:`MAX_CALL_METADATA` (the handler is cancelled; the fault says why)."""
+        if len(self.metadata) >= MAX_CALL_METADATA:
+            if self._refused is None:
+                self._refused = FabricError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"request {self.req_id} ({self.op}): more than {MAX_CALL_METADATA} metadata frames from the client",
+                )
+                self._scope.cancel()
+        else:
+            self.metadata.append(body)
+        self._signal.fire()
 
     async def _grant(self, n: int) -> None:
         link = self._c.link
@@ -540,8 +561,7 @@ class _ServerConnection:
         elif isinstance(ev, Metadata):
             call = self.calls.get(ev.req_id)
             if call is not None:
-                call.metadata.append(ev.body)
-                call._signal.fire()
+                call._take_metadata(ev.body)
         elif isinstance(ev, StreamData):
             call = self.calls.get(ev.req_id)
             if call is not None:
@@ -633,6 +653,8 @@ class _ServerConnection:
         self.calls.pop(rid, None)
         if call._cancelled_by_peer:
             return  # the client cancelled; it expects nothing more
+        if call._refused is not None:
+            reply = Fault(rid, call._refused)
         if reply is None:  # our deadline scope fired
             reply = Fault(rid, FabricError(
                 StatusCode.DEADLINE_EXCEEDED, f"request {rid} ({op}) ran past its {call.timeout_s:g} s deadline"

@@ -193,3 +193,30 @@ def test_a_client_that_stops_reading_does_not_hold_the_nodes_exit(tmp_path):
         p.close()
     finally:
         stop_node(proc)
+
+
+# --------------------------------------------------------------------------- metadata is not flow-controlled
+
+
+def _meta(rid: int, body) -> dict:
+    return {"t": "metadata", "id": rid, "body": body}
+
+
+def test_metadata_a_node_keeps_per_request_is_bounded(addr):
+    # a request the handler parks on (an upload nobody pushes to) kept every metadata body the
+    # client sent, decoded (~70x the wire bytes for a list of empty lists), up to 1 GiB per request
+    p = RawPeer(addr)
+    p.open(1, "replay", None, end=False)
+    lists = b"\xdd" + (100_000).to_bytes(4, "big") + b"\x90" * 100_000  # 100 KB: 100,000 empty lists
+    for _ in range(9):
+        p.send(raw=b"\x83\xa1t\xa8metadata\xa2id\x01\xa4body" + lists)
+    m = p.final(1)
+    assert m["t"] == "fault" and m["error"]["code"] == "RESOURCE_EXHAUSTED"
+    assert m["error"]["message"] == "request 1 (replay): more than 8 metadata frames from the client"
+    # the connection goes on; up to the bound a request is served as usual
+    p.open(2, "replay", None, end=False)
+    for i in range(8):
+        p.send(_meta(2, {"i": i}))
+    p.send({"t": "close", "id": 2, "body": None})
+    assert p.final(2) == {"t": "close", "id": 2, "body": {"records": 0, "appended": 0, "blobs": 0}}
+    p.close()
