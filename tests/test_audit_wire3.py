@@ -220,3 +220,28 @@ def test_metadata_a_node_keeps_per_request_is_bounded(addr):
     p.send({"t": "close", "id": 2, "body": None})
     assert p.final(2) == {"t": "close", "id": 2, "body": {"records": 0, "appended": 0, "blobs": 0}}
     p.close()
+
+
+# --------------------------------------------------------------------------- bad bodies: one-line faults with the right status
+
+
+def _open_raw(rid: int, op: str, body: bytes) -> bytes:
+    """An ``open`` message whose body is the given msgpack bytes (nesting codec.pack cannot build)."""
+    head = msgpack.packb({"t": "open", "id": rid, "op": op, "end": True, "credit": 0, "timeout": None})
+    return bytes([head[0] + 1]) + head[1:] + b"\xa4body" + body
+
+
+def _nested(depth: int) -> bytes:
+    return b"\x91" * depth + b"\x90"
+
+
+def test_a_deeply_nested_version_is_invalid_argument_not_internal(addr):
+    # the fault's message repr'd the version: RecursionError, answered INTERNAL "handler failed"
+    p = RawPeer(addr)
+    realize = b"\x83\xa9evaluator\xa5embed\xa4args\x80\xa7version"
+    for rid, version in ((1, _nested(1010)), (2, b"\xdd" + (300_000).to_bytes(4, "big") + b"\x00" * 300_000)):
+        p.send(raw=_open_raw(rid, "realize", realize + version))
+        m = p.final(rid)
+        assert m["t"] == "fault" and m["error"]["code"] == "INVALID_ARGUMENT", m
+        assert m["error"]["message"] == "evaluator version must be a str (or int), got list"
+    p.close()
