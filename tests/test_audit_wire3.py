@@ -245,3 +245,60 @@ def test_a_deeply_nested_version_is_invalid_argument_not_internal(addr):
         assert m["t"] == "fault" and m["error"]["code"] == "INVALID_ARGUMENT", m
         assert m["error"]["message"] == "evaluator version must be a str (or int), got list"
     p.close()
+
+
+# --------------------------------------------------------------------------- map keys: `str` only (specs/wire.md section 5)
+
+
+def _events(conn: WireConnection) -> list:
+    """Every pending event, up to NEED_DATA or the Closed event (not listing NEED_DATA)."""
+    out = []
+    while not out or type(out[-1]).__name__ not in ("Closed", "NeedData"):
+        out.append(conn.next_event())
+    return out[:-1] if type(out[-1]).__name__ == "NeedData" else out
+
+
+def _sealed_pair():
+    """A handshaken client/server pair of state machines and a forger of client frames."""
+    client, server = WireConnection("client", SECRET), WireConnection("server", SECRET)
+    hc = client.data_to_send()
+    server.receive_data(hc)
+    hs = server.data_to_send()
+    client.receive_data(hs)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    skey = session_key(proof_key(SECRET), transcript_hash(hc[4:], hs[4:]))
+    _events(server)  # Hello, Authenticated
+
+    def forge(raw: bytes, seq: int = 0) -> bytes:
+        env = msgpack.packb([seq, raw, frame_mac(skey, 1, seq, raw)])
+        return len(env).to_bytes(4, "big") + env
+
+    return server, forge
+
+
+@pytest.mark.parametrize("msg", [
+    # a `bin` key deep in a body was delivered to the handler as a bytes key
+    {"t": "open", "id": 1, "op": "x", "body": {"args": [{b"k": 1}]}, "end": True, "credit": 0, "timeout": None},
+    # two unknown fields, one `bin`: sorting them for the message raised, closing INTERNAL
+    {"t": "cancel", "id": 1, "zz": 1, b"yy": 2},
+])
+def test_a_bin_map_key_anywhere_is_invalid_argument(msg):
+    server, forge = _sealed_pair()
+    server.receive_data(forge(msgpack.packb(msg, use_bin_type=True)))
+    ev = _events(server)
+    assert len(ev) == 1 and type(ev[0]).__name__ == "Closed", ev
+    assert ev[0].reason.status_code.name == "INVALID_ARGUMENT"
+    assert ev[0].reason.message == "frame seq 0: a map key is `bin`; map keys must be `str`"
+
+
+def test_bin_values_are_still_fine_and_a_node_refuses_a_bin_key(addr):
+    server, forge = _sealed_pair()
+    msg = {"t": "open", "id": 1, "op": "x", "body": {"k": b"\xc4\xc5\xc6", "l": [b"", {"m": b"x"}]}, "end": True,
+           "credit": 0, "timeout": None}
+    server.receive_data(forge(msgpack.packb(msg, use_bin_type=True)))
+    assert _events(server)[0].body == msg["body"]
+    p = RawPeer(addr)
+    p.send(raw=_open_raw(1, "realize", msgpack.packb({"evaluator": "embed", "version": "1", "args": {b"text": "x"}})))
+    err = p.closing_fault()
+    assert err["code"] == "INVALID_ARGUMENT" and "map keys must be `str`" in err["message"]
