@@ -302,3 +302,145 @@ def test_bin_values_are_still_fine_and_a_node_refuses_a_bin_key(addr):
     p.send(raw=_open_raw(1, "realize", msgpack.packb({"evaluator": "embed", "version": "1", "args": {b"text": "x"}})))
     err = p.closing_fault()
     assert err["code"] == "INVALID_ARGUMENT" and "map keys must be `str`" in err["message"]
+
+
+# --------------------------------------------------------------------------- probes that found nothing wrong (kept as guards)
+
+
+def _fault(m: dict, code: str, needle: str) -> None:
+    """``m`` is a one-line fault with status ``code`` whose message contains ``needle``."""
+    assert m["t"] == "fault", m
+    assert m["error"]["code"] == code and needle in m["error"]["message"], m
+    assert "\n" not in m["error"]["message"]
+
+
+def test_frames_for_finished_requests_are_ignored_and_for_unopened_ones_close_the_connection(addr):
+    p = RawPeer(addr)
+    assert p.ask(1, "holders", {"key": ContentKey.of("blob", b"x")}) == {"t": "close", "id": 1, "body": []}
+    for late in ({"t": "cancel", "id": 1}, {"t": "next", "id": 1, "credit": 5}, {"t": "push", "id": 1, "data": b"x"},
+                 _meta(1, {"late": True}), {"t": "close", "id": 1, "body": None}):
+        p.send(late)
+    assert p.ask(2, "holders", {"key": ContentKey.of("blob", b"x")})["t"] == "close"  # still served
+    p.send({"t": "next", "id": 99, "credit": 1})
+    err = p.closing_fault()
+    assert err["code"] == "INVALID_ARGUMENT" and "request 99 was never opened" in err["message"]
+
+
+@pytest.mark.parametrize("after_end, code, needle", [
+    ({"t": "push", "id": 1, "data": b"x"}, "INVALID_ARGUMENT", "request 1 is not an open upload stream"),
+    ({"t": "close", "id": 1, "body": None}, "INVALID_ARGUMENT", "request 1 is not an open upload stream"),
+])
+def test_a_push_or_close_after_the_end_of_an_upload_closes_the_connection(addr, after_end, code, needle):
+    p = RawPeer(addr)
+    p.open(1, "replay", None, end=False)
+    p.sock.sendall(p.seal({"t": "close", "id": 1, "body": None}) + p.seal(after_end))  # one read: no reply between
+    err = p.closing_fault()
+    assert err["code"] == code and needle in err["message"]
+
+
+def test_a_push_beyond_the_granted_credit_closes_the_connection(addr):
+    p = RawPeer(addr)
+    p.open(1, "replay", None, end=False)
+    p.sock.sendall(b"".join(p.seal({"t": "push", "id": 1, "data": b""}) for _ in range(9)))  # the window is 8
+    err = p.closing_fault()
+    assert err["code"] == "RESOURCE_EXHAUSTED" and "pushed beyond its credit" in err["message"]
+
+
+@pytest.mark.parametrize("op, needle", [
+    (5, "expected `str`, got `int` - at `$.op`"),
+    (None, "expected `str`, got `nil` - at `$.op`"),
+    ("", "expected 1..64 UTF-8 bytes, got 0 - at `$.op`"),
+    ("x" * 65, "expected 1..64 UTF-8 bytes, got 65 - at `$.op`"),
+])
+def test_an_op_that_is_not_a_short_string_closes_the_connection(addr, op, needle):
+    p = RawPeer(addr)
+    p.open(1, op, None)
+    err = p.closing_fault()
+    assert err["code"] == "INVALID_ARGUMENT" and needle in err["message"]
+
+
+REALIZE_BODIES = [
+    (None, "INVALID_ARGUMENT", "body: expected {'evaluator'"),
+    ([1], "INVALID_ARGUMENT", "body: expected {'evaluator'"),
+    ({"evaluator": 1, "version": "1", "args": {}}, "INVALID_ARGUMENT", "body: expected {'evaluator'"),
+    ({"evaluator": "", "version": "1", "args": {}}, "INVALID_ARGUMENT", "evaluator: must be a non-empty str"),
+    ({"evaluator": "embed", "version": True, "args": {}}, "INVALID_ARGUMENT", "got True"),
+    ({"evaluator": "embed", "version": 1.5, "args": {}}, "INVALID_ARGUMENT", "got 1.5"),
+    ({"evaluator": "embed", "version": "", "args": {}}, "INVALID_ARGUMENT", "must not be empty"),
+    ({"evaluator": "embed", "version": b"1", "args": {}}, "INVALID_ARGUMENT", "got bytes"),
+    ({"evaluator": "embed", "version": "1", "args": [1]}, "INVALID_ARGUMENT", "body.args: expected a map, got list"),
+    ({"evaluator": "embed", "version": "1", "args": None}, "INVALID_ARGUMENT", "body.args: expected a map, got NoneType"),
+    ({"evaluator": "embed", "version": "1", "args": {"nope": 1}}, "INVALID_ARGUMENT", "args: unexpected 'nope'"),
+    ({"evaluator": "embed", "version": "1", "args": {"text": "x"}, "key": 5, "home": [1]}, None, None),  # hints ignored
+    ({"evaluator": "embed", "version": "1", "args": {"text": "x"}, "key": ContentKey.of("blob", b"x")}, None, None),
+    ({"evaluator": "no.such", "version": None, "args": {}}, "NOT_FOUND", "no evaluator named 'no.such'"),
+    ({"evaluator": "no\nsuch", "version": "1", "args": {}}, "NOT_FOUND", "'no\\nsuch'"),
+    ({"evaluator": "embed", "version": "9", "args": {}}, "NOT_FOUND", "has no version '9'"),
+]
+
+
+def test_realize_bodies_with_wrong_types_get_one_line_faults(addr):
+    p = RawPeer(addr)
+    for rid, (body, code, needle) in enumerate(REALIZE_BODIES, 1):
+        m = p.ask(rid, "realize", body)
+        if code is None:
+            assert m["t"] == "close" and m["body"]["key"].kind == "request", m
+        else:
+            _fault(m, code, needle)
+
+
+def test_lookup_keys_and_max_bytes_are_checked(addr):
+    p = RawPeer(addr)
+    req = ContentKey.for_request("embed", "1", {"text": "absent"})
+    cases = [
+        ({"keys": [req] * 257, "max_bytes": 10}, "body.keys: expected a list of at most 256 request keys"),
+        ({"keys": [req] * 5000, "max_bytes": 10}, "body.keys: expected a list of at most 256 request keys"),
+        ({"keys": req, "max_bytes": 10}, "body.keys: expected a list"),
+        ({"keys": [req, str(req)], "max_bytes": 10}, "body.keys[1]: expected a request ContentKey"),
+        ({"keys": [req, ContentKey.of("blob", b"x")], "max_bytes": 10}, "body.keys[1]: expected a request ContentKey"),
+        ({"keys": [None], "max_bytes": 10}, "body.keys[0]: expected a request ContentKey"),
+        ({"keys": [req], "max_bytes": -1}, "body.max_bytes: expected an int >= 0"),
+        ({"keys": [req], "max_bytes": True}, "body.max_bytes: expected an int >= 0"),
+        ({"keys": [req], "max_bytes": 1.0}, "body.max_bytes: expected an int >= 0"),
+        ({"keys": [req]}, "body.max_bytes: expected an int >= 0"),
+        (None, "body: expected a map"),
+    ]
+    for rid, (body, needle) in enumerate(cases, 1):
+        _fault(p.ask(rid, "lookup", body), "INVALID_ARGUMENT", needle)
+    m = p.ask(99, "lookup", {"keys": [req] * 256, "max_bytes": 2**80})  # the node caps max_bytes itself
+    assert m["t"] == "close" and m["body"]["records"] == [None] * 256
+
+
+def test_absent_keys_of_every_kind_are_not_found(addr):
+    p = RawPeer(addr)
+    absent = {"request": ContentKey.for_request("embed", "1", {"text": "never asked"}),
+              "blob": ContentKey.of("blob", b"never stored"), "artifact": ContentKey.of("artifact", b"never stored")}
+    rid = 0
+    for kind, key in absent.items():
+        for op in ("get", "fetch"):
+            rid += 1
+            _fault(p.ask(rid, op, {"key": key}, credit=4), "NOT_FOUND", "not held by this node")
+        rid += 1
+        assert p.ask(rid, "holders", {"key": key})["body"] == []
+    for rid, (body, needle) in enumerate([({"key": "blob:zz"}, "content key 'blob:zz'"), ({"key": 7}, "body.key"),
+                                          ({}, "body.key"), ("x", "body: expected a map")], rid + 1):
+        _fault(p.ask(rid, "get", body, credit=4), "INVALID_ARGUMENT", needle)
+
+
+def test_a_download_never_granted_credit_parks_only_that_request_until_cancelled(addr):
+    p = RawPeer(addr)
+    big = {"evaluator": "embed", "version": "1", "args": {"text": "pushed in pieces", "dim": 300_000}}  # ~1.2 MB
+    p.open(1, "realize", big, credit=0)  # computed, then its record waits for credit to be pushed
+    time.sleep(0.5)
+    assert p.ask(2, "holders", {"key": ContentKey.of("blob", b"x")})["t"] == "close"  # the connection is served
+    p.send({"t": "stats", "id": 3, "body": None})
+    assert p.final(3)["body"]["server"]["requests"] == 1  # only the parked one
+    p.send({"t": "cancel", "id": 1})
+    deadline = time.monotonic() + 5
+    for rid in range(4, 1000):  # the cancelled handler's task ends soon after the cancel is read
+        p.send({"t": "stats", "id": rid, "body": None})
+        if p.final(rid)["body"]["server"]["requests"] == 0:
+            break
+        assert time.monotonic() < deadline, "the cancelled request still runs"
+        time.sleep(0.05)
+    p.close()
