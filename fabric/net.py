@@ -535,20 +535,7 @@ class _ServerConnection:
     def _dispatch(self, ev: Any) -> None:
         link = self.link
         if isinstance(ev, Authenticated):
-            srv = self.server
-            if srv.authenticated >= srv.limits.max_connections:
-                self.refused = True
-                err = FabricError(
-                    StatusCode.RESOURCE_EXHAUSTED,
-                    f"server at its connection limit ({srv.limits.max_connections}); try another node or later",
-                )
-                log.warning("refused connection from %s node=%s: %s", self.peer, ev.peer_node_id, err)
-                link.queue(Closed(err))
-                return
-            srv.authenticated += 1
-            self.counted = True
-            log.info("authenticated %s node=%s", self.peer, ev.peer_node_id)
-            link.queue(Metadata(0, {"welcome": srv.welcome}))
+            self._welcome(ev.peer_node_id)
         elif isinstance(ev, Request):
             if ev.end_stream and self.server.fast is not None and self._answer_now(ev):
                 return
@@ -582,6 +569,32 @@ class _ServerConnection:
                 call._cancelled_by_peer = True
                 call._scope.cancel()
                 call._signal.fire()
+
+    def _welcome(self, peer_node_id: str) -> None:
+        """Send the welcome, or refuse the connection (``fault`` id 0) when the server is at its
+        connection limit or the welcome does not fit the limits the client advertised (a
+        client may advertise ``max_frame_bytes`` 1024, less than a long capability list)."""
+        srv = self.server
+        if srv.authenticated >= srv.limits.max_connections:
+            self._refuse(peer_node_id, FabricError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"server at its connection limit ({srv.limits.max_connections}); try another node or later",
+            ))
+            return
+        try:
+            self.link.queue(Metadata(0, {"welcome": srv.welcome}))
+        except FabricError as exc:  # a raising send changes nothing: the refusal still goes out
+            self._refuse(peer_node_id, FabricError(exc.status_code, f"cannot send this client the welcome: {exc.message}"))
+            return
+        srv.authenticated += 1
+        self.counted = True
+        log.info("authenticated %s node=%s", self.peer, peer_node_id)
+
+    def _refuse(self, peer_node_id: str, err: FabricError) -> None:
+        """Close a just-authenticated connection with ``err`` as its ``fault`` id 0 (one log line)."""
+        self.refused = True
+        log.warning("refused connection from %s node=%s: %s", self.peer, peer_node_id, err)
+        self.link.queue(Closed(err))
 
     def _answer_now(self, ev: Request) -> bool:
         """Run the ``fast`` handler inline; False when it defers to the async handler.

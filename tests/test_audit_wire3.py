@@ -169,6 +169,30 @@ def test_pipelining_past_max_inflight_in_one_write_is_resource_exhausted_for_tha
     assert err["code"] == "RESOURCE_EXHAUSTED" and "max_inflight_requests 256" in err["message"]
 
 
+def test_a_client_whose_frame_limit_the_welcome_exceeds_is_refused_and_the_node_lives_on(tmp_path):
+    # a client may advertise max_frame_bytes 1024; a node with a long capability list could not
+    # queue its welcome, and the send error ended the node
+    many = tmp_path / "many_evaluators.py"
+    many.write_text("import fabric\n" + "".join(
+        f"@fabric.evaluator('an.evaluator.with.a.rather.long.name.{i}', version='1')\ndef f{i}(x: int) -> int:\n"
+        "    return x\n" for i in range(40)))
+    addr, proc, _ = start_node(tmp_path, "n", "--evaluators", str(many))
+    try:
+        p = RawPeer(addr, limits=StreamFrameLimits(max_frame_bytes=1024))
+        assert p.welcome["t"] == "fault" and p.welcome["id"] == 0, p.welcome
+        err = p.welcome["error"]
+        assert err["code"] == "RESOURCE_EXHAUSTED"
+        assert err["message"].startswith("cannot send this client the welcome: metadata frame of ")
+        assert "exceeds the peer's max_frame_bytes 1024" in err["message"]
+        with pytest.raises((EOFError, ConnectionError)):
+            p.recv()
+        time.sleep(0.3)
+        assert proc.poll() is None
+        still_serving(addr)
+    finally:
+        stop_node(proc)
+
+
 # --------------------------------------------------------------------------- a client that stops reading
 
 
