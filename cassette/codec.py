@@ -419,6 +419,8 @@ def decode(data: bytes | memoryview, *, strict: bool = False) -> Any:
         )
     except FabricError:
         raise
+    except msgpack.exceptions.StackError:  # raised without a message
+        raise FabricError(StatusCode.INVALID_ARGUMENT, "codec: malformed msgpack (arrays and maps nested too deeply)") from None
     except Exception as exc:  # noqa: BLE001 - msgpack raises several types
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"codec: malformed msgpack ({type(exc).__name__}: {exc})") from None
     if strict and not is_canonical_value(value, data):

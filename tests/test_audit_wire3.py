@@ -468,3 +468,16 @@ def test_a_download_never_granted_credit_parks_only_that_request_until_cancelled
         assert time.monotonic() < deadline, "the cancelled request still runs"
         time.sleep(0.05)
     p.close()
+
+
+def test_deep_nesting_in_a_body_is_a_clear_invalid_argument(addr):
+    # up to msgpack's depth the request fails alone; deeper, the frame is malformed and only
+    # this connection closes, saying why (was "malformed msgpack (StackError: )")
+    p = RawPeer(addr)
+    realize = b"\x83\xa9evaluator\xa5embed\xa7version\xa11\xa4args\x81\xa4text"
+    p.send(raw=_open_raw(1, "realize", realize + _nested(1000)))
+    _fault(p.final(1), "INVALID_ARGUMENT", "args: nesting too deep to encode")
+    p.send(raw=_open_raw(2, "realize", realize + _nested(5000)))
+    err = p.closing_fault()
+    assert err["code"] == "INVALID_ARGUMENT"
+    assert err["message"] == "frame seq 1: codec: malformed msgpack (arrays and maps nested too deeply)"
