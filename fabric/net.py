@@ -98,6 +98,10 @@ REUSE_CHECK_AFTER_S = 1.0
 #: Once a server stops serving a connection (shutdown), its pending writes (replies, the goodbye)
 #: get at most this long: a client that does not read can no longer hold the node's exit.
 TEARDOWN_WRITE_S = 1.0
+#: A server stops answering, and its handlers stop queueing, while more than this many bytes wait
+#: to be written on one connection (:meth:`_Link.room`): a client that sends many small requests
+#: for large replies and does not read them otherwise had every reply (256 x 1-2 MiB) held queued.
+MAX_QUEUED_BYTES = 8 << 20
 
 _NET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 #: Most buffers one ``writev`` takes (POSIX guarantees 16; Linux takes 1024).
@@ -144,13 +148,16 @@ class _Link:
         self.conn = conn
         self.broken: str | None = None
         self._pending: list = []  # frames (bytes, or a view of the unwritten end of one), in order
+        self.queued_bytes = 0  # bytes in _pending
         self._lock = trio.Lock()
         self._write_timeout = write_timeout
         self._write_scope: trio.CancelScope | None = None  # bounds the blocking write in progress
         self._fd = stream.socket.fileno()
 
     def queue(self, event: Any) -> None:
-        self._pending.append(self.conn.send(event, now=trio.current_time()))
+        frame = self.conn.send(event, now=trio.current_time())
+        self._pending.append(frame)
+        self.queued_bytes += len(frame)
 
     def write_now(self) -> bool:
         """Write what is queued without yielding, as far as the socket takes it.
@@ -165,10 +172,12 @@ class _Link:
         pending = self._pending
         if out:
             pending.append(out)
+            self.queued_bytes += len(out)
         if not pending:
             return True
         if self.broken is not None or self._fd < 0:
             pending.clear()
+            self.queued_bytes = 0
             return True
         if self._lock.locked():
             return False
@@ -179,7 +188,9 @@ class _Link:
         except OSError as exc:
             self.broken = f"write failed ({type(exc).__name__})"
             pending.clear()
+            self.queued_bytes = 0
             return True
+        self.queued_bytes -= n
         done = 0
         while done < len(pending) and n >= len(pending[done]):
             n -= len(pending[done])
@@ -222,6 +233,7 @@ class _Link:
                 if not self._pending:
                     return
                 frames, self._pending = self._pending, []
+                self.queued_bytes = 0
                 if self.broken is not None:
                     return
                 with trio.move_on_after(self._write_timeout) as scope:
@@ -235,6 +247,13 @@ class _Link:
                         self._write_scope = None
                 if scope.cancelled_caught:
                     self.broken = f"write stalled for {self._write_timeout:g} s"
+
+    async def room(self) -> None:
+        """Write until at most :data:`MAX_QUEUED_BYTES` wait to be written (at once when they
+        do already), so that a peer that does not read holds a bounded amount here: queue
+        nothing large without it."""
+        while self.queued_bytes > MAX_QUEUED_BYTES and self.broken is None:
+            await self.flush()
 
     def hurry(self, grace: float) -> None:
         """Give the blocking write in progress, and every later one, at most ``grace`` more
@@ -413,6 +432,9 @@ class ServerCall:
             if not link.conn.is_live(self.req_id):
                 raise FabricError(StatusCode.ABORTED, f"request {self.req_id} is no longer live", retryable=False)
             if link.conn.send_credit(self.req_id) > 0:
+                if link.queued_bytes > MAX_QUEUED_BYTES:
+                    await link.room()
+                    continue  # the request may have ended meanwhile
                 link.queue(StreamData(self.req_id, data))
                 await link.flush()
                 return
@@ -421,6 +443,7 @@ class ServerCall:
     async def send_metadata(self, body: Any) -> None:
         """Send a ``metadata`` frame on this request (not flow-controlled)."""
         link = self._c.link
+        await link.room()
         link.queue(Metadata(self.req_id, body))
         await link.flush()
 
@@ -531,6 +554,8 @@ class _ServerConnection:
                 # violation, or our refusal): nothing can be answered on it any more
                 continue
             self._dispatch(ev)
+            if link.queued_bytes > MAX_QUEUED_BYTES:
+                await link.room()  # answers inline wait for the client to take those queued
 
     def _dispatch(self, ev: Any) -> None:
         link = self.link
@@ -672,6 +697,7 @@ class _ServerConnection:
             reply = Fault(rid, FabricError(
                 StatusCode.DEADLINE_EXCEEDED, f"request {rid} ({op}) ran past its {call.timeout_s:g} s deadline"
             ))
+        await self.link.room()
         self._queue_reply(rid, op, reply)
         await self.link.flush()
 

@@ -219,6 +219,36 @@ def test_a_client_that_stops_reading_does_not_hold_the_nodes_exit(tmp_path):
         stop_node(proc)
 
 
+def _rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+
+
+def test_inline_replies_a_client_does_not_read_are_bounded_per_connection(tmp_path):
+    # 256 small realize hits for a ~1 MB record, answered inline by the read loop, were all
+    # queued for a client that does not read: ~240 MiB held per connection for ~30 KB of requests
+    addr, proc, _ = start_node(tmp_path)
+    peers = []
+    try:
+        big = {"evaluator": "embed", "version": "1", "args": {"text": "just under the inline limit", "dim": 250_000}}
+        p = RawPeer(addr)
+        peers.append(p)
+        assert p.ask(1, "realize", big, credit=8)["t"] == "close"
+        before = _rss_mib(proc.pid)
+        for _ in range(4):
+            p = RawPeer(addr)
+            peers.append(p)
+            p.sock.sendall(b"".join(p.seal({"t": "open", "id": i, "op": "realize", "body": big, "end": True,
+                                             "credit": 8, "timeout": None}) for i in range(1, 257)))
+        time.sleep(1.5)
+        assert _rss_mib(proc.pid) - before < 150  # was ~960 MiB
+        still_serving(addr)
+    finally:
+        for p in peers:
+            p.close()
+        stop_node(proc)
+
+
 # --------------------------------------------------------------------------- metadata is not flow-controlled
 
 
