@@ -38,6 +38,7 @@ __all__ = [
     "encode",
     "pack",
     "decode",
+    "has_non_str_key",
     "encode_request",
     "is_canonical",
     "EXT_NDARRAY",
@@ -296,27 +297,34 @@ def pack(value: Any, *, root: str = "value") -> bytes:
         out = msgpack.packb(value, use_bin_type=True, strict_types=True, default=_pack_default)
     except Exception:  # noqa: BLE001 - big ints, non-str keys, bad text...: the canonical path decides
         return encode(value, root=root)
-    if _has_bad_map_key(value):
+    if has_non_str_key(value):
         return encode(value, root=root)  # raises: map keys must be str
     return out
 
 
-def _has_bad_map_key(v: Any) -> bool:
-    """Whether a map anywhere in ``v`` has a key that is not exactly ``str``."""
-    t = type(v)
-    if t is dict:
-        for k, x in v.items():
-            if type(k) is not str:
-                return True
-            tx = type(x)
-            if (tx is dict or tx is list or tx is tuple) and _has_bad_map_key(x):
-                return True
+def has_non_str_key(value: Any) -> bool:
+    """Whether a map anywhere in ``value`` has a key that is not exactly ``str`` (the data model's
+    only key type; :func:`decode` lets msgpack ``bin`` keys through as ``bytes``).  Iterative, so
+    any nesting :func:`decode` accepts is walked without recursion."""
+    t = type(value)
+    if t is not dict and t is not list and t is not tuple:
         return False
-    if t is list or t is tuple:
-        for x in v:
-            tx = type(x)
-            if (tx is dict or tx is list or tx is tuple) and _has_bad_map_key(x):
-                return True
+    stack = [value]
+    pop, push = stack.pop, stack.append
+    while stack:
+        x = pop()
+        if type(x) is dict:
+            for k, item in x.items():
+                if type(k) is not str:
+                    return True
+                t = type(item)
+                if t is dict or t is list or t is tuple:
+                    push(item)
+        else:
+            for item in x:
+                t = type(item)
+                if t is dict or t is list or t is tuple:
+                    push(item)
     return False
 
 
@@ -411,6 +419,8 @@ def decode(data: bytes | memoryview, *, strict: bool = False) -> Any:
         )
     except FabricError:
         raise
+    except msgpack.exceptions.StackError:  # raised without a message
+        raise FabricError(StatusCode.INVALID_ARGUMENT, "codec: malformed msgpack (arrays and maps nested too deeply)") from None
     except Exception as exc:  # noqa: BLE001 - msgpack raises several types
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"codec: malformed msgpack ({type(exc).__name__}: {exc})") from None
     if strict and not is_canonical_value(value, data):

@@ -70,6 +70,7 @@ __all__ = [
     "open_connection",
     "READ_BYTES",
     "UPLOAD_WINDOW",
+    "MAX_CALL_METADATA",
     "DEFAULT_CREDIT",
     "MANY_FLUSH_EVERY",
     "REUSE_CHECK_AFTER_S",
@@ -83,6 +84,10 @@ READ_BYTES = 256 * 1024
 INLINE_FLUSH_EVERY = 4
 #: Push credits a server handler keeps outstanding while it reads an upload.
 UPLOAD_WINDOW = 8
+#: ``metadata`` frames a server keeps per request (:attr:`ServerCall.metadata`); one more fails the
+#: request RESOURCE_EXHAUSTED.  Metadata is not flow-controlled, so without a bound a client could
+#: make the server hold up to ``max_bytes_per_stream`` (1 GiB) of decoded bodies per request.
+MAX_CALL_METADATA = 8
 #: Push credits a client grants a download stream at open (then one per item consumed).
 DEFAULT_CREDIT = 8
 #: Requests :meth:`WireClient.call_many` queues per write (so the server starts on them while more are encoded).
@@ -90,6 +95,13 @@ MANY_FLUSH_EVERY = 8
 #: A connection quiet this long (seconds) is checked for the peer's goodbye before it is reused
 #: (:meth:`WireClient.reusable`): a node closes connections idle past its ``idle_timeout_s``.
 REUSE_CHECK_AFTER_S = 1.0
+#: Once a server stops serving a connection (shutdown), its pending writes (replies, the goodbye)
+#: get at most this long: a client that does not read can no longer hold the node's exit.
+TEARDOWN_WRITE_S = 1.0
+#: A server stops answering, and its handlers stop queueing, while more than this many bytes wait
+#: to be written on one connection (:meth:`_Link.room`): a client that sends many small requests
+#: for large replies and does not read them otherwise had every reply (256 x 1-2 MiB) held queued.
+MAX_QUEUED_BYTES = 8 << 20
 
 _NET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 #: Most buffers one ``writev`` takes (POSIX guarantees 16; Linux takes 1024).
@@ -136,12 +148,16 @@ class _Link:
         self.conn = conn
         self.broken: str | None = None
         self._pending: list = []  # frames (bytes, or a view of the unwritten end of one), in order
+        self.queued_bytes = 0  # bytes in _pending
         self._lock = trio.Lock()
         self._write_timeout = write_timeout
+        self._write_scope: trio.CancelScope | None = None  # bounds the blocking write in progress
         self._fd = stream.socket.fileno()
 
     def queue(self, event: Any) -> None:
-        self._pending.append(self.conn.send(event, now=trio.current_time()))
+        frame = self.conn.send(event, now=trio.current_time())
+        self._pending.append(frame)
+        self.queued_bytes += len(frame)
 
     def write_now(self) -> bool:
         """Write what is queued without yielding, as far as the socket takes it.
@@ -156,10 +172,12 @@ class _Link:
         pending = self._pending
         if out:
             pending.append(out)
+            self.queued_bytes += len(out)
         if not pending:
             return True
         if self.broken is not None or self._fd < 0:
             pending.clear()
+            self.queued_bytes = 0
             return True
         if self._lock.locked():
             return False
@@ -170,7 +188,9 @@ class _Link:
         except OSError as exc:
             self.broken = f"write failed ({type(exc).__name__})"
             pending.clear()
+            self.queued_bytes = 0
             return True
+        self.queued_bytes -= n
         done = 0
         while done < len(pending) and n >= len(pending[done]):
             n -= len(pending[done])
@@ -213,16 +233,35 @@ class _Link:
                 if not self._pending:
                     return
                 frames, self._pending = self._pending, []
+                self.queued_bytes = 0
                 if self.broken is not None:
                     return
                 with trio.move_on_after(self._write_timeout) as scope:
+                    self._write_scope = scope
                     try:
                         for data in _coalesced(frames):
                             await self.stream.send_all(data)
                     except _NET_ERRORS as exc:
                         self.broken = f"write failed ({type(exc).__name__})"
+                    finally:
+                        self._write_scope = None
                 if scope.cancelled_caught:
                     self.broken = f"write stalled for {self._write_timeout:g} s"
+
+    async def room(self) -> None:
+        """Write until at most :data:`MAX_QUEUED_BYTES` wait to be written (at once when they
+        do already), so that a peer that does not read holds a bounded amount here: queue
+        nothing large without it."""
+        while self.queued_bytes > MAX_QUEUED_BYTES and self.broken is None:
+            await self.flush()
+
+    def hurry(self, grace: float) -> None:
+        """Give the blocking write in progress, and every later one, at most ``grace`` more
+        seconds (the shielded writes of :meth:`flush` otherwise wait up to the write timeout
+        for a peer that does not read)."""
+        self._write_timeout = min(self._write_timeout, grace)
+        if self._write_scope is not None:
+            self._write_scope.deadline = min(self._write_scope.deadline, trio.current_time() + grace)
 
     async def aclose(self) -> None:
         self._fd = -1  # never write to the number again: the OS may reuse it
@@ -295,7 +334,8 @@ class ServerCall:
     client's remaining deadline, already applied as this task's cancel scope
     deadline), ``peer`` (address), ``peer_node_id``, ``peer_limits`` (what
     the client advertised), and ``metadata`` (the bodies of ``metadata``
-    frames the client sent so far).
+    frames the client sent so far: at most :data:`MAX_CALL_METADATA`; one
+    more fails the request RESOURCE_EXHAUSTED and cancels its handler).
 
     ``async for item in call`` reads the upload (granting credit as it goes;
     ends at the client's end of stream).  ``await call.send(item)`` pushes one
@@ -320,6 +360,7 @@ class ServerCall:
         self._granted = False
         self._signal = _Signal()
         self._cancelled_by_peer = False
+        self._refused: FabricError | None = None  # why the server ended the request itself
         deadline = math.inf if req.timeout_s is None else trio.current_time() + req.timeout_s
         self._scope = trio.CancelScope(deadline=deadline)
 
@@ -355,6 +396,20 @@ class ServerCall:
         await self._grant(1)
         return item
 
+    def _take_metadata(self, body: Any) -> None:
+        """Keep a ``metadata`` body from the client, or fail the request once it sent more than
+        :data:`MAX_CALL_METADATA` (the handler is cancelled; the fault says why)."""
+        if len(self.metadata) >= MAX_CALL_METADATA:
+            if self._refused is None:
+                self._refused = FabricError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"request {self.req_id} ({self.op}): more than {MAX_CALL_METADATA} metadata frames from the client",
+                )
+                self._scope.cancel()
+        else:
+            self.metadata.append(body)
+        self._signal.fire()
+
     async def _grant(self, n: int) -> None:
         link = self._c.link
         if self._ended or not link.conn.is_live(self.req_id):
@@ -377,6 +432,9 @@ class ServerCall:
             if not link.conn.is_live(self.req_id):
                 raise FabricError(StatusCode.ABORTED, f"request {self.req_id} is no longer live", retryable=False)
             if link.conn.send_credit(self.req_id) > 0:
+                if link.queued_bytes > MAX_QUEUED_BYTES:
+                    await link.room()
+                    continue  # the request may have ended meanwhile
                 link.queue(StreamData(self.req_id, data))
                 await link.flush()
                 return
@@ -385,6 +443,7 @@ class ServerCall:
     async def send_metadata(self, body: Any) -> None:
         """Send a ``metadata`` frame on this request (not flow-controlled)."""
         link = self._c.link
+        await link.room()
         link.queue(Metadata(self.req_id, body))
         await link.flush()
 
@@ -425,6 +484,7 @@ class _ServerConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                nursery.start_soon(self._hurry_writes_when_cancelled)
                 reason = await self._read_loop()
                 nursery.cancel_scope.cancel()
         finally:
@@ -439,6 +499,16 @@ class _ServerConnection:
             await self.link.flush()
             await self.link.aclose()
         self._log_close(reason)
+
+    async def _hurry_writes_when_cancelled(self) -> None:
+        """When this connection stops being served (the server shuts down, or the read loop
+        ended), bound its pending writes by :data:`TEARDOWN_WRITE_S`: they are shielded from
+        cancellation, so a client that stopped reading would otherwise keep the node from
+        exiting for the whole write timeout."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.link.hurry(TEARDOWN_WRITE_S)
 
     def _log_close(self, reason: FabricError | None) -> None:
         if self.refused:
@@ -479,25 +549,18 @@ class _ServerConnection:
             if isinstance(ev, Closed):
                 await link.flush()
                 return ev.reason
+            if conn.state is ConnectionState.CLOSED:
+                # parsed from the same read as the frame that closed the connection (a peer's
+                # violation, or our refusal): nothing can be answered on it any more
+                continue
             self._dispatch(ev)
+            if link.queued_bytes > MAX_QUEUED_BYTES:
+                await link.room()  # answers inline wait for the client to take those queued
 
     def _dispatch(self, ev: Any) -> None:
         link = self.link
         if isinstance(ev, Authenticated):
-            srv = self.server
-            if srv.authenticated >= srv.limits.max_connections:
-                self.refused = True
-                err = FabricError(
-                    StatusCode.RESOURCE_EXHAUSTED,
-                    f"server at its connection limit ({srv.limits.max_connections}); try another node or later",
-                )
-                log.warning("refused connection from %s node=%s: %s", self.peer, ev.peer_node_id, err)
-                link.queue(Closed(err))
-                return
-            srv.authenticated += 1
-            self.counted = True
-            log.info("authenticated %s node=%s", self.peer, ev.peer_node_id)
-            link.queue(Metadata(0, {"welcome": srv.welcome}))
+            self._welcome(ev.peer_node_id)
         elif isinstance(ev, Request):
             if ev.end_stream and self.server.fast is not None and self._answer_now(ev):
                 return
@@ -510,8 +573,7 @@ class _ServerConnection:
         elif isinstance(ev, Metadata):
             call = self.calls.get(ev.req_id)
             if call is not None:
-                call.metadata.append(ev.body)
-                call._signal.fire()
+                call._take_metadata(ev.body)
         elif isinstance(ev, StreamData):
             call = self.calls.get(ev.req_id)
             if call is not None:
@@ -532,6 +594,32 @@ class _ServerConnection:
                 call._cancelled_by_peer = True
                 call._scope.cancel()
                 call._signal.fire()
+
+    def _welcome(self, peer_node_id: str) -> None:
+        """Send the welcome, or refuse the connection (``fault`` id 0) when the server is at its
+        connection limit or the welcome does not fit the limits the client advertised (a
+        client may advertise ``max_frame_bytes`` 1024, less than a long capability list)."""
+        srv = self.server
+        if srv.authenticated >= srv.limits.max_connections:
+            self._refuse(peer_node_id, FabricError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"server at its connection limit ({srv.limits.max_connections}); try another node or later",
+            ))
+            return
+        try:
+            self.link.queue(Metadata(0, {"welcome": srv.welcome}))
+        except FabricError as exc:  # a raising send changes nothing: the refusal still goes out
+            self._refuse(peer_node_id, FabricError(exc.status_code, f"cannot send this client the welcome: {exc.message}"))
+            return
+        srv.authenticated += 1
+        self.counted = True
+        log.info("authenticated %s node=%s", self.peer, peer_node_id)
+
+    def _refuse(self, peer_node_id: str, err: FabricError) -> None:
+        """Close a just-authenticated connection with ``err`` as its ``fault`` id 0 (one log line)."""
+        self.refused = True
+        log.warning("refused connection from %s node=%s: %s", self.peer, peer_node_id, err)
+        self.link.queue(Closed(err))
 
     def _answer_now(self, ev: Request) -> bool:
         """Run the ``fast`` handler inline; False when it defers to the async handler.
@@ -603,10 +691,13 @@ class _ServerConnection:
         self.calls.pop(rid, None)
         if call._cancelled_by_peer:
             return  # the client cancelled; it expects nothing more
+        if call._refused is not None:
+            reply = Fault(rid, call._refused)
         if reply is None:  # our deadline scope fired
             reply = Fault(rid, FabricError(
                 StatusCode.DEADLINE_EXCEEDED, f"request {rid} ({op}) ran past its {call.timeout_s:g} s deadline"
             ))
+        await self.link.room()
         self._queue_reply(rid, op, reply)
         await self.link.flush()
 

@@ -85,7 +85,9 @@ _by_name: dict[str, dict[str, Evaluator]] = {}
 
 def _norm_version(version: Any) -> str:
     if isinstance(version, bool) or not isinstance(version, (str, int)):
-        raise FabricError(StatusCode.INVALID_ARGUMENT, f"evaluator version must be a str (or int), got {version!r}")
+        # the type, never a repr: the value may come off the wire (a nested list's repr recurses)
+        got = repr(version) if version is None or type(version) in (bool, float) else type(version).__name__
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"evaluator version must be a str (or int), got {got}")
     v = str(version)
     if not v:
         raise FabricError(StatusCode.INVALID_ARGUMENT, "evaluator version must not be empty")

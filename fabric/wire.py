@@ -491,6 +491,12 @@ def _envelope_in_place(body: memoryview) -> tuple[int, memoryview, memoryview] |
     return seq, fields[0], fields[1]
 
 
+def _may_hold_bin(raw: bytes | memoryview) -> bool:
+    """False only when ``raw`` surely holds no msgpack ``bin`` (no byte 0xc4..0xc6), hence no
+    ``bin`` map key: a short scan in C that spares most messages the walk for one."""
+    return type(raw) is not bytes or b"\xc4" in raw or b"\xc5" in raw or b"\xc6" in raw
+
+
 def _proof(pkey: bytes, role: str, transcript: bytes, auth_fields: dict) -> bytes:
     h = blake3.blake3(key=pkey)
     h.update(_LABEL[role])
@@ -1374,7 +1380,10 @@ class WireConnection:
                 raise _Violation(StatusCode.UNAUTHENTICATED, f"frame MAC mismatch at seq {seq} (altered frame)")
             if claimed != seq:
                 raise _Violation(StatusCode.UNAUTHENTICATED, f"frame seq field altered at seq {seq}")
-            return _decode(raw, f"frame seq {seq}", strict=False), len(raw)
+            m = _decode(raw, f"frame seq {seq}", strict=False)
+            if _may_hold_bin(raw) and codec.has_non_str_key(m):  # msgpack lets `bin` keys through
+                raise _Violation(StatusCode.INVALID_ARGUMENT, f"frame seq {seq}: a map key is `bin`; map keys must be `str`")
+            return m, len(raw)
         finally:
             if type(raw) is memoryview:
                 raw.release()
