@@ -430,7 +430,7 @@ class ContentAddressedFabric:
         self._obtaining: dict[ContentKey, trio.Event] = {}  # single-flight of obtain, per key
         self._fetched: dict[ContentKey, int] = {}  # verified chunk bytes fetched so far, per artifact being obtained
         #: one fetch-or-forward per key at a time for askers that are not forwarded here as the home
-        self.resolving = KeyFlights()
+        self.resolving = KeyFlights(on_wait=metrics.COALESCED.inc)
 
     async def realize(self, call: "ServerCall", req: Any, *, at_home: bool, begin, end) -> dict:
         """Answer a realize for ``req`` as the module docstring says.  A request naming no
