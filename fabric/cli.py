@@ -179,17 +179,20 @@ def _jsonable(v: Any) -> Any:
 
 
 def _progress(total: int | None, what: str, *, nbytes: bool = False):
-    """A rich progress bar on a TTY, nothing otherwise; returns (callback, close).
+    """A rich progress bar on stderr when it is a TTY, nothing otherwise; returns (callback, close).
 
+    Drawn on stderr, never stdout: stdout carries the command's output (``fabric get KEY >
+    FILE`` writes the artifact's bytes there, ``fabric put`` its JSON line).
     ``callback(completed)`` may be called from any thread (rich's Progress takes a lock).
     ``nbytes``: completed and total are byte counts (shown as sizes and a rate).
     """
     if not sys.stderr.isatty():
         return None, lambda: None
+    from rich.console import Console
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
     columns = (*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) if nbytes else ()
-    prog = Progress(*columns, transient=True)
+    prog = Progress(*columns, transient=True, console=Console(stderr=True))
     task = prog.add_task(what, total=total)
     prog.start()
     return (lambda n: prog.update(task, completed=n)), prog.stop

@@ -81,9 +81,11 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def _count_retry(op: str, exc: FabricError) -> None:
+    """Count a retry under the op of the public call taking it (so a ``holders`` call retried
+    under the ``get`` policy is ``op="holders"``, as its latency and errors are), else ``op``."""
     from fabric import metrics  # metrics imports prometheus; keep errors importable alone
 
-    metrics.RETRIES.labels(op=op, status=exc.status_code.name).inc()
+    metrics.RETRIES.labels(op=metrics.current_op() or op, status=exc.status_code.name).inc()
 
 
 def retry_call(

@@ -265,7 +265,8 @@ class Fleet:
                 self._seen_conflicts = st.conflicts
 
     def count_fetch(self, node_id: str, nbytes: int) -> None:
-        """Count ``nbytes`` verified bytes fetched from peer ``node_id``."""
+        """Count ``nbytes`` verified bytes fetched from peer ``node_id``: a holder's record or
+        chunk, or the record a home (or resolver) answered a forwarded realize with."""
         metrics.PEER_FETCH_BYTES.inc(nbytes)
         self.fetched_bytes[node_id] = self.fetched_bytes.get(node_id, 0) + nbytes
 
@@ -430,7 +431,7 @@ class ContentAddressedFabric:
         self._obtaining: dict[ContentKey, trio.Event] = {}  # single-flight of obtain, per key
         self._fetched: dict[ContentKey, int] = {}  # verified chunk bytes fetched so far, per artifact being obtained
         #: one fetch-or-forward per key at a time for askers that are not forwarded here as the home
-        self.resolving = KeyFlights()
+        self.resolving = KeyFlights(on_wait=metrics.COALESCED.inc)
 
     async def realize(self, call: "ServerCall", req: Any, *, at_home: bool, begin, end) -> dict:
         """Answer a realize for ``req`` as the module docstring says.  A request naming no
@@ -520,6 +521,7 @@ class ContentAddressedFabric:
                 except FabricError as exc:
                     raise FabricError(StatusCode.DATA_LOSS, f"received record fails verification: {exc.message}") from None
                 rec = verify_record(raw, ContentKey.for_request(req.evaluator, version, req.args))
+                self.fleet.count_fetch(node_id, len(raw))
                 source = "computed" if reply.get("source") == "computed" else "peer"
                 return await self._record_and_answer(call, rec, source, str(reply.get("holder", "")))
         finally:
@@ -692,6 +694,7 @@ class ContentAddressedFabric:
             return None
         reply, raw = got
         rec = verify_record(raw, req.key)
+        self.fleet.count_fetch(home_id, len(raw))
         source = reply.get("source") if reply.get("source") in ("local", "peer", "computed") else "peer"
         # from here the reply came over the wire: "local" at the home is "peer" for us
         return rec, ("computed" if source == "computed" else "peer"), str(reply.get("holder", ""))

@@ -336,6 +336,9 @@ class Fabric(metaclass=abc.ABCMeta):
             self.cassette = _ClosedCassette(f"fabric at {self.path}")  # type: ignore[assignment]
             release_cassette(self.path)
 
+    def __del__(self) -> None:
+        metrics.retire_fabric(self)  # its local hits stay counted once it is gone
+
     def __enter__(self) -> "Fabric":
         return self
 

@@ -48,6 +48,30 @@ evalfabric's codes have no UNKNOWN, and an evaluator failing is the caller's
 code failing, never retried, which a dashboard wants apart from the fabric's
 own faults.  Any other non-``FabricError`` (a bug) counts as ``INTERNAL``, as a
 node reports one.  Cancellation is not an error.
+
+The other families:
+
+* ``fabric_operation_retries_total{op,status}``: each retry the retry helper
+  (:mod:`fabric.errors`) takes, ``op`` as in the latency and errors of the public
+  call retrying (a ``holders`` call retried under the ``get`` policy is ``holders``),
+  ``status`` the retried error's code;
+* ``fabric_singleflight_coalesced_total``: realizes that waited on an identical
+  in-flight one instead of computing or fetching it again (embedded, and a node's
+  clients waiting on one fetch, forward or relay);
+* ``fabric_evaluator_runs_total{evaluator}``: evaluator calls this process made;
+* ``fabric_gossip_rounds_total``, ``fabric_gossip_bytes_total`` (gossip payload
+  bytes sent), ``fabric_gossip_facts_total`` (holding facts learned from peers):
+  a node's gossip, exported from its gossip counters every second;
+* ``fabric_peer_fetch_bytes_total``: verified record and chunk bytes a node received
+  from other members: from holders, and the record a home answered a forwarded realize
+  with (a relay's upstream is not a member: not counted);
+* ``fabric_layout_mismatch_total``: ``get_into`` calls whose target took a staged
+  copy (the process that filled it: for a node's client, the client);
+* ``fabric_corrupt_reads_total``, ``fabric_determinism_violations_total``,
+  ``fabric_peer_connections`` (gauge);
+* ``fabric_ledger_records{node}``, ``fabric_ledger_bytes{node}`` (gauges): records
+  indexed and ledger bytes of each cassette open in this process, read from the
+  cassette at scrape time (so they survive a restart), one sample per cassette.
 """
 
 from __future__ import annotations
@@ -55,6 +79,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import threading
 import time
 import weakref
 from typing import Any, Callable, Iterator, TypeVar
@@ -79,6 +104,8 @@ __all__ = [
     "DETERMINISM_VIOLATIONS",
     "EVALUATOR",
     "track_fabric",
+    "retire_fabric",
+    "current_op",
     "count_answer",
     "count_error",
     "error_status",
@@ -113,6 +140,11 @@ CONNECTIONS = Gauge("fabric_peer_connections", "Open authenticated peer connecti
 EVALUATOR = "EVALUATOR"
 
 _fabrics: "weakref.WeakSet" = weakref.WeakSet()
+#: Guards :data:`_fabrics` with :data:`_retired_hits`: a fabric's hits move from one to the other at once.
+#: Reentrant: a garbage collection inside a scrape may retire a fabric on the same thread.
+_fabrics_lock = threading.RLock()
+#: Local hits of fabrics already collected (kept, so the counter never goes down).
+_retired_hits = 0
 
 #: The op of the outermost public call in progress in this context (None outside one).
 _CALL: contextvars.ContextVar[str | None] = contextvars.ContextVar("fabric_metrics_call", default=None)
@@ -122,7 +154,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def track_fabric(fab) -> None:
     """Include ``fab``'s lock-free hit counter and ledger size in scrapes."""
-    _fabrics.add(fab)
+    with _fabrics_lock:
+        _fabrics.add(fab)
+
+
+def retire_fabric(fab) -> None:
+    """``fab`` is going away (its ``__del__``): keep its local hits in
+    ``fabric_cache_hits_total{source="local"}``, which must never go down, and stop scraping it."""
+    global _retired_hits
+    with _fabrics_lock:
+        _retired_hits += getattr(fab, "local_hits", 0)
+        _fabrics.discard(fab)
+
+
+def current_op() -> str | None:
+    """The op of the outermost :func:`observed` public call in progress here, or None."""
+    return _CALL.get()
 
 
 def count_answer(source: str) -> None:
@@ -220,14 +267,23 @@ class _HitCollector:
     def collect(self) -> Iterator:
         hits = CounterMetricFamily("fabric_cache_hits", "Realizes answered from a record: this node's cassette (local) or another node's (peer)",
                                    labels=["source"])
-        hits.add_metric(["local"], sum(f.local_hits for f in list(_fabrics)))
+        with _fabrics_lock:
+            fabs = list(_fabrics)
+            local = sum(f.local_hits for f in fabs)
+            local += _retired_hits  # (read last: a fabric retired meanwhile is counted here)
+        hits.add_metric(["local"], local)
         hits.add_metric(["peer"], _peer_hits())
         yield hits
         recs = GaugeMetricFamily("fabric_ledger_records", "Records indexed in open cassettes", labels=["node"])
         nbytes = GaugeMetricFamily("fabric_ledger_bytes", "Ledger bytes in open cassettes", labels=["node"])
-        for f in list(_fabrics):
+        seen: set[int] = set()
+        for f in fabs:
+            cas = f.cassette
+            if id(cas) in seen:  # fabrics of one directory share its cassette: one sample for it
+                continue
+            seen.add(id(cas))
             try:
-                st = f.cassette.stats()
+                st = cas.stats()
             except Exception:  # noqa: BLE001 - a closed cassette is skipped, not fatal to a scrape
                 continue
             recs.add_metric([st["node_id"]], st["records"])

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
@@ -117,7 +117,10 @@ class KeyFlights:
 
     Only askers that may wait for another node belong here: a request a peer forwarded to this
     node as the key's home must not wait on a leader of this node that forwards elsewhere
-    (two nodes with different views of the home would wait on each other)."""
+    (two nodes with different views of the home would wait on each other).
+
+    ``on_wait()`` is called once by each :meth:`lead` that finds the key in flight and
+    waits (the nodes pass ``fabric_singleflight_coalesced_total``'s ``inc``)."""
 
     class _Turn:
         __slots__ = ("done", "ok", "error")
@@ -127,14 +130,17 @@ class KeyFlights:
             self.ok = False
             self.error: BaseException | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, on_wait: Callable[[], None] | None = None) -> None:
         self._turns: dict[ContentKey, KeyFlights._Turn] = {}
+        self.on_wait = on_wait
 
     def __len__(self) -> int:
         return len(self._turns)
 
     async def lead(self, key: ContentKey, fn: Any) -> tuple[bool, Any]:
         """``await fn()`` for ``key`` unless another task is already running it (see the class)."""
+        if self.on_wait is not None and key in self._turns:
+            self.on_wait()
         while (turn := self._turns.get(key)) is not None:
             await turn.done.wait()
             if turn.ok:
@@ -234,7 +240,7 @@ class NodeService:
         #: held while a ``verify`` op scrubs the cassette (one scrub at a time)
         self.scrub_lock = trio.Lock()
         #: one relay forward per key at a time: concurrent askers of a key wait for it
-        self.relaying = KeyFlights()
+        self.relaying = KeyFlights(on_wait=metrics.COALESCED.inc)
 
     def handle_now(self, op: str, body: Any) -> Any:
         """The node's ``fast`` handler (see :func:`fabric.net.serve`): answer at once what needs
