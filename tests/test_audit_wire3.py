@@ -119,7 +119,7 @@ def still_serving(addr: str) -> None:
     """Another client is answered by the node (a stats query and a realize)."""
     p = RawPeer(addr)
     try:
-        assert p.ask(1, "realize", {"evaluator": "embed", "version": "1", "args": {"text": "ok", "dim": 4}})["t"] == "close"
+        assert p.ask(1, "realize", {"evaluator": "text.embed", "version": "1", "args": {"text": "ok", "dim": 4}})["t"] == "close"
         p.send({"t": "stats", "id": 2, "body": None})
         assert p.final(2)["t"] == "stats"
     finally:
@@ -196,7 +196,7 @@ def test_a_client_whose_frame_limit_the_welcome_exceeds_is_refused_and_the_node_
 # --------------------------------------------------------------------------- a client that stops reading
 
 
-BIG_EMBED = {"evaluator": "embed", "version": "1", "args": {"text": "a big reply", "dim": 200_000}}  # ~800 KB record
+BIG_EMBED = {"evaluator": "text.embed", "version": "1", "args": {"text": "a big reply", "dim": 200_000}}  # ~800 KB record
 
 
 def test_a_client_that_stops_reading_does_not_hold_the_nodes_exit(tmp_path):
@@ -230,7 +230,7 @@ def test_inline_replies_a_client_does_not_read_are_bounded_per_connection(tmp_pa
     addr, proc, _ = start_node(tmp_path)
     peers = []
     try:
-        big = {"evaluator": "embed", "version": "1", "args": {"text": "just under the inline limit", "dim": 250_000}}
+        big = {"evaluator": "text.embed", "version": "1", "args": {"text": "just under the inline limit", "dim": 250_000}}
         p = RawPeer(addr)
         peers.append(p)
         assert p.ask(1, "realize", big, credit=8)["t"] == "close"
@@ -292,7 +292,7 @@ def _nested(depth: int) -> bytes:
 def test_a_deeply_nested_version_is_invalid_argument_not_internal(addr):
     # the fault's message repr'd the version: RecursionError, answered INTERNAL "handler failed"
     p = RawPeer(addr)
-    realize = b"\x83\xa9evaluator\xa5embed\xa4args\x80\xa7version"
+    realize = b"\x83\xa9evaluator\xaatext.embed\xa4args\x80\xa7version"
     for rid, version in ((1, _nested(1010)), (2, b"\xdd" + (300_000).to_bytes(4, "big") + b"\x00" * 300_000)):
         p.send(raw=_open_raw(rid, "realize", realize + version))
         m = p.final(rid)
@@ -353,7 +353,7 @@ def test_bin_values_are_still_fine_and_a_node_refuses_a_bin_key(addr):
     server.receive_data(forge(msgpack.packb(msg, use_bin_type=True)))
     assert _events(server)[0].body == msg["body"]
     p = RawPeer(addr)
-    p.send(raw=_open_raw(1, "realize", msgpack.packb({"evaluator": "embed", "version": "1", "args": {b"text": "x"}})))
+    p.send(raw=_open_raw(1, "realize", msgpack.packb({"evaluator": "text.embed", "version": "1", "args": {b"text": "x"}})))
     err = p.closing_fault()
     assert err["code"] == "INVALID_ARGUMENT" and "map keys must be `str`" in err["message"]
 
@@ -418,18 +418,18 @@ REALIZE_BODIES = [
     ([1], "INVALID_ARGUMENT", "body: expected {'evaluator'"),
     ({"evaluator": 1, "version": "1", "args": {}}, "INVALID_ARGUMENT", "body: expected {'evaluator'"),
     ({"evaluator": "", "version": "1", "args": {}}, "INVALID_ARGUMENT", "evaluator: must be a non-empty str"),
-    ({"evaluator": "embed", "version": True, "args": {}}, "INVALID_ARGUMENT", "got True"),
-    ({"evaluator": "embed", "version": 1.5, "args": {}}, "INVALID_ARGUMENT", "got 1.5"),
-    ({"evaluator": "embed", "version": "", "args": {}}, "INVALID_ARGUMENT", "must not be empty"),
-    ({"evaluator": "embed", "version": b"1", "args": {}}, "INVALID_ARGUMENT", "got bytes"),
-    ({"evaluator": "embed", "version": "1", "args": [1]}, "INVALID_ARGUMENT", "body.args: expected a map, got list"),
-    ({"evaluator": "embed", "version": "1", "args": None}, "INVALID_ARGUMENT", "body.args: expected a map, got NoneType"),
-    ({"evaluator": "embed", "version": "1", "args": {"nope": 1}}, "INVALID_ARGUMENT", "args: unexpected 'nope'"),
-    ({"evaluator": "embed", "version": "1", "args": {"text": "x"}, "key": 5, "home": [1]}, None, None),  # hints ignored
-    ({"evaluator": "embed", "version": "1", "args": {"text": "x"}, "key": ContentKey.of("blob", b"x")}, None, None),
+    ({"evaluator": "text.embed", "version": True, "args": {}}, "INVALID_ARGUMENT", "got True"),
+    ({"evaluator": "text.embed", "version": 1.5, "args": {}}, "INVALID_ARGUMENT", "got 1.5"),
+    ({"evaluator": "text.embed", "version": "", "args": {}}, "INVALID_ARGUMENT", "must not be empty"),
+    ({"evaluator": "text.embed", "version": b"1", "args": {}}, "INVALID_ARGUMENT", "got bytes"),
+    ({"evaluator": "text.embed", "version": "1", "args": [1]}, "INVALID_ARGUMENT", "body.args: expected a map, got list"),
+    ({"evaluator": "text.embed", "version": "1", "args": None}, "INVALID_ARGUMENT", "body.args: expected a map, got NoneType"),
+    ({"evaluator": "text.embed", "version": "1", "args": {"nope": 1}}, "INVALID_ARGUMENT", "args: unexpected 'nope'"),
+    ({"evaluator": "text.embed", "version": "1", "args": {"text": "x"}, "key": 5, "home": [1]}, None, None),  # hints ignored
+    ({"evaluator": "text.embed", "version": "1", "args": {"text": "x"}, "key": ContentKey.of("blob", b"x")}, None, None),
     ({"evaluator": "no.such", "version": None, "args": {}}, "NOT_FOUND", "no evaluator named 'no.such'"),
     ({"evaluator": "no\nsuch", "version": "1", "args": {}}, "NOT_FOUND", "'no\\nsuch'"),
-    ({"evaluator": "embed", "version": "9", "args": {}}, "NOT_FOUND", "has no version '9'"),
+    ({"evaluator": "text.embed", "version": "9", "args": {}}, "NOT_FOUND", "has no version '9'"),
 ]
 
 
@@ -483,7 +483,7 @@ def test_absent_keys_of_every_kind_are_not_found(addr):
 
 def test_a_download_never_granted_credit_parks_only_that_request_until_cancelled(addr):
     p = RawPeer(addr)
-    big = {"evaluator": "embed", "version": "1", "args": {"text": "pushed in pieces", "dim": 300_000}}  # ~1.2 MB
+    big = {"evaluator": "text.embed", "version": "1", "args": {"text": "pushed in pieces", "dim": 300_000}}  # ~1.2 MB
     p.open(1, "realize", big, credit=0)  # computed, then its record waits for credit to be pushed
     time.sleep(0.5)
     assert p.ask(2, "holders", {"key": ContentKey.of("blob", b"x")})["t"] == "close"  # the connection is served
@@ -504,7 +504,7 @@ def test_deep_nesting_in_a_body_is_a_clear_invalid_argument(addr):
     # up to msgpack's depth the request fails alone; deeper, the frame is malformed and only
     # this connection closes, saying why (was "malformed msgpack (StackError: )")
     p = RawPeer(addr)
-    realize = b"\x83\xa9evaluator\xa5embed\xa7version\xa11\xa4args\x81\xa4text"
+    realize = b"\x83\xa9evaluator\xaatext.embed\xa7version\xa11\xa4args\x81\xa4text"
     p.send(raw=_open_raw(1, "realize", realize + _nested(1000)))
     _fault(p.final(1), "INVALID_ARGUMENT", "args: nesting too deep to encode")
     p.send(raw=_open_raw(2, "realize", realize + _nested(5000)))
