@@ -391,7 +391,7 @@ class ServerCall:
         while not self._inbox:
             if self._ended or not self._c.link.conn.is_live(self.req_id):
                 raise StopAsyncIteration
-            await self._signal.wait()
+            await self._wait_for_client("upload item")
         item = self._inbox.popleft()
         await self._grant(1)
         return item
@@ -438,7 +438,19 @@ class ServerCall:
                 link.queue(StreamData(self.req_id, data))
                 await link.flush()
                 return
+            await self._wait_for_client("credit")
+
+    async def _wait_for_client(self, what: str) -> None:
+        """Wait for the client's next frame on this request, at most the connection's idle
+        timeout: a request whose client neither feeds it (an upload) nor drains it (a
+        download's credit) for that long is as idle as a quiet connection, and ends
+        DEADLINE_EXCEEDED (else it would hold what it has read, a whole record, forever)."""
+        stall_s = self._c.server.limits.idle_timeout_s
+        with trio.move_on_after(stall_s) as scope:
             await self._signal.wait()
+        if scope.cancelled_caught:
+            raise FabricError(StatusCode.DEADLINE_EXCEEDED,
+                              f"request {self.req_id} ({self.op}): the client sent no {what} for {stall_s:g} s", retryable=True)
 
     async def send_metadata(self, body: Any) -> None:
         """Send a ``metadata`` frame on this request (not flow-controlled)."""

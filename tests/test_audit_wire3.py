@@ -511,3 +511,28 @@ def test_deep_nesting_in_a_body_is_a_clear_invalid_argument(addr):
     err = p.closing_fault()
     assert err["code"] == "INVALID_ARGUMENT"
     assert err["message"] == "frame seq 1: codec: malformed msgpack (arrays and maps nested too deeply)"
+
+
+def test_a_request_its_client_neither_feeds_nor_drains_ends_after_the_idle_timeout(tmp_path):
+    """A download whose client grants no credit, and an upload whose client sends nothing,
+    hold what the node read for them (a whole record) only as long as a quiet connection
+    lives: after ``--idle-timeout`` each ends DEADLINE_EXCEEDED naming what the client did
+    not send (they used to wait for ever: a request in flight stops the idle timer)."""
+    with node(tmp_path, "stall", "--idle-timeout", "1.5") as (addr, proc, _):
+        p = RawPeer(addr)
+        big = {"evaluator": "text.embed", "version": "1", "args": {"text": "never drained", "dim": 300_000}}  # pushed in pieces
+        t0 = time.monotonic()
+        p.open(1, "realize", big, credit=0)
+        p.open(2, "replay", None, end=False, credit=0)
+        faults = {}
+        while len(faults) < 2:
+            m = p.recv(15)
+            if m["t"] == "fault" and m["id"] in (1, 2):
+                faults[m["id"]] = m["error"]
+        assert 1.4 < time.monotonic() - t0 < 10
+        assert faults[1]["code"] == "DEADLINE_EXCEEDED" and faults[1]["message"].endswith("(realize): the client sent no credit for 1.5 s")
+        assert faults[2]["code"] == "DEADLINE_EXCEEDED" and faults[2]["message"].endswith("(replay): the client sent no upload item for 1.5 s")
+        p.send({"t": "stats", "id": 3, "body": None})
+        assert p.final(3)["body"]["server"]["requests"] == 0  # nothing parked any more
+        p.close()
+        assert proc.poll() is None
