@@ -214,8 +214,8 @@ class RemoteFabric:
         return c
 
     async def _call(self, op: str, fn, policy: RetryPolicy | None = None) -> Any:
-        """Run ``fn(client)`` with retries (``policy``, default the op's): a broken connection
-        is re-dialled on UNAVAILABLE."""
+        """Run ``fn(client)`` with retries (``policy``, default the op's): a connection that
+        broke is re-dialled by the next attempt; one that answered is kept."""
         conns = self._conns()
 
         async def attempt():
@@ -226,8 +226,8 @@ class RemoteFabric:
             except FabricError as exc:
                 if self._closed:  # the connection was closed under the call: not retried
                     raise self._closed_error() from None
-                if exc.status_code is StatusCode.UNAVAILABLE:
-                    conns.drop(client)
+                if client.closed:  # lost or refused: the next attempt dials again (a node's own
+                    conns.drop(client)  # UNAVAILABLE answer, e.g. a relay's upstream down, keeps it)
                 raise
 
         return await aretry_call(attempt, op=op, policy=policy)

@@ -333,3 +333,32 @@ def test_a_put_cut_off_by_a_kill_9_is_resumed_not_broken_by_the_next_put(tmp_pat
     finally:
         f.close()
         stop_node(n.proc)
+
+
+def test_an_unavailable_answer_from_the_node_keeps_the_connection(tmp_path):
+    """A relay whose upstream is down answers UNAVAILABLE (retryable) over a healthy
+    connection: the client retries on that connection; it used to drop it unclosed at every
+    attempt and dial another (8 more connections open on the relay after 4 calls)."""
+    up, up_proc, _ = start_node(tmp_path, "up")
+    relay, relay_proc, _ = start_node(tmp_path, "relay", "--relay", up, evaluators=None)
+    try:
+        stop_node(up_proc)
+        with fabric.open(relay, secret=SECRET) as f:
+            f.stats()
+            gc.collect()
+            fds = _fds()
+            gc.disable()
+            try:
+                before = _retries("realize")
+                for x in range(4):
+                    with pytest.raises(FabricError) as ei:
+                        f.realize(_sq(x), timeout=10)
+                    assert ei.value.status_code is StatusCode.UNAVAILABLE
+                assert _retries("realize") - before == 8  # 3 attempts each
+                assert _fds() == fds
+                assert f.stats()["server"]["connections"] == 1
+            finally:
+                gc.enable()
+    finally:
+        stop_node(relay_proc)
+        stop_node(up_proc)
