@@ -211,6 +211,9 @@ class RemoteFabric:
             token = trio.lowlevel.current_trio_token()
             c = table[id(self)] = self._runs[token] = _Conns(self, table, token)
             trio.lowlevel.spawn_system_task(_close_at_run_end, c, name=f"fabric-remote-close:{self.address}")
+            if self._closed:  # close() ran meanwhile in another thread and did not see this run
+                c.forget()
+                raise self._closed_error()
         return c
 
     async def _call(self, op: str, fn, policy: RetryPolicy | None = None) -> Any:
