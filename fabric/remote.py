@@ -323,6 +323,8 @@ class RemoteFabric:
         if timeout is None:  # no cancel scope on the common path: it costs more than a hit's parsing
             rep = await self._arealize(req)
         else:
+            if not (isinstance(timeout, (int, float)) and timeout >= 0):  # NaN too
+                raise FabricError(StatusCode.INVALID_ARGUMENT, f"timeout must be a number of seconds >= 0, got {timeout!r}")
             try:
                 with trio.fail_after(timeout):
                     rep = await self._arealize(req)

@@ -362,3 +362,13 @@ def test_an_unavailable_answer_from_the_node_keeps_the_connection(tmp_path):
     finally:
         stop_node(relay_proc)
         stop_node(up_proc)
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), "5"])
+def test_a_bad_timeout_is_invalid_argument(nd, timeout):
+    """It used to be trio's ValueError (or a TypeError) from deep inside the call."""
+    with fabric.open(nd.addr, secret=SECRET) as f:
+        with pytest.raises(FabricError) as ei:
+            f.realize(_sq(12), timeout=timeout)
+        assert ei.value.status_code is StatusCode.INVALID_ARGUMENT and "timeout" in ei.value.message
+        assert f.realize(_sq(12), timeout=5).value == 144
