@@ -6,11 +6,13 @@ every record it receives (CRC, BLAKE3 digest, and that it is the record of the
 key asked for, recomputed here from the evaluator, version and args) before
 decoding it — a mismatch is DATA_LOSS and the bytes are discarded.
 
-Sync calls run on one background trio thread that owns one reused, pipelined
-connection; async calls (``arealize``) use one connection per trio run of the
-caller.  Either way a broken connection is re-dialled by the retry helper on
-UNAVAILABLE within the operation's deadline, and a caller's trio deadline or
-cancellation travels to the node as the request's timeout / ``cancel``.
+Sync calls, from any number of threads, run on one background trio thread that
+owns one reused, pipelined connection; async calls (``arealize``) use one
+connection per trio run of the caller, closed when that run ends.  Either way a
+connection that broke is re-dialled by the retry helper within the operation's
+deadline, and a caller's trio deadline or cancellation travels to the node as
+the request's timeout / ``cancel``.  ``close()`` (from any thread) closes every
+one of them: calls in flight and later calls fail with FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
