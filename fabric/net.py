@@ -1066,8 +1066,12 @@ class WireClient:
             return exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def aclose(self) -> None:
-        """Say goodbye and close the socket; waiting requests get UNAVAILABLE. Idempotent."""
+    async def aclose(self, grace: float | None = None) -> None:
+        """Say goodbye and close the socket; waiting requests get UNAVAILABLE. Idempotent.
+        ``grace``: at most this long for what is queued and the goodbye to be written (a peer
+        that does not read otherwise holds this up to the write timeout)."""
+        if grace is not None:
+            self._link.hurry(grace)
         if self._conn.state == ConnectionState.OPEN:
             try:
                 self._link.queue(Closed(None))
@@ -1077,6 +1081,14 @@ class WireClient:
         self._set_failure(FabricError(StatusCode.UNAVAILABLE, f"connection to {self.address} closed locally",
                                       retryable=True))
         await self._link.aclose()
+
+    def close_now(self) -> None:
+        """Close the socket without waiting (no goodbye: the peer sees it close); waiting
+        requests get UNAVAILABLE.  For synchronous code inside the connection's trio run,
+        where :meth:`aclose` cannot be awaited.  Idempotent."""
+        self._set_failure(FabricError(StatusCode.UNAVAILABLE, f"connection to {self.address} closed locally",
+                                      retryable=True))
+        self._link.close_now()
 
     # ---------------------------------------------------------------- internals
 

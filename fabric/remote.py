@@ -6,11 +6,13 @@ every record it receives (CRC, BLAKE3 digest, and that it is the record of the
 key asked for, recomputed here from the evaluator, version and args) before
 decoding it — a mismatch is DATA_LOSS and the bytes are discarded.
 
-Sync calls run on one background trio thread that owns one reused, pipelined
-connection; async calls (``arealize``) use one connection per trio run of the
-caller.  Either way a broken connection is re-dialled by the retry helper on
-UNAVAILABLE within the operation's deadline, and a caller's trio deadline or
-cancellation travels to the node as the request's timeout / ``cancel``.
+Sync calls, from any number of threads, run on one background trio thread that
+owns one reused, pipelined connection; async calls (``arealize``) use one
+connection per trio run of the caller, closed when that run ends.  Either way a
+connection that broke is re-dialled by the retry helper within the operation's
+deadline, and a caller's trio deadline or cancellation travels to the node as
+the request's timeout / ``cancel``.  ``close()`` (from any thread) closes every
+one of them: calls in flight and later calls fail with FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -85,14 +87,26 @@ class _HitBatch:
         self.leader = trio.lowlevel.current_task()  # the call that sends the lookup
 
 
+#: Seconds a connection closed at the end of its trio run (or by ``close()`` on the portal)
+#: gets to write its goodbye to a node that does not read.
+CLOSE_GRACE_S = 1.0
+
+
 class _Conns:
     """One connection per trio run, re-dialled after it breaks; and the run's
-    ``arealize`` calls in progress, which share lookups while more than one is."""
+    ``arealize`` calls in progress, which share lookups while more than one is.
 
-    def __init__(self, owner: "RemoteFabric") -> None:
+    Made by :meth:`RemoteFabric._conns`, which registers it in the run (``table``) and in
+    its owner's ``_runs``; it is forgotten by both, and its connection closed, when the
+    run ends (:func:`_close_at_run_end`) or the owner is closed, whichever comes first."""
+
+    def __init__(self, owner: "RemoteFabric", table: dict, token: trio.lowlevel.TrioToken) -> None:
         self.owner = owner
+        self.table = table  # the run's {id(fabric): _Conns}
+        self.token = token
         self.client: WireClient | None = None
         self.lock = trio.Lock()
+        self.done = trio.Event()  # set once forgotten: the run's watcher then closes the connection
         self.busy = 0  # arealize calls in progress
         self.gathering: _HitBatch | None = None  # open for more requests until its leader sends it
         self.sending: _HitBatch | None = None  # the latest batch whose lookup is in flight
@@ -102,14 +116,57 @@ class _Conns:
         if c is not None and c.reusable():
             return c
         async with self.lock:
+            o = self.owner
+            if o._closed:
+                raise o._closed_error()
             if self.client is None or not self.client.reusable():
-                o = self.owner
-                self.client = await open_connection(o.host, o.port, o.secret, o.limits)
+                client = await open_connection(o.host, o.port, o.secret, o.limits)
+                if o._closed or self.done.is_set():  # closed while dialling: the new socket is not kept
+                    client.close_now()
+                    raise o._closed_error()
+                self.client = client
             return self.client
 
     def drop(self, client: WireClient) -> None:
         if self.client is client:
             self.client = None
+
+    def forget(self) -> None:
+        """Leave the run's table and the owner's ``_runs`` (in this run)."""
+        if self.table.get(id(self.owner)) is self:
+            del self.table[id(self.owner)]
+        if self.owner._runs.get(self.token) is self:
+            del self.owner._runs[self.token]
+        self.done.set()
+
+    def close_now(self) -> None:
+        """Forget this run's connection and close its socket at once (no goodbye); calls
+        waiting on it fail (in this run)."""
+        self.forget()
+        c, self.client = self.client, None
+        if c is not None:
+            c.close_now()
+
+    async def aclose(self) -> None:
+        """:meth:`close_now` with a goodbye first, written within :data:`CLOSE_GRACE_S`."""
+        self.forget()
+        c, self.client = self.client, None
+        if c is not None:
+            with trio.CancelScope(shield=True):
+                await c.aclose(grace=CLOSE_GRACE_S)
+
+
+async def _close_at_run_end(conns: _Conns) -> None:
+    """A system task of the run ``conns`` belongs to: closes its connection when the run ends
+    (system tasks are cancelled then) or once ``conns`` is forgotten, whichever is first."""
+    try:
+        await conns.done.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await conns.aclose()
+            except Exception:  # noqa: BLE001 - a system task must not raise; the socket is closed either way
+                conns.close_now()
 
 
 _RUNVAR: trio.lowlevel.RunVar = trio.lowlevel.RunVar("fabric_remote_conns")
@@ -132,6 +189,8 @@ class RemoteFabric:
         self._portal_lock = threading.Lock()
         self._portal_nursery: trio.Nursery | None = None
         self._streams: set[threading.Event] = set()  # releases of open artifact_stream iterators
+        #: the connections of every trio run using this client (the portal's included), by run
+        self._runs: dict[trio.lowlevel.TrioToken, _Conns] = {}
         self._closed = False
         #: chunks (and their bytes) this client pushed to the node in puts, resumed ones included
         self.chunks_uploaded = 0
@@ -139,6 +198,11 @@ class RemoteFabric:
 
     # ------------------------------------------------------------ connections
     def _conns(self) -> _Conns:
+        """This trio run's connections to the node (FAILED_PRECONDITION once closed).  The
+        first use in a run registers them; they are closed when the run ends or at
+        :meth:`close`, whichever comes first."""
+        if self._closed:
+            raise self._closed_error()
         try:
             table = _RUNVAR.get()
         except LookupError:
@@ -146,12 +210,17 @@ class RemoteFabric:
             _RUNVAR.set(table)
         c = table.get(id(self))
         if c is None:
-            c = table[id(self)] = _Conns(self)
+            token = trio.lowlevel.current_trio_token()
+            c = table[id(self)] = self._runs[token] = _Conns(self, table, token)
+            trio.lowlevel.spawn_system_task(_close_at_run_end, c, name=f"fabric-remote-close:{self.address}")
+            if self._closed:  # close() ran meanwhile in another thread and did not see this run
+                c.forget()
+                raise self._closed_error()
         return c
 
     async def _call(self, op: str, fn, policy: RetryPolicy | None = None) -> Any:
-        """Run ``fn(client)`` with retries (``policy``, default the op's): a broken connection
-        is re-dialled on UNAVAILABLE."""
+        """Run ``fn(client)`` with retries (``policy``, default the op's): a connection that
+        broke is re-dialled by the next attempt; one that answered is kept."""
         conns = self._conns()
 
         async def attempt():
@@ -160,8 +229,10 @@ class RemoteFabric:
             try:
                 return await fn(client)
             except FabricError as exc:
-                if exc.status_code is StatusCode.UNAVAILABLE:
-                    conns.drop(client)
+                if self._closed:  # the connection was closed under the call: not retried
+                    raise self._closed_error() from None
+                if client.closed:  # lost or refused: the next attempt dials again (a node's own
+                    conns.drop(client)  # UNAVAILABLE answer, e.g. a relay's upstream down, keeps it)
                 raise
 
         return await aretry_call(attempt, op=op, policy=policy)
@@ -254,6 +325,8 @@ class RemoteFabric:
         if timeout is None:  # no cancel scope on the common path: it costs more than a hit's parsing
             rep = await self._arealize(req)
         else:
+            if not (isinstance(timeout, (int, float)) and timeout >= 0):  # NaN too
+                raise FabricError(StatusCode.INVALID_ARGUMENT, f"timeout must be a number of seconds >= 0, got {timeout!r}")
             try:
                 with trio.fail_after(timeout):
                     rep = await self._arealize(req)
@@ -624,13 +697,21 @@ class RemoteFabric:
         return FabricError(StatusCode.FAILED_PRECONDITION, f"client for {self.address} is closed")
 
     def _portal(self, afn, *args: Any) -> Any:
-        if self._closed:
-            raise self._closed_error()
+        """Run ``afn(*args)`` on the portal thread and return what it returns; a call that
+        :meth:`close` cuts off raises FAILED_PRECONDITION (not trio's ``Cancelled``)."""
         token = self._ensure_portal()
-        return trio.from_thread.run(afn, *args, trio_token=token)
+        try:
+            return trio.from_thread.run(afn, *args, trio_token=token)
+        except (trio.Cancelled, trio.RunFinishedError):
+            if not self._closed:
+                raise
+            raise self._closed_error() from None
 
     def _ensure_portal(self) -> trio.lowlevel.TrioToken:
+        """The portal's trio token, starting its thread on first use (FAILED_PRECONDITION once closed)."""
         with self._portal_lock:
+            if self._closed:
+                raise self._closed_error()
             if self._portal_token is not None:
                 return self._portal_token
             ready = threading.Event()
@@ -642,11 +723,10 @@ class RemoteFabric:
                     self._portal_stop = trio.Event()
                     ready.set()
                     await self._portal_stop.wait()
+                    conns = self._runs.get(self._portal_token)
+                    if conns is not None:  # calls waiting on it fail with the closed error
+                        await conns.aclose()
                     nursery.cancel_scope.cancel()
-                c = self._conns().client
-                if c is not None:
-                    with trio.move_on_after(2):
-                        await c.aclose()
 
             t = threading.Thread(target=trio.run, args=(main,), name=f"fabric-remote:{self.address}", daemon=True)
             t.start()
@@ -656,18 +736,37 @@ class RemoteFabric:
             return self._portal_token
 
     def close(self) -> None:
-        """Close the connection and stop the portal thread.  Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Close every connection (the portal's and those of the trio runs using this client)
+        and stop the portal thread.  Calls in flight, from any thread or run, and every later
+        call fail with FAILED_PRECONDITION.  Idempotent; callable from any thread, inside a
+        trio run too."""
+        with self._portal_lock:
+            if self._closed:
+                return
+            self._closed = True
+            portal = self._portal_token
         for release in list(self._streams):
             release.set()  # open artifact_stream iterators: their pumps end (the iterators raise FAILED_PRECONDITION)
-        if self._portal_token is not None and self._portal_stop is not None:
+        try:
+            here = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            here = None
+        for token, conns in list(self._runs.items()):
+            if token is portal:
+                continue  # closed with a goodbye as the portal stops
+            if token is here:
+                conns.close_now()
+                continue
             try:
-                trio.from_thread.run_sync(self._portal_stop.set, trio_token=self._portal_token)
+                token.run_sync_soon(conns.close_now)
+            except trio.RunFinishedError:
+                pass  # that run's end closed it
+        if portal is not None and self._portal_stop is not None:
+            try:
+                portal.run_sync_soon(self._portal_stop.set)
             except trio.RunFinishedError:
                 pass
-            if self._portal_thread is not None:
+            if self._portal_thread is not None and self._portal_thread is not threading.current_thread():
                 self._portal_thread.join(5)
 
     def __enter__(self) -> "RemoteFabric":
