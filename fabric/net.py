@@ -474,6 +474,8 @@ class _ServerState:
         self.welcome = dict(welcome or {})
         self.live = 0  # connection tasks (handshaking or authenticated)
         self.authenticated = 0
+        self.draining = False  # see serve(drain=)
+        self.connections: set[_ServerConnection] = set()
 
 
 class _ServerConnection:
@@ -490,16 +492,21 @@ class _ServerConnection:
         self.refused = False
         self._answered = 0
         self.nursery: trio.Nursery | None = None
+        self._reading = trio.CancelScope()  # cancelled to end the read loop once drained (serve(drain=))
 
     async def run(self) -> None:
         reason: FabricError | None = None
+        self.server.connections.add(self)
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._hurry_writes_when_cancelled)
-                reason = await self._read_loop()
+                self.drain()
+                with self._reading:
+                    reason = await self._read_loop()
                 nursery.cancel_scope.cancel()
         finally:
+            self.server.connections.discard(self)
             if self.counted:
                 self.server.authenticated -= 1
             self.server.live -= 1
@@ -511,6 +518,14 @@ class _ServerConnection:
             await self.link.flush()
             await self.link.aclose()
         self._log_close(reason)
+
+    def drain(self) -> None:
+        """While the server drains: once no request of this connection is in flight, stop
+        reading; the connection then ends with a goodbye, its pending writes bounded by
+        :data:`TEARDOWN_WRITE_S` (a client that stopped reading must not hold the drain)."""
+        if self.server.draining and not self.calls:
+            self.link.hurry(TEARDOWN_WRITE_S)
+            self._reading.cancel()
 
     async def _hurry_writes_when_cancelled(self) -> None:
         """When this connection stops being served (the server shuts down, or the read loop
@@ -574,6 +589,10 @@ class _ServerConnection:
         if isinstance(ev, Authenticated):
             self._welcome(ev.peer_node_id)
         elif isinstance(ev, Request):
+            if self.server.draining:
+                self._queue_reply(ev.req_id, ev.op, Fault(ev.req_id, FabricError(
+                    StatusCode.UNAVAILABLE, "the node is shutting down; ask again (it or another node)", retryable=True)))
+                return
             if ev.end_stream and self.server.fast is not None and self._answer_now(ev):
                 return
             call = ServerCall(self, ev)
@@ -712,6 +731,7 @@ class _ServerConnection:
         await self.link.room()
         self._queue_reply(rid, op, reply)
         await self.link.flush()
+        self.drain()
 
 
 async def serve(
@@ -726,9 +746,10 @@ async def serve(
     welcome: Mapping[str, Any] | None = None,
     fast: FastHandler | None = None,
     accept: Sequence[bytes] = (),
+    drain: trio.Event | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on ``host:port`` and serve wire connections until cancelled.
+    """Listen on ``host:port`` and serve wire connections until cancelled (or drained).
 
     ``task_status.started(Listening(host, port))`` reports the bound address
     (``port=0`` picks a free one), so ``await nursery.start(serve, ...)``
@@ -749,6 +770,12 @@ async def serve(
     ``accept``: further secrets a client may prove instead of ``secret``
     (:class:`~fabric.wire.WireConnection`'s ``accept``).
 
+    ``drain``: once this event is set, the server stops accepting connections,
+    answers every new request UNAVAILABLE (retryable: "the node is shutting
+    down"), lets the requests in flight finish and send their replies, closes
+    each connection with a goodbye once it has none left, and returns when all
+    are closed.  Cancel it to stop without waiting.
+
     Limits: beyond ``limits.max_connections`` authenticated connections a new
     one is refused with a RESOURCE_EXHAUSTED fault right after its handshake
     (so only peers that know the secret learn why); beyond twice that many
@@ -768,11 +795,21 @@ async def serve(
     except OSError as exc:
         raise bind_error("listen", host, port, exc) from None
     bound = listeners[0].socket.getsockname()
+    accepting = [trio.CancelScope() for _ in listeners]  # one per accept loop (a scope is entered once)
     async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, state, nursery)
+        for listener, scope in zip(listeners, accepting):
+            nursery.start_soon(_accept_loop, listener, state, nursery, scope)
         log.info("wire server listening on %s:%d node=%s", bound[0], bound[1], node_id)
         task_status.started(Listening(str(bound[0]), int(bound[1])))
+        if drain is not None:
+            await drain.wait()
+            state.draining = True
+            for scope in accepting:
+                scope.cancel()  # the listeners close: new connections are refused
+            log.info("wire server draining: %d connection(s), %d request(s) in flight", len(state.connections),
+                     sum(len(c.calls) for c in state.connections))
+            for connection in list(state.connections):
+                connection.drain()
 
 
 def bind_error(what: str, host: str, port: int, exc: OSError) -> FabricError:
@@ -791,7 +828,13 @@ def bind_error(what: str, host: str, port: int, exc: OSError) -> FabricError:
     return FabricError(code, f"cannot {what} on {host}:{port}: {exc.strerror or exc}")
 
 
-async def _accept_loop(listener: trio.SocketListener, state: _ServerState, nursery: trio.Nursery) -> None:
+async def _accept_loop(listener: trio.SocketListener, state: _ServerState, nursery: trio.Nursery,
+                       accepting: trio.CancelScope) -> None:
+    with accepting:
+        await _accept_until_cancelled(listener, state, nursery)
+
+
+async def _accept_until_cancelled(listener: trio.SocketListener, state: _ServerState, nursery: trio.Nursery) -> None:
     async with listener:
         while True:
             try:

@@ -3,9 +3,11 @@
 ``fabric node --data DIR --listen HOST:PORT --secret-file F [--evaluators M ...]
 [--relay HOST:PORT] [--metrics-port N] [--idle-timeout S]`` serves the wire ops of
 :mod:`fabric.serve` until SIGTERM or SIGINT.  Its first line on stdout is
-``listening on HOST:PORT node=NODE_ID``.  Shutdown: stop accepting, let
-in-flight computations finish and their records commit (bounded by
-``--drain-s``), close LMDB, exit 0.
+``listening on HOST:PORT node=NODE_ID``.  Shutdown: stop accepting, answer new
+requests UNAVAILABLE, let the requests in flight finish and send their replies
+(:func:`fabric.net.serve`'s ``drain``), let in-flight computations finish and
+their records commit (all bounded by ``--drain-s``; a second signal stops
+waiting), close LMDB, exit 0.
 
 Bad flags fail before anything is opened (:func:`check_args`); a port that
 cannot be bound fails as one status line (:func:`fabric.net.bind_error`).
@@ -77,13 +79,19 @@ async def run_node(args: argparse.Namespace) -> int:
             log.info("metrics on http://%s:%d/metrics", host, metrics_server.server_address[1])
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                listening = await nursery.start(
-                    lambda task_status: serve(
-                        host, port, secret, service.handle, limits, node_id=fab.node_id, fast=service.handle_now,
-                        stats=lambda: _node_stats(fab, service), welcome={"node": fab.node_id, "capabilities": caps},
-                        accept=forms[1:], task_status=task_status,
-                    )
-                )
+                drain, served = trio.Event(), trio.Event()
+
+                async def serving(task_status) -> None:
+                    try:
+                        await serve(
+                            host, port, secret, service.handle, limits, node_id=fab.node_id, fast=service.handle_now,
+                            stats=lambda: _node_stats(fab, service), welcome={"node": fab.node_id, "capabilities": caps},
+                            accept=forms[1:], drain=drain, task_status=task_status,
+                        )
+                    finally:
+                        served.set()
+
+                listening = await nursery.start(serving)
                 fleet = None
                 if not args.relay:
                     fleet = Fleet(fab, f"{listening.host}:{listening.port}", secret, caps, interval=args.gossip_interval)
@@ -95,13 +103,16 @@ async def run_node(args: argparse.Namespace) -> int:
                 log.info("node %s serving %s on %s:%d (relay=%s)", fab.node_id, data, listening.host, listening.port, args.relay)
                 signum = await _first_signal(signals, getattr(args, "early_signals", ()))
                 log.info("node %s: %s received, shutting down", fab.node_id, signal.Signals(signum).name)
+                drain_end = trio.current_time() + args.drain_s
+                drain.set()  # no new connections or requests; those in flight finish and are answered
+                await _until_served(served, signals, drain_end)
                 if fleet is not None:
                     await fleet.aclose()
                 nursery.cancel_scope.cancel()
         for sig, handler in getattr(args, "signal_handlers", {}).items():
             signal.signal(sig, handler)  # a second signal while draining acts as it would have before start-up
         # in-flight computations finish and their records commit before LMDB closes
-        with trio.move_on_after(args.drain_s):
+        with trio.move_on_at(drain_end):
             await service.idle.wait()
         if service.active_computations:
             log.warning("node %s: %d computations still running after %.0f s; closing anyway", fab.node_id, service.active_computations, args.drain_s)
@@ -157,6 +168,22 @@ def _hold_node_lock(data: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+async def _until_served(served: trio.Event, signals, end: float) -> None:
+    """Wait until the drained server has answered what was in flight and closed (``served``),
+    at most until ``end``; a second SIGTERM/SIGINT stops the wait at once."""
+    with trio.move_on_at(end):
+        async with trio.open_nursery() as nursery:
+
+            async def second_signal() -> None:
+                async for _ in signals:
+                    log.info("second signal: not waiting for requests in flight")
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(second_signal)
+            await served.wait()
+            nursery.cancel_scope.cancel()
 
 
 async def _first_signal(signals, early) -> int:

@@ -664,6 +664,67 @@ def test_cli_get_and_stats_through_a_node(tmp_path):
         assert r.returncode != 0 and "NOT_FOUND" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_sigterm_lets_requests_in_flight_finish_and_answers_them_then_refuses_new_work(tmp_path):
+    """SIGTERM while a slow realize runs: the node stops accepting connections, answers a new
+    request on an open connection UNAVAILABLE (retryable: ask again elsewhere or later), and
+    still sends the realize in flight its computed reply before it says goodbye and exits 0.
+    (The reply used to be lost: the computation finished and was recorded while the node
+    drained, but its connection was already closed, so the client failed UNAVAILABLE.)"""
+    import threading
+
+    from fabric.net import open_connection
+
+    addr, proc, data = start_node(tmp_path, "draining")
+    slow = fabric.Request("slow.square", {"x": 41, "delay": 2.0}, version="1")
+    got: list = []
+
+    def ask() -> None:
+        with fabric.open(addr, secret=SECRET) as f:
+            try:
+                got.append(f.realize(slow, timeout=20))
+            except Exception as exc:  # noqa: BLE001 - asserted below
+                got.append(exc)
+
+    host, port = addr.rsplit(":", 1)
+
+    late: list = []
+    raw: list = []
+
+    async def main() -> None:
+        async with await open_connection(host, int(port), SECRET) as client:
+            async with trio.open_nursery() as nursery:
+
+                async def slow_on_this_connection() -> None:
+                    raw.append(await client.request("realize", {"evaluator": "slow.square", "version": "1",
+                                                                "args": {"x": 42, "delay": 2.0}}))
+
+                nursery.start_soon(slow_on_this_connection)
+                asker = threading.Thread(target=ask)
+                asker.start()
+                await trio.sleep(0.7)  # both realizes are computing on the node
+                proc.send_signal(signal.SIGTERM)
+                await trio.sleep(0.3)
+                try:  # a new request on a connection that still has one in flight
+                    await client.request("realize", {"evaluator": "text.stats", "version": "1", "args": {"text": "late"}})
+                except FabricError as exc:
+                    late.append(exc)
+                await trio.to_thread.run_sync(asker.join, 30)
+
+    try:
+        trio.run(main)
+        assert proc.wait(20) == 0
+    finally:
+        stop_node(proc)
+    assert len(got) == 1 and not isinstance(got[0], Exception), got
+    assert (got[0].value, got[0].source) == (41 * 41, "computed")
+    assert raw[0]["source"] == "computed" and "record" in raw[0]
+    assert len(late) == 1 and late[0].status_code is StatusCode.UNAVAILABLE and late[0].retryable
+    assert late[0].message == "the node is shutting down; ask again (it or another node)"
+    with socket.socket() as s2:  # the listener is gone
+        assert s2.connect_ex((host, int(port))) != 0
+    assert _records(data) == 2
+
+
 def test_sigterm_while_the_node_is_still_starting_is_a_clean_shutdown(tmp_path):
     """A SIGTERM that lands while the node loads its evaluators (cassette already open)
     is held until it serves, then shuts it down as any SIGTERM does: exit 0, lock released."""
