@@ -1035,17 +1035,19 @@ class Cassette:
                    digest: bytes) -> tuple[PutResult | None, FabricError | None, int, int]:
         """Append one verified record after ledger row ``seq`` unless ``key`` is held by a row
         that verifies: ``(result, error, last seq, bytes appended)``.  An index insert that
-        fails if the key is held, and an append to the ledger: two LMDB calls for a new key."""
+        fails if the key is held, and an append to the ledger: two LMDB calls for a new key.
+        An index entry held by a row that fails its check, is missing, or is the row of another
+        key (a rotted or stale seq) does not hold the key: the record is appended and indexed."""
         seqb = _pack_seq(seq + 1)
         if not index.put(key, seqb, overwrite=False):  # held already
             held = txn.get(key, db=self._index)
             existing = txn.get(held, db=self._ledger)
-            if existing is not None and check_ok(existing):
+            if existing is not None and check_ok(existing) and existing[_KEY_AT:_KEY_END] == key:
                 try:
                     return PutResult(key, _unpack_seq(held)[0], _existing_digest(existing), False), None, seq, 0
                 except FabricError as exc:  # CRC matches but the record does not verify
                     return None, exc, seq, 0
-            log.warning("cassette %s: indexed row for %s is corrupt; appending a fresh row", self.path, key)
+            log.warning("cassette %s: indexed row for %s is corrupt or not its row; appending a fresh row", self.path, key)
             txn.put(key, seqb, db=self._index)
         if not ledger.put(seqb, value, append=True):  # seq is last + 1, so this cannot refuse
             raise RuntimeError(f"ledger append refused at seq {seq + 1}")
