@@ -73,6 +73,8 @@ _RELAY_S = 0.005  # a relay of wake-ups that stalls this long is finished by the
 _GATHER_MIN_S = 0.0005  # how long the writer waits for released writers to come back:
 _GATHER_MAX_S = 0.002  # one commit's time, within these bounds
 _DEFAULT_MAP = 1 << 30
+#: LMDB reader slots (one per read transaction in flight, in all processes together)
+_MAX_READERS = 512
 #: the named databases of a cassette: the only keys its LMDB main database may hold
 _DB_NAMES = (b"ledger", b"index", b"blobs", b"meta")
 #: files of ours that may sit in a cassette directory before its data.mdb does
@@ -225,7 +227,7 @@ class Cassette:
                 # MDB_WRITEMAP: the argument of specs/cassette-format.md 5.1 assumes pwrite.
                 metasync=False,
                 readahead=False,
-                max_readers=512,
+                max_readers=_MAX_READERS,
                 lock=True,
             )
         except lmdb.Error as exc:
@@ -450,11 +452,28 @@ class Cassette:
                 self._resize(0)
                 slot = self._enter()
                 return slot, self._env.begin(buffers=True)
+            except lmdb.ReadersFullError:
+                return slot, self._begin_after_reader_check()
         except BaseException as exc:
             slot.active = False
             if self._closed and isinstance(exc, lmdb.Error):
                 raise self._closed_error() from None
             raise
+
+    def _begin_after_reader_check(self) -> lmdb.Transaction:
+        """A read transaction once LMDB's reader table was found full: free the slots of
+        processes that died holding them (killed -9 after this cassette was opened, so the
+        ``reader_check`` at open could not see them) and try again.  RESOURCE_EXHAUSTED
+        when live readers really hold every slot."""
+        cleared = self._env.reader_check()
+        try:
+            return self._env.begin(buffers=True)
+        except lmdb.ReadersFullError:
+            raise FabricError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"cassette {self.path}: all {_MAX_READERS} LMDB reader slots are held by live readers "
+                f"({cleared} stale ones cleared); retry once some finish",
+            ) from None
 
     def _closed_error(self) -> FabricError:
         """What any use of a closed cassette raises."""

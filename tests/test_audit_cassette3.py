@@ -72,3 +72,52 @@ def test_put_after_a_lost_tail_row_whose_seq_was_reused(tmp_path):
         res = cas.put(rkey(7), value_of(7))
         assert res.appended and res.seq == 9
         assert cas.lookup_value(rkey(7)) == codec.decode(value_of(7))
+
+
+# ------------------------------------------------------------ reader slots of dead processes
+_HOLD_EVERY_SLOT = r"""
+import sys, threading, time
+from cassette.store import Cassette
+cas = Cassette(sys.argv[1])
+held = []
+lock = threading.Lock()
+full = threading.Event()
+def hold():
+    try:
+        with cas._reading():
+            with lock:
+                held.append(1)
+            time.sleep(120)
+    except Exception:  # the reader table is full (lmdb's error, or the cassette's)
+        full.set()
+while not full.is_set():
+    threading.Thread(target=hold, daemon=True).start()
+    time.sleep(0.0005)
+time.sleep(0.2)
+print(len(held), flush=True)
+time.sleep(120)
+"""
+
+
+def test_reader_slots_of_a_process_killed_9_are_freed_without_reopening(tmp_path):
+    """A process killed -9 with every free reader slot held in read transactions left them
+    taken: a cassette opened before it died then failed every concurrent read with a raw
+    lmdb.ReadersFullError (reader_check ran only at open).  Now a full table is checked
+    and the read goes on."""
+    path = filled(tmp_path / "c")
+    with Cassette(path) as cas:
+        assert cas.lookup_value(rkey(1)) is not MISS
+        child = subprocess.Popen([sys.executable, "-c", _HOLD_EVERY_SLOT, str(path)], cwd=ROOT,
+                                 env=child_env(tmp_path / "home"), stdout=subprocess.PIPE, text=True)
+        try:
+            assert int(child.stdout.readline()) > 400  # it took every slot this process did not hold
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(10)
+            child.stdout.close()
+        out: list = []
+        with cas._reading():  # this thread holds one slot: the reads below need another
+            t = threading.Thread(target=lambda: out.extend([cas.lookup_value(rkey(2)), cas.get_record(rkey(3)).seq, len(cas)]))
+            t.start()
+            t.join(10)
+        assert out == [codec.decode(value_of(2)), 4, 8]
