@@ -75,6 +75,9 @@ _GATHER_MAX_S = 0.002  # one commit's time, within these bounds
 _DEFAULT_MAP = 1 << 30
 #: LMDB reader slots (one per read transaction in flight, in all processes together)
 _MAX_READERS = 512
+#: LMDB's errors for a damaged file (B-tree pages that are not what they should be; after
+#: one of them the transaction is blocked, so its next call is MDB_BAD_TXN): DATA_LOSS
+_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.BadTxnError)
 #: the named databases of a cassette: the only keys its LMDB main database may hold
 _DB_NAMES = (b"ledger", b"index", b"blobs", b"meta")
 #: files of ours that may sit in a cassette directory before its data.mdb does
@@ -99,6 +102,7 @@ class VerifyReport:
     blobs: int = 0
     indexed: int = 0
     problems: list[FabricError] = field(default_factory=list)
+    _seq: int = field(default=0, repr=False, compare=False)  # last ledger seq scrubbed (gap check)
 
     @property
     def ok(self) -> bool:
@@ -175,18 +179,35 @@ SCAN_BATCH_BYTES = 8 << 20
 
 
 def _scrub_row(txn: Any, k: Any, v: Any, rep: "VerifyReport") -> None:
-    seq = _unpack_seq(k)[0]
     rep.records += 1
+    if len(k) != _SEQ.size:
+        rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"ledger row under {bytes(k)[:16]!r}, not a u64 seq", key=record_key(v)))
+        return
+    seq = _unpack_seq(k)[0]
+    if seq != rep._seq + 1:  # rows are never deleted: seqs run 1..n
+        rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"ledger rows {rep._seq + 1}..{seq - 1} are missing"))
+    rep._seq = seq
     try:
         unpack_record(v, seq)
     except FabricError as exc:
         rep.problems.append(FabricError(StatusCode.DATA_LOSS, exc.message, key=record_key(v)))
 
 
+def _stored_key(k: Any) -> ContentKey | None:
+    """The ContentKey a database entry is stored under, or ``None`` if those bytes are not one."""
+    try:
+        return ContentKey.from_bytes(bytes(k))
+    except FabricError:
+        return None
+
+
 def _scrub_blob(txn: Any, k: Any, v: Any, rep: "VerifyReport") -> None:
     rep.blobs += 1
-    if derive("blob", bytes(v)) != bytes(k)[1:]:
-        rep.problems.append(FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=ContentKey.from_bytes(bytes(k))))
+    key = _stored_key(k)
+    if key is None or key[0] != 2:
+        rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"blob stored under {bytes(k)[:40].hex()}, not a blob key"))
+    elif derive("blob", bytes(v)) != key[1:]:
+        rep.problems.append(FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=key))
 
 
 class Cassette:
@@ -236,8 +257,10 @@ class Cassette:
             self._env.reader_check()  # clear reader slots left by killed processes
             self._refuse_foreign_env()  # before anything is written
             self.node_id = self._init_meta(node_id)
-        except BaseException:
+        except BaseException as exc:
             self._env.close()  # a refused directory leaves nothing open
+            if isinstance(exc, _DAMAGE):
+                raise self._damaged(exc) from None
             raise
         # key -> ledger seq of a row that verified: ledger rows never move or change,
         # and a cached row is checked on every read like any other (see lookup_value)
@@ -435,6 +458,8 @@ class Cassette:
         slot, txn = self._begin_read()
         try:
             yield txn
+        except _DAMAGE as exc:
+            raise self._damaged(exc) from None
         finally:
             txn.abort()
             slot.active = False
@@ -458,6 +483,8 @@ class Cassette:
             slot.active = False
             if self._closed and isinstance(exc, lmdb.Error):
                 raise self._closed_error() from None
+            if isinstance(exc, _DAMAGE):
+                raise self._damaged(exc) from None
             raise
 
     def _begin_after_reader_check(self) -> lmdb.Transaction:
@@ -474,6 +501,15 @@ class Cassette:
                 f"cassette {self.path}: all {_MAX_READERS} LMDB reader slots are held by live readers "
                 f"({cleared} stale ones cleared); retry once some finish",
             ) from None
+
+    def _damaged(self, exc: BaseException) -> FabricError:
+        """DATA_LOSS for an LMDB error that means the data file itself is damaged (``_DAMAGE``):
+        no value is served from it; the way back is a replay of an export or of a peer."""
+        return FabricError(
+            StatusCode.DATA_LOSS,
+            f"cassette {self.path}: its LMDB file is damaged ({type(exc).__name__}: {exc}); "
+            "restore it from an export (Cassette.from_ledger) or a peer",
+        )
 
     def _closed_error(self) -> FabricError:
         """What any use of a closed cassette raises."""
@@ -509,6 +545,8 @@ class Cassette:
             if row is None:
                 return MISS
             return _decode(row[0][8 + row[1] :])
+        except _DAMAGE as exc:
+            raise self._damaged(exc) from None
         finally:
             txn.abort()
             slot.active = False
@@ -570,6 +608,8 @@ class Cassette:
         try:
             row = self._row(txn, key)
             return None if row is None else bytes(row[0])
+        except _DAMAGE as exc:
+            raise self._damaged(exc) from None
         finally:
             txn.abort()
             slot.active = False
@@ -593,6 +633,8 @@ class Cassette:
                 left -= len(row[0])
                 out.append(bytes(row[0]))
             return out
+        except _DAMAGE as exc:
+            raise self._damaged(exc) from None
         finally:
             txn.abort()
             slot.active = False
@@ -638,23 +680,30 @@ class Cassette:
             cb(key)
 
     def _iter_rows(self, start: int = 1) -> Iterator[tuple[int, bytes]]:
-        """Raw ``(seq, ledger value)`` rows in order from ``start``, read in short transactions."""
+        """Raw ``(seq, ledger value)`` rows in order from ``start``, read in short transactions.
+
+        A row under a key that is not a u64 seq is passed over (``verify()`` reports it), and
+        each transaction starts past the highest seq read so far, so a scan ends even over a
+        damaged (out of order) B-tree page."""
         seq = start
         while True:
             batch: list[tuple[int, bytes]] = []
             nbytes = 0
             with self._reading() as txn:
                 cur = txn.cursor(db=self._ledger)
-                if cur.set_range(_pack_seq(seq)):
+                floor = seq
+                if cur.set_range(_pack_seq(floor)):
                     for k, v in cur:
+                        if len(k) != _SEQ.size or _unpack_seq(k)[0] < floor:
+                            continue
                         batch.append((_unpack_seq(k)[0], bytes(v)))
+                        seq = max(seq, batch[-1][0] + 1)
                         nbytes += len(v)
                         if len(batch) >= 1024 or nbytes >= SCAN_BATCH_BYTES:
                             break
             if not batch:
                 return
             yield from batch
-            seq = batch[-1][0] + 1
 
     def iter_ledger(self, start: int = 1, *, verify: bool = True) -> Iterator[Record]:
         """Records in ledger order from ``start``.
@@ -999,7 +1048,10 @@ class Cassette:
         try:
             return self._write(lambda txn: self._apply_batch(txn, batch), "while writing")
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-            err = FabricError(StatusCode.INTERNAL, f"cassette write failed: {type(exc).__name__}: {exc}")
+            if isinstance(exc, _DAMAGE):
+                err = self._damaged(exc)
+            else:
+                err = FabricError(StatusCode.INTERNAL, f"cassette write failed: {type(exc).__name__}: {exc}")
             for job in batch:
                 job.result, job.error = None, err
             return None
@@ -1114,25 +1166,44 @@ class Cassette:
             after: bytes | None = None
             more = True
             while more:
-                with self._reading() as txn:
-                    cur = txn.cursor(db=db)
-                    more = cur.first() if after is None else cur.set_range(after)
-                    if more and after is not None and cur.key() == after:
-                        more = cur.next()
-                    rows = nbytes = 0
-                    while more and rows < SCRUB_ROWS and nbytes < SCRUB_BYTES:
-                        k, v = cur.item()
-                        check(txn, k, v, rep)
-                        rows += 1
-                        nbytes += len(v)
-                        more = cur.next()
-                        if not more or rows >= SCRUB_ROWS or nbytes >= SCRUB_BYTES:
-                            after = bytes(k)
+                try:
+                    more, after = self._scrub_step(db, check, after, rep)
+                except FabricError as exc:
+                    if exc.status_code is not StatusCode.DATA_LOSS:
+                        raise
+                    rep.problems.append(exc)  # a damaged B-tree: the rest of this database cannot be walked
+                    more = False
                 yield rep
+
+    def _scrub_step(self, db: Any, check: Callable, after: bytes | None, rep: VerifyReport) -> tuple[bool, bytes | None]:
+        """Check the entries of ``db`` after key ``after`` (from the first if ``None``), up to
+        SCRUB_ROWS / SCRUB_BYTES, in one read transaction: ``(more to check, last key checked)``."""
+        with self._reading() as txn:
+            cur = txn.cursor(db=db)
+            floor = after
+            more = cur.first() if floor is None else cur.set_range(floor)
+            rows = nbytes = 0
+            while more and rows < SCRUB_ROWS and nbytes < SCRUB_BYTES:
+                k, v = cur.item()
+                # the next step starts past the highest key checked: a scrub ends even over
+                # a damaged (out of order) page
+                if floor is None or bytes(k) > floor:
+                    check(txn, k, v, rep)
+                    after = bytes(k) if after is None else max(after, bytes(k))
+                    rows += 1
+                    nbytes += len(v)
+                more = cur.next()
+            return more, after
 
     def _scrub_entry(self, txn: lmdb.Transaction, k: Any, v: Any, rep: VerifyReport) -> None:
         rep.indexed += 1
-        key = ContentKey.from_bytes(bytes(k))
+        key = _stored_key(k)
+        if key is None or key[0] == 2:
+            rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"index entry under {bytes(k)[:40].hex()}, not a record key"))
+            return
+        if len(v) != _SEQ.size:
+            rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"index entry holds {len(v)} bytes, not a u64 seq", key=key))
+            return
         row = txn.get(bytes(v), db=self._ledger)
         if row is None:
             rep.problems.append(FabricError(StatusCode.DATA_LOSS, "index points to a missing ledger row", key=key))
@@ -1238,17 +1309,22 @@ class Cassette:
         return read_ledger_file(self, path, progress=progress)
 
     def _iter_blobs(self) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, bytes)`` of every blob entry in key order, read in short transactions.
+        Each transaction starts past the highest key read so far, so a scan ends even over a
+        damaged (out of order) B-tree page."""
         after = b""
         while True:
             batch: list[tuple[bytes, bytes]] = []
             nbytes = 0
             with self._reading() as txn:
                 cur = txn.cursor(db=self._blobs)
-                found = cur.set_range(after) if after else cur.first()
+                floor = after
+                found = cur.set_range(floor) if floor else cur.first()
                 while found:
                     k = bytes(cur.key())
-                    if k != after:
+                    if k > floor or not floor:
                         batch.append((k, bytes(cur.value())))
+                        after = max(after, k)
                         nbytes += len(batch[-1][1])
                         if len(batch) >= 64 or nbytes >= SCAN_BATCH_BYTES:
                             break
@@ -1256,7 +1332,6 @@ class Cassette:
             if not batch:
                 return
             yield from batch
-            after = batch[-1][0]
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:

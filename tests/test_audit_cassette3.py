@@ -121,3 +121,83 @@ def test_reader_slots_of_a_process_killed_9_are_freed_without_reopening(tmp_path
             t.start()
             t.join(10)
         assert out == [codec.decode(value_of(2)), 4, 8]
+
+
+# ---------------------------------------------- damage outside the ledger payloads
+def test_scrub_reports_malformed_index_and_blob_keys_and_export_stays_importable(tmp_path):
+    """An index key whose kind byte rotted made verify() raise INVALID_ARGUMENT (not a
+    DATA_LOSS report); a blob key whose kind byte rotted passed verify(), and the export,
+    paging the blobs with set_range over the now out-of-order page, never ended (it would
+    also have written the key, which every import refuses whole)."""
+    path = filled(tmp_path / "c")
+    with Cassette(path) as cas:
+        blob = cas.put_blob(b"audit blob " * 8)
+        other = cas.put_blob(b"another blob " * 8)
+    flip_in_file(path / "data.mdb", bytes(rkey(3)) + struct.pack(">Q", 4), at=0, xor=0x40)
+    flip_in_file(path / "data.mdb", bytes(blob), at=0, xor=0x40)
+    with Cassette(path) as cas:
+        problems = cas.verify(raise_errors=False).problems
+        assert [p.status_code for p in problems] == [StatusCode.DATA_LOSS] * 2
+        assert "not a record key" in problems[0].message and "not a blob key" in problems[1].message
+        out: list = []  # (the export of the blobs never ended over the out-of-order key)
+        t = threading.Thread(target=lambda: out.append(cas.export(tmp_path / "out.ledger")), daemon=True)
+        t.start()
+        t.join(10)
+        assert out == [8]
+    with Cassette(tmp_path / "d") as fresh:
+        assert fresh.import_(tmp_path / "out.ledger") == 8
+        assert fresh.get_blob(other) == b"another blob " * 8
+        assert fresh.get_blob(blob) is None
+
+
+def test_scrub_reports_a_ledger_gap_and_a_malformed_index_seq(tmp_path):
+    """Rows are never deleted, so a missing seq is data loss even when no index entry names
+    it; an index value that is not 8 bytes broke verify() with a raw struct.error."""
+    path = filled(tmp_path / "c")
+    with Cassette(path) as cas:
+        assert cas.put(rkey(3), value_of(3)).appended is False
+    env = lmdb.open(str(path), max_dbs=8, subdir=True, create=False)
+    with env.begin(write=True) as txn:
+        ledger, index = env.open_db(b"ledger", txn=txn, create=False), env.open_db(b"index", txn=txn, create=False)
+        txn.put(bytes(rkey(5)), b"\x00\x06", db=index)  # a short seq
+        txn.delete(bytes(rkey(2)), db=index)
+        txn.delete(struct.pack(">Q", 3), db=ledger)  # item 2's row, no longer indexed
+    env.close()
+    with Cassette(path) as cas:
+        messages = sorted(p.message for p in cas.verify(raise_errors=False).problems)
+        assert messages == ["index entry holds 2 bytes, not a u64 seq", "ledger rows 3..3 are missing"]
+        assert cas.lookup_value(rkey(5)) is MISS
+
+
+def _damage_ledger_page(path: Path, key: ContentKey) -> None:
+    """Change the page-type flags of every page of data.mdb that holds ``key``'s record (its
+    live ledger leaf and any stale copy), as a torn or rotted page would."""
+    data = bytearray((path / "data.mdb").read_bytes())
+    needle = b"\xc7\x21\x02" + bytes(key)  # the ext8 header of the key in the record meta
+    pages = set()
+    at = data.find(needle)
+    while at >= 0:
+        pages.add(at - at % 4096)
+        at = data.find(needle, at + 1)
+    assert pages
+    for page in pages:
+        data[page + 10] ^= 0x5A
+    (path / "data.mdb").write_bytes(bytes(data))
+
+
+def test_a_damaged_lmdb_page_is_data_loss_everywhere_never_a_raw_lmdb_error(tmp_path):
+    """Reads, stats, puts and verify() on a cassette whose ledger B-tree page is damaged raised
+    raw lmdb.BadTxnError / CorruptedError (or INTERNAL); now each is DATA_LOSS naming the
+    cassette, and verify(raise_errors=False) reports it instead of raising."""
+    path = filled(tmp_path / "c")
+    _damage_ledger_page(path, rkey(3))
+    with Cassette(path) as cas:
+        calls = [lambda: cas.lookup_value(rkey(3)), lambda: cas.get_raw(rkey(3)), lambda: cas.get_record(rkey(3)),
+                 lambda: cas.get_raw_many([rkey(3)], 1 << 20), cas.stats, lambda: cas.put(rkey(99), value_of(99))]
+        for call in calls:
+            with pytest.raises(FabricError) as ei:
+                call()
+            assert ei.value.status_code is StatusCode.DATA_LOSS, ei.value
+            assert "damaged" in ei.value.message
+        rep = cas.verify(raise_errors=False)
+        assert rep.problems and all(p.status_code is StatusCode.DATA_LOSS for p in rep.problems)
