@@ -358,7 +358,10 @@ class Cassette:
             stored = txn.get(b"node_id", db=self._meta)
             if stored is None:
                 raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: cassette without a node_id mark")
-            stored = stored.decode()
+            try:
+                stored = stored.decode()
+            except UnicodeDecodeError:
+                raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: unreadable cassette node_id mark {bytes(stored)[:64]!r}") from None
         if fmt is None and self.durability == "sync":
             self._env.sync(True)  # the new cassette's marks, meta page included (metasync is off)
         return stored
@@ -725,14 +728,14 @@ class Cassette:
             ledger_rows = txn.stat(self._ledger)["entries"]
             indexed = txn.stat(self._index)["entries"]
             blobs = txn.stat(self._blobs)["entries"]
-            nbytes = txn.get(b"ledger_bytes", db=self._meta)
+            nbytes = self._ledger_bytes(txn)
         return {
             "node_id": self.node_id,
             "path": str(self.path),
             "records": indexed,
             "ledger_rows": ledger_rows,
             "blobs": blobs,
-            "ledger_bytes": int(nbytes) if nbytes else 0,
+            "ledger_bytes": nbytes,
             "map_size": self._env.info()["map_size"],
             "durability": self.durability,
             "format": FORMAT_VERSION,
@@ -740,6 +743,17 @@ class Cassette:
 
     def __len__(self) -> int:
         return self.stats()["records"]
+
+    def _ledger_bytes(self, txn: lmdb.Transaction) -> int:
+        """``meta[ledger_bytes]`` (0 before the first row); recounted from the ledger if its
+        text is unreadable (bit rot in a counter must not fail stats or a scrape)."""
+        total = _counter(txn.get(b"ledger_bytes", db=self._meta))
+        return self._recount_bytes(txn) if total is None else total
+
+    def _recount_bytes(self, txn: lmdb.Transaction) -> int:
+        """The sum of the lengths of all ledger values, counted in ``txn`` (what ``ledger_bytes`` counts)."""
+        log.warning("cassette %s: meta ledger_bytes is unreadable; recounting it from the ledger", self.path)
+        return sum(len(v) for v in txn.cursor(db=self._ledger).iternext(keys=False))
 
     # ----------------------------------------------------------------- writing
     def put(
@@ -1097,8 +1111,9 @@ class Cassette:
             else:
                 job.result, job.error = None, FabricError(StatusCode.INTERNAL, f"unknown write op {job.op!r}")
         if added:
-            cur = txn.get(b"ledger_bytes", db=self._meta)
-            txn.put(b"ledger_bytes", str((int(cur) if cur else 0) + added).encode(), db=self._meta)
+            total = _counter(txn.get(b"ledger_bytes", db=self._meta))
+            total = self._recount_bytes(txn) if total is None else total + added  # (a recount has this batch's rows)
+            txn.put(b"ledger_bytes", str(total).encode(), db=self._meta)
             wrote = True
         return wrote
 
@@ -1370,6 +1385,14 @@ def _blob_job(items: list[tuple[ContentKey, bytes]], waited: bool = False, verif
         if k[0] != 2 or (not verified and derive("blob", d) != k[1:]):
             raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=k)
     return _Job("blobs", (items,), sum(len(d) for _, d in items), waited)
+
+
+def _counter(text: bytes | memoryview | None) -> int | None:
+    """A decimal meta counter: 0 when absent, ``None`` when not a decimal number."""
+    if text is None:
+        return 0
+    text = bytes(text)
+    return int(text) if text.isdigit() else None
 
 
 def _existing_digest(value: bytes | memoryview) -> bytes:

@@ -169,6 +169,33 @@ def test_scrub_reports_a_ledger_gap_and_a_malformed_index_seq(tmp_path):
         assert cas.lookup_value(rkey(5)) is MISS
 
 
+def test_an_unreadable_ledger_bytes_counter_is_recounted_not_fatal(tmp_path):
+    """A rotted digit in meta's ledger_bytes made stats() (and so every /metrics scrape) raise
+    a raw ValueError and failed every later put with INTERNAL, for good."""
+    path = filled(tmp_path / "c")
+    with Cassette(path) as cas:
+        before = cas.stats()["ledger_bytes"]
+    flip_in_file(path / "data.mdb", b"ledger_bytes" + str(before).encode(), at=12, xor=0x40)
+    with Cassette(path) as cas:
+        assert cas.stats()["ledger_bytes"] == before
+        res = cas.put(rkey(8), value_of(8))
+        assert res.appended
+        after = cas.stats()["ledger_bytes"]
+        assert after == before + len(cas.get_raw(rkey(8)))
+        assert cas.put(rkey(9), value_of(9)).appended
+        assert cas.stats()["ledger_bytes"] == after + len(cas.get_raw(rkey(9)))
+
+
+def test_an_unreadable_node_id_mark_is_failed_precondition(tmp_path):
+    """Was a raw UnicodeDecodeError from the constructor."""
+    path = filled(tmp_path / "c", node_id="nodeABC")
+    flip_in_file(path / "data.mdb", b"nodeABC", at=0, xor=0x80)
+    with pytest.raises(FabricError) as ei:
+        Cassette(path)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION
+    assert "node_id" in ei.value.message
+
+
 def _damage_ledger_page(path: Path, key: ContentKey) -> None:
     """Change the page-type flags of every page of data.mdb that holds ``key``'s record (its
     live ledger leaf and any stale copy), as a torn or rotted page would."""
