@@ -282,6 +282,7 @@ class Cassette:
         #: ("ack", n, count) before releasing jobs whose latest commit is n
         self._on_trace: Callable[[str, int, Any], None] | None = None
         self._closed = False
+        self._open_lock = threading.Lock()  # orders a job's queueing against close() (see _submit)
         self._released = 0  # jobs acknowledged since the writer last gathered (they tend to come back)
         self._want = 0  # while the writer gathers: how many queued jobs should wake it
         self._gate = threading.Event()
@@ -852,10 +853,11 @@ class Cassette:
         return self._submit(_Job("raw", (key, value, digest), len(value), waited))
 
     def _submit(self, job: _Job) -> _Job:
-        if self._closed:
-            raise self._closed_error()
         q = self._queue
-        q.put(job)
+        with self._open_lock:  # queued ahead of close()'s stop marker, or refused: never behind it
+            if self._closed:
+                raise self._closed_error()
+            q.put(job)
         want = self._want
         if want and q.qsize() >= want:
             self._gate.set()  # the writer is gathering and this completes its batch
@@ -1356,10 +1358,11 @@ class Cassette:
         method (reads, writes, scrub, export, import, iteration) raises
         ``FabricError(FAILED_PRECONDITION, "cassette ... is closed")``.
         """
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
+        with self._open_lock:  # every job queued before the stop marker, none after it
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         self._writer.join()  # returns once every write is committed and acknowledged
         own = getattr(self._local, "slot", None)
         if own is not None and own.active:  # closed from inside a read (an on_corrupt callback)

@@ -6,6 +6,7 @@ Each test here failed before the fix it names; corruption is real bytes changed 
 
 from __future__ import annotations
 
+import linecache
 import os
 import signal
 import struct
@@ -228,3 +229,43 @@ def test_a_damaged_lmdb_page_is_data_loss_everywhere_never_a_raw_lmdb_error(tmp_
             assert "damaged" in ei.value.message
         rep = cas.verify(raise_errors=False)
         assert rep.problems and all(p.status_code is StatusCode.DATA_LOSS for p in rep.problems)
+
+
+# ------------------------------------------------------------------ put racing close
+def test_a_put_that_passed_the_closed_check_as_close_ran_does_not_hang(tmp_path):
+    """A put that had checked "not closed" but not yet queued its job when close() queued the
+    writer's stop marker and joined it was queued behind the marker: no writer ever took it
+    and the put blocked for ever.  The put is paused there (a line trace on its own thread)
+    until close() has stopped the writer, or for 1 s if close() cannot get that far first."""
+    cas = Cassette(tmp_path / "c", durability="fast")
+    cas.put(rkey(1), value_of(1))
+    paused, outcome = threading.Event(), []
+
+    def trace(frame, event, arg):
+        if frame.f_code.co_name != "_submit":
+            return None
+        def line(frame, event, arg):
+            if event == "line" and "put(job)" in linecache.getline(frame.f_code.co_filename, frame.f_lineno):
+                paused.set()
+                deadline = time.monotonic() + 1.0
+                while cas._writer.is_alive() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return line
+        return line
+
+    def put() -> None:
+        sys.settrace(trace)
+        try:
+            outcome.append(cas.put(rkey(2), value_of(2)).seq)
+        except FabricError as exc:
+            outcome.append(exc.status_code)
+        finally:
+            sys.settrace(None)
+
+    t = threading.Thread(target=put, daemon=True)
+    t.start()
+    assert paused.wait(5)
+    cas.close()
+    t.join(5)
+    assert not t.is_alive(), "the put never returned"
+    assert outcome in ([2], [StatusCode.FAILED_PRECONDITION])
