@@ -234,6 +234,7 @@ class Cassette:
         self.durability = durability
         self.on_corrupt: Callable[[ContentKey], None] | None = None
         self.corrupt_reads = 0
+        self.conflicts = 0  # puts of a held key with a different reply, since opened here (see _conflict)
         self._check_directory(create)
         self.path.mkdir(parents=True, exist_ok=True)
         try:
@@ -724,7 +725,9 @@ class Cassette:
                 continue
 
     def stats(self) -> dict[str, Any]:
-        """Counts and sizes: records (indexed keys), ledger_rows, blobs, bytes, map_size, node_id."""
+        """Counts and sizes: records (indexed keys), ledger_rows, blobs, bytes, map_size, node_id;
+        ``conflicts``: puts and imports, since this process opened the cassette, that offered a
+        held key a reply with another digest (kept out: see :meth:`_conflict`)."""
         with self._reading() as txn:
             ledger_rows = txn.stat(self._ledger)["entries"]
             indexed = txn.stat(self._index)["entries"]
@@ -740,6 +743,7 @@ class Cassette:
             "map_size": self._env.info()["map_size"],
             "durability": self.durability,
             "format": FORMAT_VERSION,
+            "conflicts": self.conflicts,
         }
 
     def __len__(self) -> int:
@@ -1132,14 +1136,25 @@ class Cassette:
             existing = txn.get(held, db=self._ledger)
             if existing is not None and check_ok(existing) and existing[_KEY_AT:_KEY_END] == key:
                 try:
-                    return PutResult(key, _unpack_seq(held)[0], _existing_digest(existing), False), None, seq, 0
+                    held_digest = _existing_digest(existing)
                 except FabricError as exc:  # CRC matches but the record does not verify
                     return None, exc, seq, 0
+                if held_digest != digest:
+                    self._conflict(key, held_digest, digest)
+                return PutResult(key, _unpack_seq(held)[0], held_digest, False), None, seq, 0
             log.warning("cassette %s: indexed row for %s is corrupt or not its row; appending a fresh row", self.path, key)
             txn.put(key, seqb, db=self._index)
         if not ledger.put(seqb, value, append=True):  # seq is last + 1, so this cannot refuse
             raise RuntimeError(f"ledger append refused at seq {seq + 1}")
         return PutResult(key, seq + 1, digest, True), None, seq + 1, len(value)
+
+    def _conflict(self, key: ContentKey, held: bytes, offered: bytes) -> None:
+        """A reply offered for a held key differs from the recorded one: the evaluator is not
+        deterministic (or its version was not bumped).  The recorded reply stays (section 4);
+        the conflict is logged and counted (``stats()["conflicts"]``), never silent."""
+        self.conflicts += 1
+        log.warning("cassette %s: determinism conflict for %s: recorded reply has digest %s, a different one (%s) was offered "
+                    "and not recorded", self.path, key, held.hex()[:16], offered.hex()[:16])
 
     # ------------------------------------------------------- scrub and replay
     def verify(self, *, raise_errors: bool = True, progress: Callable[[int], None] | None = None) -> VerifyReport:

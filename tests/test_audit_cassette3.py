@@ -269,3 +269,26 @@ def test_a_put_that_passed_the_closed_check_as_close_ran_does_not_hang(tmp_path)
     t.join(5)
     assert not t.is_alive(), "the put never returned"
     assert outcome in ([2], [StatusCode.FAILED_PRECONDITION])
+
+
+# -------------------------------------------------------- determinism conflicts on import
+def test_importing_a_different_reply_for_a_held_key_keeps_the_recorded_one_and_reports_it(tmp_path, caplog):
+    """Importing a ledger whose record for a held key has other bytes (a non-deterministic
+    evaluator on another node) was a silent no-op; it still records nothing and serves the
+    held reply, and now logs the conflict and counts it in stats()."""
+    k = rkey("same")
+    with Cassette(tmp_path / "a", node_id="na") as a:
+        a.put(k, codec.encode({"v": "from a"}))
+        a.put(rkey("only a"), value_of("only a"))
+        a.export(tmp_path / "a.ledger")
+    with Cassette(tmp_path / "b", node_id="nb") as b:
+        b.put(k, codec.encode({"v": "from b"}))
+        assert b.import_(tmp_path / "a.ledger") == 1
+        assert b.lookup_value(k) == {"v": "from b"}
+        assert b.stats()["conflicts"] == 1
+        assert b.import_(tmp_path / "a.ledger") == 0
+        assert b.stats()["conflicts"] == 2
+        assert b.put(k, codec.encode({"v": "from b"})).appended is False
+        assert b.stats()["conflicts"] == 2  # the same reply again is no conflict
+        assert b.verify().ok
+    assert any("determinism conflict" in r.getMessage() and str(k) in r.getMessage() for r in caplog.records)
