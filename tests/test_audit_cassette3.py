@@ -6,6 +6,7 @@ Each test here failed before the fix it names; corruption is real bytes changed 
 
 from __future__ import annotations
 
+import json
 import linecache
 import os
 import signal
@@ -292,3 +293,64 @@ def test_importing_a_different_reply_for_a_held_key_keeps_the_recorded_one_and_r
         assert b.stats()["conflicts"] == 2  # the same reply again is no conflict
         assert b.verify().ok
     assert any("determinism conflict" in r.getMessage() and str(k) in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------ the cross-process compute lock (fabric/local.py)
+_CROSSED = r"""
+import json, sys, threading
+import fabric
+from fabric.registry import load_evaluators
+
+load_evaluators("examples.evaluators")
+out = {}
+with fabric.open(sys.argv[1]) as fab:
+    def go(x):
+        try:
+            rep = fab.realize(fabric.Request("slow.square", {"x": x, "delay": 3.0}))
+            out[x] = [rep.source, rep.value]
+        except Exception as exc:
+            out[x] = repr(exc)
+    first = threading.Thread(target=go, args=(int(sys.argv[2]),))
+    first.start()
+    sys.stdin.readline()
+    second = threading.Thread(target=go, args=(int(sys.argv[3]),))
+    second.start()
+    first.join()
+    second.join()
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_crossed_waits_of_two_processes_are_no_deadlock_error(tmp_path):
+    """A computes x=1 and B x=2 (each holding its key's byte lock); then A's second thread waits
+    for x=2 and B's for x=1.  Nothing is stuck (each computation ends), but the kernel's
+    per-process deadlock check answered B's wait with EDEADLK, raised from realize as a raw
+    OSError.  Now both get both values, and each key is computed once."""
+    data, log = tmp_path / "data", tmp_path / "eval.log"
+    env = child_env(tmp_path / "home", FABRIC_EVAL_LOG=str(log))
+    procs = []
+
+    def start(first: int, second: int) -> None:
+        procs.append(subprocess.Popen([sys.executable, "-c", _CROSSED, str(data), str(first), str(second)], cwd=ROOT, env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + 15
+        while f"x={first}" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline and procs[-1].poll() is None, "the evaluator never started"
+            time.sleep(0.02)
+
+    try:
+        start(1, 2)
+        start(2, 1)
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            time.sleep(0.3)  # A's second thread is waiting before B's asks
+        outs = [p.communicate(timeout=30) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results == [{"1": ["computed", 1], "2": ["local", 4]}, {"2": ["computed", 4], "1": ["local", 1]}], results
+    assert sorted(line.rsplit(" ", 1)[0] for line in log.read_text().splitlines()) == ["slow.square x=1", "slow.square x=2"]
