@@ -103,8 +103,8 @@ class LedgerFileBytes:
             if self.progress is not None and self.records % 4096 == 0:
                 self.progress(self.records)
         for k, data in self.cas._iter_blobs():
-            if derive("blob", data) != k[1:]:
-                continue  # never export bytes that fail their hash
+            if len(k) != 33 or k[0] != 2 or derive("blob", data) != k[1:]:
+                continue  # never export bytes that fail their hash, nor a key no import accepts
             yield _ENTRY.pack(b"B", 33 + len(data)) + k
             yield data
 

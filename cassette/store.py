@@ -73,6 +73,11 @@ _RELAY_S = 0.005  # a relay of wake-ups that stalls this long is finished by the
 _GATHER_MIN_S = 0.0005  # how long the writer waits for released writers to come back:
 _GATHER_MAX_S = 0.002  # one commit's time, within these bounds
 _DEFAULT_MAP = 1 << 30
+#: LMDB reader slots (one per read transaction in flight, in all processes together)
+_MAX_READERS = 512
+#: LMDB's errors for a damaged file (B-tree pages that are not what they should be; after
+#: one of them the transaction is blocked, so its next call is MDB_BAD_TXN): DATA_LOSS
+_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.BadTxnError)
 #: the named databases of a cassette: the only keys its LMDB main database may hold
 _DB_NAMES = (b"ledger", b"index", b"blobs", b"meta")
 #: files of ours that may sit in a cassette directory before its data.mdb does
@@ -97,6 +102,7 @@ class VerifyReport:
     blobs: int = 0
     indexed: int = 0
     problems: list[FabricError] = field(default_factory=list)
+    _seq: int = field(default=0, repr=False, compare=False)  # last ledger seq scrubbed (gap check)
 
     @property
     def ok(self) -> bool:
@@ -173,18 +179,35 @@ SCAN_BATCH_BYTES = 8 << 20
 
 
 def _scrub_row(txn: Any, k: Any, v: Any, rep: "VerifyReport") -> None:
-    seq = _unpack_seq(k)[0]
     rep.records += 1
+    if len(k) != _SEQ.size:
+        rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"ledger row under {bytes(k)[:16]!r}, not a u64 seq", key=record_key(v)))
+        return
+    seq = _unpack_seq(k)[0]
+    if seq != rep._seq + 1:  # rows are never deleted: seqs run 1..n
+        rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"ledger rows {rep._seq + 1}..{seq - 1} are missing"))
+    rep._seq = seq
     try:
         unpack_record(v, seq)
     except FabricError as exc:
         rep.problems.append(FabricError(StatusCode.DATA_LOSS, exc.message, key=record_key(v)))
 
 
+def _stored_key(k: Any) -> ContentKey | None:
+    """The ContentKey a database entry is stored under, or ``None`` if those bytes are not one."""
+    try:
+        return ContentKey.from_bytes(bytes(k))
+    except FabricError:
+        return None
+
+
 def _scrub_blob(txn: Any, k: Any, v: Any, rep: "VerifyReport") -> None:
     rep.blobs += 1
-    if derive("blob", bytes(v)) != bytes(k)[1:]:
-        rep.problems.append(FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=ContentKey.from_bytes(bytes(k))))
+    key = _stored_key(k)
+    if key is None or key[0] != 2:
+        rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"blob stored under {bytes(k)[:40].hex()}, not a blob key"))
+    elif derive("blob", bytes(v)) != key[1:]:
+        rep.problems.append(FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=key))
 
 
 class Cassette:
@@ -211,6 +234,7 @@ class Cassette:
         self.durability = durability
         self.on_corrupt: Callable[[ContentKey], None] | None = None
         self.corrupt_reads = 0
+        self.conflicts = 0  # puts of a held key with a different reply, since opened here (see _conflict)
         self._check_directory(create)
         self.path.mkdir(parents=True, exist_ok=True)
         try:
@@ -225,7 +249,7 @@ class Cassette:
                 # MDB_WRITEMAP: the argument of specs/cassette-format.md 5.1 assumes pwrite.
                 metasync=False,
                 readahead=False,
-                max_readers=512,
+                max_readers=_MAX_READERS,
                 lock=True,
             )
         except lmdb.Error as exc:
@@ -234,8 +258,10 @@ class Cassette:
             self._env.reader_check()  # clear reader slots left by killed processes
             self._refuse_foreign_env()  # before anything is written
             self.node_id = self._init_meta(node_id)
-        except BaseException:
+        except BaseException as exc:
             self._env.close()  # a refused directory leaves nothing open
+            if isinstance(exc, _DAMAGE):
+                raise self._damaged(exc) from None
             raise
         # key -> ledger seq of a row that verified: ledger rows never move or change,
         # and a cached row is checked on every read like any other (see lookup_value)
@@ -257,6 +283,7 @@ class Cassette:
         #: ("ack", n, count) before releasing jobs whose latest commit is n
         self._on_trace: Callable[[str, int, Any], None] | None = None
         self._closed = False
+        self._open_lock = threading.Lock()  # orders a job's queueing against close() (see _submit)
         self._released = 0  # jobs acknowledged since the writer last gathered (they tend to come back)
         self._want = 0  # while the writer gathers: how many queued jobs should wake it
         self._gate = threading.Event()
@@ -333,7 +360,10 @@ class Cassette:
             stored = txn.get(b"node_id", db=self._meta)
             if stored is None:
                 raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: cassette without a node_id mark")
-            stored = stored.decode()
+            try:
+                stored = stored.decode()
+            except UnicodeDecodeError:
+                raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: unreadable cassette node_id mark {bytes(stored)[:64]!r}") from None
         if fmt is None and self.durability == "sync":
             self._env.sync(True)  # the new cassette's marks, meta page included (metasync is off)
         return stored
@@ -433,6 +463,8 @@ class Cassette:
         slot, txn = self._begin_read()
         try:
             yield txn
+        except _DAMAGE as exc:
+            raise self._damaged(exc) from None
         finally:
             txn.abort()
             slot.active = False
@@ -450,11 +482,39 @@ class Cassette:
                 self._resize(0)
                 slot = self._enter()
                 return slot, self._env.begin(buffers=True)
+            except lmdb.ReadersFullError:
+                return slot, self._begin_after_reader_check()
         except BaseException as exc:
             slot.active = False
             if self._closed and isinstance(exc, lmdb.Error):
                 raise self._closed_error() from None
+            if isinstance(exc, _DAMAGE):
+                raise self._damaged(exc) from None
             raise
+
+    def _begin_after_reader_check(self) -> lmdb.Transaction:
+        """A read transaction once LMDB's reader table was found full: free the slots of
+        processes that died holding them (killed -9 after this cassette was opened, so the
+        ``reader_check`` at open could not see them) and try again.  RESOURCE_EXHAUSTED
+        when live readers really hold every slot."""
+        cleared = self._env.reader_check()
+        try:
+            return self._env.begin(buffers=True)
+        except lmdb.ReadersFullError:
+            raise FabricError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"cassette {self.path}: all {_MAX_READERS} LMDB reader slots are held by live readers "
+                f"({cleared} stale ones cleared); retry once some finish",
+            ) from None
+
+    def _damaged(self, exc: BaseException) -> FabricError:
+        """DATA_LOSS for an LMDB error that means the data file itself is damaged (``_DAMAGE``):
+        no value is served from it; the way back is a replay of an export or of a peer."""
+        return FabricError(
+            StatusCode.DATA_LOSS,
+            f"cassette {self.path}: its LMDB file is damaged ({type(exc).__name__}: {exc}); "
+            "restore it from an export (Cassette.from_ledger) or a peer",
+        )
 
     def _closed_error(self) -> FabricError:
         """What any use of a closed cassette raises."""
@@ -490,6 +550,8 @@ class Cassette:
             if row is None:
                 return MISS
             return _decode(row[0][8 + row[1] :])
+        except _DAMAGE as exc:
+            raise self._damaged(exc) from None
         finally:
             txn.abort()
             slot.active = False
@@ -551,6 +613,8 @@ class Cassette:
         try:
             row = self._row(txn, key)
             return None if row is None else bytes(row[0])
+        except _DAMAGE as exc:
+            raise self._damaged(exc) from None
         finally:
             txn.abort()
             slot.active = False
@@ -574,6 +638,8 @@ class Cassette:
                 left -= len(row[0])
                 out.append(bytes(row[0]))
             return out
+        except _DAMAGE as exc:
+            raise self._damaged(exc) from None
         finally:
             txn.abort()
             slot.active = False
@@ -619,23 +685,30 @@ class Cassette:
             cb(key)
 
     def _iter_rows(self, start: int = 1) -> Iterator[tuple[int, bytes]]:
-        """Raw ``(seq, ledger value)`` rows in order from ``start``, read in short transactions."""
+        """Raw ``(seq, ledger value)`` rows in order from ``start``, read in short transactions.
+
+        A row under a key that is not a u64 seq is passed over (``verify()`` reports it), and
+        each transaction starts past the highest seq read so far, so a scan ends even over a
+        damaged (out of order) B-tree page."""
         seq = start
         while True:
             batch: list[tuple[int, bytes]] = []
             nbytes = 0
             with self._reading() as txn:
                 cur = txn.cursor(db=self._ledger)
-                if cur.set_range(_pack_seq(seq)):
+                floor = seq
+                if cur.set_range(_pack_seq(floor)):
                     for k, v in cur:
+                        if len(k) != _SEQ.size or _unpack_seq(k)[0] < floor:
+                            continue
                         batch.append((_unpack_seq(k)[0], bytes(v)))
+                        seq = max(seq, batch[-1][0] + 1)
                         nbytes += len(v)
                         if len(batch) >= 1024 or nbytes >= SCAN_BATCH_BYTES:
                             break
             if not batch:
                 return
             yield from batch
-            seq = batch[-1][0] + 1
 
     def iter_ledger(self, start: int = 1, *, verify: bool = True) -> Iterator[Record]:
         """Records in ledger order from ``start``.
@@ -652,26 +725,40 @@ class Cassette:
                 continue
 
     def stats(self) -> dict[str, Any]:
-        """Counts and sizes: records (indexed keys), ledger_rows, blobs, bytes, map_size, node_id."""
+        """Counts and sizes: records (indexed keys), ledger_rows, blobs, bytes, map_size, node_id;
+        ``conflicts``: puts and imports, since this process opened the cassette, that offered a
+        held key a reply with another digest (kept out: see :meth:`_conflict`)."""
         with self._reading() as txn:
             ledger_rows = txn.stat(self._ledger)["entries"]
             indexed = txn.stat(self._index)["entries"]
             blobs = txn.stat(self._blobs)["entries"]
-            nbytes = txn.get(b"ledger_bytes", db=self._meta)
+            nbytes = self._ledger_bytes(txn)
         return {
             "node_id": self.node_id,
             "path": str(self.path),
             "records": indexed,
             "ledger_rows": ledger_rows,
             "blobs": blobs,
-            "ledger_bytes": int(nbytes) if nbytes else 0,
+            "ledger_bytes": nbytes,
             "map_size": self._env.info()["map_size"],
             "durability": self.durability,
             "format": FORMAT_VERSION,
+            "conflicts": self.conflicts,
         }
 
     def __len__(self) -> int:
         return self.stats()["records"]
+
+    def _ledger_bytes(self, txn: lmdb.Transaction) -> int:
+        """``meta[ledger_bytes]`` (0 before the first row); recounted from the ledger if its
+        text is unreadable (bit rot in a counter must not fail stats or a scrape)."""
+        total = _counter(txn.get(b"ledger_bytes", db=self._meta))
+        return self._recount_bytes(txn) if total is None else total
+
+    def _recount_bytes(self, txn: lmdb.Transaction) -> int:
+        """The sum of the lengths of all ledger values, counted in ``txn`` (what ``ledger_bytes`` counts)."""
+        log.warning("cassette %s: meta ledger_bytes is unreadable; recounting it from the ledger", self.path)
+        return sum(len(v) for v in txn.cursor(db=self._ledger).iternext(keys=False))
 
     # ----------------------------------------------------------------- writing
     def put(
@@ -770,10 +857,11 @@ class Cassette:
         return self._submit(_Job("raw", (key, value, digest), len(value), waited))
 
     def _submit(self, job: _Job) -> _Job:
-        if self._closed:
-            raise self._closed_error()
         q = self._queue
-        q.put(job)
+        with self._open_lock:  # queued ahead of close()'s stop marker, or refused: never behind it
+            if self._closed:
+                raise self._closed_error()
+            q.put(job)
         want = self._want
         if want and q.qsize() >= want:
             self._gate.set()  # the writer is gathering and this completes its batch
@@ -980,7 +1068,10 @@ class Cassette:
         try:
             return self._write(lambda txn: self._apply_batch(txn, batch), "while writing")
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-            err = FabricError(StatusCode.INTERNAL, f"cassette write failed: {type(exc).__name__}: {exc}")
+            if isinstance(exc, _DAMAGE):
+                err = self._damaged(exc)
+            else:
+                err = FabricError(StatusCode.INTERNAL, f"cassette write failed: {type(exc).__name__}: {exc}")
             for job in batch:
                 job.result, job.error = None, err
             return None
@@ -1026,8 +1117,9 @@ class Cassette:
             else:
                 job.result, job.error = None, FabricError(StatusCode.INTERNAL, f"unknown write op {job.op!r}")
         if added:
-            cur = txn.get(b"ledger_bytes", db=self._meta)
-            txn.put(b"ledger_bytes", str((int(cur) if cur else 0) + added).encode(), db=self._meta)
+            total = _counter(txn.get(b"ledger_bytes", db=self._meta))
+            total = self._recount_bytes(txn) if total is None else total + added  # (a recount has this batch's rows)
+            txn.put(b"ledger_bytes", str(total).encode(), db=self._meta)
             wrote = True
         return wrote
 
@@ -1035,21 +1127,34 @@ class Cassette:
                    digest: bytes) -> tuple[PutResult | None, FabricError | None, int, int]:
         """Append one verified record after ledger row ``seq`` unless ``key`` is held by a row
         that verifies: ``(result, error, last seq, bytes appended)``.  An index insert that
-        fails if the key is held, and an append to the ledger: two LMDB calls for a new key."""
+        fails if the key is held, and an append to the ledger: two LMDB calls for a new key.
+        An index entry held by a row that fails its check, is missing, or is the row of another
+        key (a rotted or stale seq) does not hold the key: the record is appended and indexed."""
         seqb = _pack_seq(seq + 1)
         if not index.put(key, seqb, overwrite=False):  # held already
             held = txn.get(key, db=self._index)
             existing = txn.get(held, db=self._ledger)
-            if existing is not None and check_ok(existing):
+            if existing is not None and check_ok(existing) and existing[_KEY_AT:_KEY_END] == key:
                 try:
-                    return PutResult(key, _unpack_seq(held)[0], _existing_digest(existing), False), None, seq, 0
+                    held_digest = _existing_digest(existing)
                 except FabricError as exc:  # CRC matches but the record does not verify
                     return None, exc, seq, 0
-            log.warning("cassette %s: indexed row for %s is corrupt; appending a fresh row", self.path, key)
+                if held_digest != digest:
+                    self._conflict(key, held_digest, digest)
+                return PutResult(key, _unpack_seq(held)[0], held_digest, False), None, seq, 0
+            log.warning("cassette %s: indexed row for %s is corrupt or not its row; appending a fresh row", self.path, key)
             txn.put(key, seqb, db=self._index)
         if not ledger.put(seqb, value, append=True):  # seq is last + 1, so this cannot refuse
             raise RuntimeError(f"ledger append refused at seq {seq + 1}")
         return PutResult(key, seq + 1, digest, True), None, seq + 1, len(value)
+
+    def _conflict(self, key: ContentKey, held: bytes, offered: bytes) -> None:
+        """A reply offered for a held key differs from the recorded one: the evaluator is not
+        deterministic (or its version was not bumped).  The recorded reply stays (section 4);
+        the conflict is logged and counted (``stats()["conflicts"]``), never silent."""
+        self.conflicts += 1
+        log.warning("cassette %s: determinism conflict for %s: recorded reply has digest %s, a different one (%s) was offered "
+                    "and not recorded", self.path, key, held.hex()[:16], offered.hex()[:16])
 
     # ------------------------------------------------------- scrub and replay
     def verify(self, *, raise_errors: bool = True, progress: Callable[[int], None] | None = None) -> VerifyReport:
@@ -1093,25 +1198,44 @@ class Cassette:
             after: bytes | None = None
             more = True
             while more:
-                with self._reading() as txn:
-                    cur = txn.cursor(db=db)
-                    more = cur.first() if after is None else cur.set_range(after)
-                    if more and after is not None and cur.key() == after:
-                        more = cur.next()
-                    rows = nbytes = 0
-                    while more and rows < SCRUB_ROWS and nbytes < SCRUB_BYTES:
-                        k, v = cur.item()
-                        check(txn, k, v, rep)
-                        rows += 1
-                        nbytes += len(v)
-                        more = cur.next()
-                        if not more or rows >= SCRUB_ROWS or nbytes >= SCRUB_BYTES:
-                            after = bytes(k)
+                try:
+                    more, after = self._scrub_step(db, check, after, rep)
+                except FabricError as exc:
+                    if exc.status_code is not StatusCode.DATA_LOSS:
+                        raise
+                    rep.problems.append(exc)  # a damaged B-tree: the rest of this database cannot be walked
+                    more = False
                 yield rep
+
+    def _scrub_step(self, db: Any, check: Callable, after: bytes | None, rep: VerifyReport) -> tuple[bool, bytes | None]:
+        """Check the entries of ``db`` after key ``after`` (from the first if ``None``), up to
+        SCRUB_ROWS / SCRUB_BYTES, in one read transaction: ``(more to check, last key checked)``."""
+        with self._reading() as txn:
+            cur = txn.cursor(db=db)
+            floor = after
+            more = cur.first() if floor is None else cur.set_range(floor)
+            rows = nbytes = 0
+            while more and rows < SCRUB_ROWS and nbytes < SCRUB_BYTES:
+                k, v = cur.item()
+                # the next step starts past the highest key checked: a scrub ends even over
+                # a damaged (out of order) page
+                if floor is None or bytes(k) > floor:
+                    check(txn, k, v, rep)
+                    after = bytes(k) if after is None else max(after, bytes(k))
+                    rows += 1
+                    nbytes += len(v)
+                more = cur.next()
+            return more, after
 
     def _scrub_entry(self, txn: lmdb.Transaction, k: Any, v: Any, rep: VerifyReport) -> None:
         rep.indexed += 1
-        key = ContentKey.from_bytes(bytes(k))
+        key = _stored_key(k)
+        if key is None or key[0] == 2:
+            rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"index entry under {bytes(k)[:40].hex()}, not a record key"))
+            return
+        if len(v) != _SEQ.size:
+            rep.problems.append(FabricError(StatusCode.DATA_LOSS, f"index entry holds {len(v)} bytes, not a u64 seq", key=key))
+            return
         row = txn.get(bytes(v), db=self._ledger)
         if row is None:
             rep.problems.append(FabricError(StatusCode.DATA_LOSS, "index points to a missing ledger row", key=key))
@@ -1217,17 +1341,22 @@ class Cassette:
         return read_ledger_file(self, path, progress=progress)
 
     def _iter_blobs(self) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, bytes)`` of every blob entry in key order, read in short transactions.
+        Each transaction starts past the highest key read so far, so a scan ends even over a
+        damaged (out of order) B-tree page."""
         after = b""
         while True:
             batch: list[tuple[bytes, bytes]] = []
             nbytes = 0
             with self._reading() as txn:
                 cur = txn.cursor(db=self._blobs)
-                found = cur.set_range(after) if after else cur.first()
+                floor = after
+                found = cur.set_range(floor) if floor else cur.first()
                 while found:
                     k = bytes(cur.key())
-                    if k != after:
+                    if k > floor or not floor:
                         batch.append((k, bytes(cur.value())))
+                        after = max(after, k)
                         nbytes += len(batch[-1][1])
                         if len(batch) >= 64 or nbytes >= SCAN_BATCH_BYTES:
                             break
@@ -1235,7 +1364,6 @@ class Cassette:
             if not batch:
                 return
             yield from batch
-            after = batch[-1][0]
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
@@ -1245,10 +1373,11 @@ class Cassette:
         method (reads, writes, scrub, export, import, iteration) raises
         ``FabricError(FAILED_PRECONDITION, "cassette ... is closed")``.
         """
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
+        with self._open_lock:  # every job queued before the stop marker, none after it
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         self._writer.join()  # returns once every write is committed and acknowledged
         own = getattr(self._local, "slot", None)
         if own is not None and own.active:  # closed from inside a read (an on_corrupt callback)
@@ -1274,6 +1403,14 @@ def _blob_job(items: list[tuple[ContentKey, bytes]], waited: bool = False, verif
         if k[0] != 2 or (not verified and derive("blob", d) != k[1:]):
             raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=k)
     return _Job("blobs", (items,), sum(len(d) for _, d in items), waited)
+
+
+def _counter(text: bytes | memoryview | None) -> int | None:
+    """A decimal meta counter: 0 when absent, ``None`` when not a decimal number."""
+    if text is None:
+        return 0
+    text = bytes(text)
+    return int(text) if text.isdigit() else None
 
 
 def _existing_digest(value: bytes | memoryview) -> bytes:

@@ -10,6 +10,7 @@ cassette after taking it).
 from __future__ import annotations
 
 import abc
+import errno
 import fcntl
 import logging
 import os
@@ -95,7 +96,21 @@ class _KeyLock:
         self.offset = int.from_bytes(key[1:8], "big")
 
     def __enter__(self) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.offset, os.SEEK_SET)
+        """Wait for the lock.  The kernel's deadlock check sees processes, not threads: thread 1
+        of A holding key x while thread 2 waits for y, held by B, whose other thread waits for x,
+        is EDEADLK though each holder finishes on its own.  So EDEADLK waits a little and asks
+        again (a true cycle would be an evaluator waiting on itself, which single-flight already
+        blocks within a process)."""
+        pause = 0.001
+        while True:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.offset, os.SEEK_SET)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EDEADLK:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def __exit__(self, *exc: Any) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.offset, os.SEEK_SET)
