@@ -118,3 +118,18 @@ def realize_at_once(addr: str, req, n: int, timeout: float = 30.0) -> list:
         t.join(2 * timeout)
     assert not errors and len(replies) == n, errors
     return replies
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
+    """``pred()``'s first truthy value, polling every ``interval`` s; AssertionError naming
+    ``what`` (and the last value) after ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

@@ -19,7 +19,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -33,7 +32,7 @@ from fabric.placement import evaluator_capability
 from gossip.membership import Member
 from gossip.node import rendezvous_home
 
-from _nodes import FABRIC, SECRET, start_node, stop_node
+from _nodes import FABRIC, SECRET, start_node, stop_node, wait_until as _wait
 
 
 # ------------------------------------------------------------------ reading samples
@@ -85,16 +84,6 @@ def _metrics_port(proc) -> int:
             return int(ports[-1])
         time.sleep(0.05)
     raise AssertionError("the node did not log its metrics address")
-
-
-def _wait(pred: Callable[[], object], timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _node_id(st: dict[str, float]) -> str:

@@ -18,23 +18,16 @@ import fabric
 from cassette.keys import ContentKey
 from fabric.placement import evaluator_capability
 from gossip.node import rendezvous_home
-from _nodes import ROOT, SECRET, realize_at_once, start_node, stop_node
+from _nodes import ROOT, SECRET, realize_at_once, start_node, stop_node, wait_until
+
+
+def _wait(pred, timeout: float, what: str):
+    return wait_until(pred, timeout, what, interval=0.2)  # each poll opens a connection to a node
 
 
 def _stats(addr: str) -> dict:
     with fabric.open(addr, secret=SECRET) as f:
         return f.stats()["node"]
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 class Fleet:
