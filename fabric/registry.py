@@ -81,6 +81,9 @@ class Evaluator:
 
 _lock = threading.Lock()
 _by_name: dict[str, dict[str, Evaluator]] = {}
+#: name -> its latest version (the last key of ``_by_name[name]``), kept by :func:`register`:
+#: every ``Request`` naming no version reads it
+_latest: dict[str, str] = {}
 
 
 def _norm_version(version: Any) -> str:
@@ -172,6 +175,7 @@ def register(name: str, version: Any, fn: Callable[..., Any]) -> Evaluator:
                 f"({_describe(old.fn)}); bump the version to register a different function",
             )
         versions[v] = ev  # a new version goes last (the latest); the same one again keeps its place
+        _latest[name] = next(reversed(versions))
     return ev
 
 
@@ -216,10 +220,7 @@ def evaluator(name: str | Callable | None = None, *, version: Any = "1") -> Call
 
 def latest_version(name: str) -> str | None:
     """The last new version of ``name`` registered (see module docstring), or ``None`` if ``name`` is unknown."""
-    versions = _by_name.get(name)
-    if not versions:
-        return None
-    return next(reversed(versions))
+    return _latest.get(name)
 
 
 def lookup(name: str, version: str | None = None) -> Evaluator:

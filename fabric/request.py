@@ -12,6 +12,7 @@ from fabric import registry
 _new_key = bytes.__new__
 _PREFIX = b"\x01"  # the request kind byte (cassette.keys)
 _REQUEST_HASHER = _HASHERS["request"]  # derive_key(request context), context already absorbed
+_latest_version = registry._latest.get  # registry.latest_version, minus a call (every Request naming no version)
 
 __all__ = ["Request", "Reply", "SOURCES"]
 
@@ -44,7 +45,7 @@ class Request:
         self.evaluator = evaluator
         self.args = args
         if version is None:
-            self.version = registry.latest_version(evaluator)
+            self.version = _latest_version(evaluator)
         elif type(version) is str and version:
             self.version = version
         else:
