@@ -246,7 +246,11 @@ def _chunks_of(data: Any) -> tuple[Iterable[bytes | memoryview], str | None, tup
     if isinstance(data, io.IOBase) or hasattr(data, "read"):
         return _read_file(data, close=False), None, None
     if getattr(data, "__cuda_array_interface__", None) is not None:  # a device array (iterable too: check first)
-        return _chunks_of(data.get())  # type: ignore[union-attr]
+        if hasattr(data, "get"):  # CuPy's
+            return _chunks_of(data.get())
+        from gpu import to_host  # another library's (torch, numba): through CuPy, FAILED_PRECONDITION without it
+
+        return _chunks_of(to_host(data))
     if hasattr(data, "__iter__"):
         return _check_iter(data), None, None
     raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: cannot store {type(data).__name__} (bytes, numpy array, file, or iterator of bytes)")
@@ -573,13 +577,15 @@ def get_into(cassette: Cassette, key: ContentKey | str, out: Any) -> Any:
     return fill_target(lambda: _stream_artifact(cassette, key), key, out)
 
 
-def fill_target(stream: Callable[[], tuple[dict, Iterable[bytes]]], key: ContentKey, out: Any) -> Any:
+def fill_target(stream: Callable[[], tuple[dict, Iterable[bytes]]], key: ContentKey, out: Any, after: Any = None) -> Any:
     """What every ``get_into`` does, wherever the chunks come from; returns ``out``.
 
     ``stream()`` gives ``(manifest, chunks)``: the artifact's verified manifest and
     an iterator of its chunks that verifies them (:func:`verified_chunks`).  It is
     called only once ``out`` is known to be a numpy or CuPy array.  CuPy targets
-    (``__cuda_array_interface__``) go to :func:`gpu.materialize_into`.  A numpy
+    (``__cuda_array_interface__``) go to :func:`gpu.materialize_into`, their copies
+    ordered after the event ``after`` too (:func:`gpu.queued_work`, recorded on the
+    caller's thread when this runs on another).  A numpy
     ``out`` must have the artifact's dtype (any byte order) and shape
     (:func:`check_target`, INVALID_ARGUMENT otherwise, checked before any chunk
     is used; a bytes artifact fits any array of ``size_bytes`` bytes that holds
@@ -591,7 +597,7 @@ def fill_target(stream: Callable[[], tuple[dict, Iterable[bytes]]], key: Content
     if hasattr(out, "__cuda_array_interface__"):
         from gpu import materialize_into
 
-        return materialize_into(stream, out)  # type: ignore[arg-type]
+        return materialize_into(stream, out, after=after)  # type: ignore[arg-type]
     if not isinstance(out, np.ndarray):
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out must be a numpy or CuPy array, got {type(out).__name__}")
     manifest, chunks = stream()

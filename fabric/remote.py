@@ -530,15 +530,19 @@ class RemoteFabric:
         the manifest digest before ``out`` counts as filled (on DATA_LOSS ``out``'s
         content is unspecified).  Op ``get``, retried under the ``get_into`` policy.
         """
-        return self._portal(self.aget_into, key, out)
+        return self._portal(self._aget_into, key, out, _queued_work(out))
 
     @metrics.observed("get_into")
     async def aget_into(self, key: ContentKey | str, out: Any) -> Any:
         """:meth:`get_into` under trio (the copy into ``out`` runs on a worker thread)."""
+        return await self._aget_into(key, out, _queued_work(out))
+
+    async def _aget_into(self, key: ContentKey | str, out: Any, after: Any) -> Any:
         key = artifacts.artifact_key(key, "get_into")
+        fill = functools.partial(artifacts.fill_target, key=key, out=out, after=after)
 
         async def go(client: WireClient, wait_s: float):
-            return await _stream_artifact(client, key, functools.partial(artifacts.fill_target, key=key, out=out), wait_s)
+            return await _stream_artifact(client, key, fill, wait_s)
 
         return await self._call_transfer("get_into", go)
 
@@ -955,6 +959,16 @@ async def _read_head(call: Any, key: ContentKey, wait_s: float = math.inf) -> di
     if got != size:
         raise FabricError(StatusCode.DATA_LOSS, f"node sent {got} manifest record bytes, announced {size}", key=key)
     return _manifest_of(key, verify_record(b"".join(parts), key))
+
+
+def _queued_work(out: Any) -> Any:
+    """For a CuPy ``out``: an event after the work this thread has queued on its current stream
+    (:func:`gpu.queued_work`), which the fill, on a trio worker thread, must wait for too."""
+    if not hasattr(out, "__cuda_array_interface__"):
+        return None
+    from gpu import queued_work
+
+    return queued_work(out)
 
 
 async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callable[[Callable[[], tuple[dict, Any]]], Any],

@@ -25,9 +25,11 @@ import numpy as np
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 
-__all__ = ["materialize", "materialize_into", "to_device", "available", "set_default_source", "require_cupy"]
+__all__ = ["materialize", "materialize_into", "to_device", "to_host", "queued_work", "available", "set_default_source", "require_cupy"]
 
 Stream = Callable[[], tuple[dict, Iterator[bytes]]]
+#: The numpy dtype characters a CuPy array can have (``all_type_chars`` in CuPy's ``_core/_dtype.pyx``).
+CUPY_TYPE_CHARS = "?bhilqBHILQefdFD"
 _default_source: Callable[[ContentKey], tuple[dict, Iterator[bytes]]] | None = None
 
 
@@ -65,8 +67,8 @@ def available() -> bool:
 
 
 def _parse_device(device: Any) -> int:
-    if isinstance(device, int):
-        return device
+    if isinstance(device, (int, np.integer)) and not isinstance(device, (bool, np.bool_)):
+        return int(device)
     if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
         return int(device[5:])
     if device == "cuda":
@@ -74,15 +76,37 @@ def _parse_device(device: Any) -> int:
     raise FabricError(StatusCode.INVALID_ARGUMENT, f"device must be an int or 'cuda:N', got {device!r}")
 
 
+def _device_dtype(dtype: np.dtype, op: str) -> np.dtype:
+    """``dtype`` if CuPy arrays can have it; INVALID_ARGUMENT naming it otherwise (numpy's
+    float128 / complex256 are storable, but CuPy has no such arrays)."""
+    if dtype.char not in CUPY_TYPE_CHARS:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"{op}: CuPy has no {dtype} arrays (bool, int, uint, float16-64, complex64/128 only)")
+    return dtype
+
+
+def _cupy_of(out: Any) -> Any:
+    """The ``cupy`` module, to fill ``out``: FAILED_PRECONDITION without it, INVALID_ARGUMENT
+    unless ``out`` is a ``cupy.ndarray`` (another library's device array included)."""
+    cupy = require_cupy()
+    if not isinstance(out, cupy.ndarray):
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out must be a numpy or CuPy array, got {type(out).__name__} "
+                          "(cupy.asarray(out) is a CuPy view of a device array that get_into fills in place)")
+    return cupy
+
+
 def to_device(value: Any, device: Any = 0) -> Any:
     """``value`` with every numpy array in it (also inside lists and dicts) copied to a
     CuPy array on ``device`` (``0`` or ``"cuda:0"``); other values as they are.
-    FAILED_PRECONDITION without CuPy or that device (nothing is converted)."""
+    FAILED_PRECONDITION without CuPy or that device, INVALID_ARGUMENT for an array
+    dtype CuPy lacks (float128).  The copies have finished when it returns, so the
+    arrays are ready on any stream and thread (``cupy.asarray`` queues them on this
+    thread's current stream, and a node client converts on its own thread)."""
     dev = _parse_device(device)
     cupy = require_cupy(dev)
 
     def conv(v: Any) -> Any:
         if isinstance(v, np.ndarray):
+            _device_dtype(v.dtype, "to_device")
             return cupy.asarray(v)
         if isinstance(v, list):
             return [conv(x) for x in v]
@@ -91,14 +115,36 @@ def to_device(value: Any, device: Any = 0) -> Any:
         return v
 
     with cupy.cuda.Device(dev):
-        return conv(value)
+        moved = conv(value)
+        cupy.cuda.get_current_stream().synchronize()
+    return moved
+
+
+def to_host(value: Any) -> np.ndarray:
+    """A device array (CuPy's, or any other with ``__cuda_array_interface__``) copied to a
+    numpy array (``cupy.asnumpy``); FAILED_PRECONDITION without CuPy."""
+    return require_cupy().asnumpy(value)
+
+
+def queued_work(out: Any) -> Any:
+    """An event after the work queued so far on this thread's current stream of ``out``'s
+    device, for a fill of ``out`` that runs on another thread (CuPy's current stream is per
+    thread): :func:`materialize_into` ``after=``.  None where ``out`` is not a CuPy array or
+    CuPy is not usable (the fill then raises why)."""
+    try:
+        cupy = _cupy_of(out)
+    except FabricError:
+        return None
+    with cupy.cuda.Device(out.device.id):
+        return cupy.cuda.get_current_stream().record()
 
 
 def materialize(key_or_ref: Any, device: Any = 0, *, source: Any = None) -> Any:
     """The artifact as a CuPy array on ``device`` (``0`` or ``"cuda:0"``).
 
     Arrays come back with their stored dtype and shape; byte artifacts as a 1-D
-    ``uint8`` array.  Every chunk is verified before it is copied.
+    ``uint8`` array.  Every chunk is verified before it is copied, and every copy has
+    finished when it returns.  INVALID_ARGUMENT for a dtype CuPy lacks (float128).
     """
     dev = _parse_device(device)
     cupy = require_cupy(dev)
@@ -106,7 +152,7 @@ def materialize(key_or_ref: Any, device: Any = 0, *, source: Any = None) -> Any:
     stream = _stream_for(key, source)
     manifest, chunks = stream()
     with _closing(chunks):
-        dtype = np.dtype(manifest["dtype"] or "|u1")
+        dtype = _device_dtype(np.dtype(manifest["dtype"] or "|u1"), "materialize")
         shape = tuple(manifest["shape"]) if manifest["shape"] is not None else (manifest["size"],)
         with cupy.cuda.Device(dev):
             out = cupy.empty(shape, dtype=dtype)
@@ -126,15 +172,21 @@ def _closing(chunks: Any) -> Iterator[None]:
             close()
 
 
-def materialize_into(stream: Stream, out: Any) -> Any:
-    """Fill a preallocated CuPy array from ``stream()``; staged copy if ``out`` is not C-contiguous."""
-    cupy = require_cupy(out.device.id)
+def materialize_into(stream: Stream, out: Any, *, after: Any = None) -> Any:
+    """Fill a preallocated CuPy array from ``stream()``; staged copy if ``out`` is not C-contiguous.
+
+    The copies start after the work queued on this thread's current stream, and after
+    the event ``after`` (:func:`queued_work`, recorded on the caller's thread when this
+    runs on another); ``out`` is complete when it returns.  INVALID_ARGUMENT for a
+    target that is not a ``cupy.ndarray``.
+    """
+    cupy = _cupy_of(out)
     manifest, chunks = stream()
     with _closing(chunks):
-        return _fill(cupy, manifest, chunks, out)
+        return _fill(cupy, manifest, chunks, out, after)
 
 
-def _fill(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -> Any:
+def _fill(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any, after: Any = None) -> Any:
     want_dtype = np.dtype(manifest["dtype"] or "|u1")
     size = manifest["size"]
     if out.nbytes != size:
@@ -144,12 +196,13 @@ def _fill(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -> Any:
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"get_into: out {out.dtype}{tuple(out.shape)} does not match artifact {want_dtype}{tuple(manifest['shape'])}")
     with cupy.cuda.Device(out.device.id):
         if out.flags.c_contiguous:
-            _copy_chunks(cupy, manifest, chunks, out)
+            _copy_chunks(cupy, manifest, chunks, out, after)
             return out
         _count_layout_mismatch()
         staged = cupy.empty(out.shape, dtype=out.dtype)
-        _copy_chunks(cupy, manifest, chunks, staged)
-        out[...] = staged
+        _copy_chunks(cupy, manifest, chunks, staged, after)
+        out[...] = staged  # a kernel on this thread's current stream: wait for it, as for the copies
+        cupy.cuda.get_current_stream().synchronize()
     return out
 
 
@@ -162,12 +215,15 @@ def _count_layout_mismatch() -> None:
         return
 
 
-def _copy_chunks(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -> None:
+def _copy_chunks(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any, after: Any = None) -> None:
     """Double-buffered pinned staging: host fill of buffer i%2 overlaps the H2D copy of the other.
 
-    The copy stream first waits for the work already queued on the current stream: a
-    non-blocking stream is not ordered after it, and that work may still be writing ``out``
-    (``cupy.zeros`` fills it asynchronously) or reading memory the pool just gave ``out``.
+    The copy stream first waits for the work already queued on the current stream (and
+    for the event ``after``, if any): a non-blocking stream is not ordered after it, and
+    that work may still be writing ``out`` (``cupy.zeros`` fills it asynchronously) or
+    reading memory the pool just gave ``out``.  The chunks must fill ``out`` exactly
+    (DATA_LOSS before a copy past its end, or when they fall short: a ``source=`` need
+    not be a fabric that verifies them).
     Returns (or raises: a chunk that fails verification, a broken source) only once every
     copy it queued has finished: CuPy's pinned pool hands a released buffer to the next
     ``alloc_pinned_memory`` at once, and ``out`` (allocated on another stream) may be
@@ -179,6 +235,8 @@ def _copy_chunks(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -
         return
     stream = cupy.cuda.Stream(non_blocking=True)
     stream.wait_event(cupy.cuda.get_current_stream().record())
+    if after is not None:
+        stream.wait_event(after)
     pinned = [cupy.cuda.alloc_pinned_memory(cap) for _ in range(2)]
     hosts = [np.frombuffer(p, dtype=np.uint8, count=cap) for p in pinned]
     done = [None, None]
@@ -190,12 +248,16 @@ def _copy_chunks(cupy: Any, manifest: dict, chunks: Iterator[bytes], out: Any) -
             if done[slot] is not None:
                 done[slot].synchronize()  # the copy that last used this buffer has finished
             n = len(data)
+            if n > cap or off + n > out.nbytes:
+                raise FabricError(StatusCode.DATA_LOSS, f"the source gave a chunk past the manifest's sizes ({n} bytes at offset {off} of {out.nbytes}, largest {cap})")
             hosts[slot][:n] = np.frombuffer(data, dtype=np.uint8)
             cupy.cuda.runtime.memcpyAsync(dst + off, hosts[slot].ctypes.data, n, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
             ev = cupy.cuda.Event()
             ev.record(stream)
             done[slot] = ev
             off += n
+        if off != out.nbytes:
+            raise FabricError(StatusCode.DATA_LOSS, f"the source's chunks hold {off} of the {out.nbytes} bytes of the artifact")
     finally:
         stream.synchronize()  # on success and on error alike: nothing queued outlives the buffers
 

@@ -240,6 +240,7 @@ class _LazyCupy:
         self.cuda = types.SimpleNamespace(runtime=runtime, Stream=_LazyStream, Event=_LazyEvent, Device=lambda i: _Nothing(),
                                           alloc_pinned_memory=lambda n: bytearray(n), get_current_stream=lambda: self.current)
         self.empty = lambda shape, dtype: _HostBacked(shape, dtype)
+        self.ndarray = _HostBacked
 
     @staticmethod
     def _memcpy_async(dst: int, src: int, n: int, kind: int, stream: int) -> None:

@@ -153,7 +153,8 @@ def test_to_device_moves_every_numpy_array_and_nothing_else(monkeypatch):
 
     fake = types.SimpleNamespace(
         asarray=DevArray,
-        cuda=types.SimpleNamespace(Device=FakeDevice, runtime=types.SimpleNamespace(getDeviceCount=lambda: 2)),
+        cuda=types.SimpleNamespace(Device=FakeDevice, runtime=types.SimpleNamespace(getDeviceCount=lambda: 2),
+                                   get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None)),
     )
     monkeypatch.setitem(sys.modules, "cupy", fake)
     value = {"a": np.arange(3), "b": [np.ones(2), "text", 4], "c": {"d": np.zeros(1)}, "e": b"raw"}

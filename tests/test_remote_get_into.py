@@ -171,7 +171,7 @@ def test_a_device_array_target_goes_through_gpu_with_verified_chunks(both, fab, 
     ref = _put_both(both, arr, chunk_size=SMALL // 8)
     seen = []
 
-    def materialize_into(stream, out):
+    def materialize_into(stream, out, after=None):
         manifest, chunks = stream()
         seen.append(manifest)
         out.host.reshape(-1).view(np.uint8)[:] = np.frombuffer(b"".join(chunks), np.uint8)
