@@ -238,6 +238,7 @@ class Membership:
         self._seq = 0
         self._relays: dict[int, tuple[str, int, float]] = {}  # our seq -> (requester addr, its seq, expiry)
         self._dead: dict[str, None] = {}  # DEAD (not LEFT) members, for reconnects
+        self._seeds: tuple[str, ...] = ()  # join addresses, asked again while no member is live
         self._leaving = False
         self._health = 0  # Lifeguard local health: 0 = healthy
         self._twins: set[str] = set()  # addresses already logged for claiming our id
@@ -468,6 +469,8 @@ class Membership:
                 self._seq += 1
                 self._probe = _Probe(nid, addr, self._seq, now + cfg.ping_timeout * scale, now + cfg.probe_interval * scale)
                 out.append((addr, Ping(self.node_id, self._seq, nid, self.piggyback())))
+            elif self._seeds and not self._leaving and self._probe is None:
+                out += self._join_pushes()  # alone: a seed that was not up may be now
         if self._next_reconnect is not None and now >= self._next_reconnect:
             self._next_reconnect = _next_period(self._next_reconnect, cfg.reconnect_interval, now)
             if self._dead and not self._leaving:
@@ -485,9 +488,17 @@ class Membership:
         return out
 
     def join(self, seed_addrs: Iterable[str], now: float) -> Outgoing:
-        """Start joining through seeds: push our full state to each, asking for theirs."""
+        """Start joining through seeds: push our full state to each, asking for theirs.
+
+        A push to a seed that is not up yet is lost, so the seeds are remembered and
+        pushed to again every probe period in which this node knows no live member
+        (none has answered yet, or every one it knew is DEAD or LEFT)."""
+        self._seeds = tuple(dict.fromkeys(a for a in seed_addrs if a != self._me.addr))
+        return self._join_pushes()
+
+    def _join_pushes(self) -> Outgoing:
         state = self.full_state()
-        return [(a, Members(self.node_id, state, True, self.piggyback())) for a in seed_addrs]
+        return [(a, Members(self.node_id, state, True, self.piggyback())) for a in self._seeds]
 
     def leave(self, now: float) -> Outgoing:
         """Announce a graceful leave (state LEFT) to up to ``indirect_k`` live peers; stop probing."""

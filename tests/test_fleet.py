@@ -450,3 +450,24 @@ def test_concurrent_askers_on_a_member_share_one_forward_to_the_home(fleet_of):
     home_stats = _stats(home)
     realizes = home_stats["metrics"]['fabric_operation_latency_seconds_count{op="node_realize"}']
     assert (realizes, home_stats["local_hits"]) == (1, 0)
+
+
+def test_a_node_started_before_its_join_seed_joins_it_once_the_seed_is_up(tmp_path):
+    """README: a `--join` peer that is not up yet is fine. The first join push went
+    nowhere and was never sent again, so the two nodes stayed strangers for good."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the seed, which starts second
+        s.bind(("127.0.0.1", 0))
+        seed = f"127.0.0.1:{s.getsockname()[1]}"
+    a_addr, a_proc, _ = start_node(tmp_path, "a", "--gossip-interval", "0.3", "--join", seed)
+    try:
+        time.sleep(1.5)  # a's first push and a probe period or more go nowhere
+        b_addr, b_proc, _ = start_node(tmp_path, "b", "--gossip-interval", "0.3", "--listen", seed)
+        try:
+            for addr in (a_addr, b_addr):
+                _wait(lambda addr=addr: _stats(addr)["members_live"] == 2, 15, f"{addr} to see both members")
+        finally:
+            assert stop_node(b_proc) == 0
+    finally:
+        assert stop_node(a_proc) == 0

@@ -394,3 +394,29 @@ def test_shared_roster_is_not_mutated_by_one_member():
     assert a.member("c").state == DEAD
     assert b.member("c").state == ALIVE
     assert roster.get("c").state == ALIVE
+
+
+def test_a_seed_that_is_not_up_yet_is_asked_again_each_probe_period_until_it_answers():
+    """`fabric node --join` before the seed runs: the first join push is lost, so the
+    joiner asks again every probe period while it knows no live member, and stops
+    once it does (the README promises a seed that is not up yet is fine)."""
+    net = Net(["a"])
+    joiner = Membership("z", "z-addr", config=QUIET, rng=random.Random(5))
+    net.m["z-addr"] = joiner
+    net.ids.append("z-addr")
+    net.down.add("a")  # the seed is not up yet: the first push is lost
+    net.pump(joiner.join(["a"], net.now), "z-addr")
+    net.run(3)
+    assert not joiner.is_live("a")
+    assert sum(1 for s, d, m in net.log if s == "z-addr" and d == "a" and type(m) is Members) >= 3
+    net.down.discard("a")  # the seed comes up
+    net.run(net.now + 2)
+    assert joiner.is_live("a") and net.m["a"].is_live("z")
+    pushes = sum(1 for s, d, m in net.log if s == "z-addr" and type(m) is Members)
+    net.run(net.now + 5)  # joined: no more join pushes (probes keep it alive)
+    assert sum(1 for s, d, m in net.log if s == "z-addr" and type(m) is Members) == pushes
+
+
+def test_a_node_that_never_joined_asks_no_one():
+    m = Membership("z", config=QUIET, rng=random.Random(5))
+    assert m.tick(0.0) == [] and m.tick(5.0) == []
