@@ -133,3 +133,17 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@contextmanager
+def embedded_and_remote(tmp: Path):
+    """``{"embedded": Fabric, "remote": RemoteFabric, "addr": node address, "tmp": tmp}``: an
+    embedded fabric in ``tmp/embedded`` and a client of a real node subprocess (durability
+    fast) on ``tmp/node``, for tests that hold both to one behaviour; the node must still be
+    serving when the block ends."""
+    import fabric
+
+    with node(tmp, "node", "--durability", "fast") as (addr, proc, _), fabric.open(tmp / "embedded") as emb, \
+            fabric.open(addr, secret=SECRET) as rem:
+        yield {"embedded": emb, "remote": rem, "addr": addr, "tmp": tmp}
+        assert proc.poll() is None  # every test left it serving

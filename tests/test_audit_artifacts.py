@@ -22,17 +22,14 @@ import gpu
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 from fabric import artifacts, metrics
-from _nodes import SECRET, node
+from _nodes import embedded_and_remote
 
 
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     """``{"embedded": Fabric, "remote": RemoteFabric}``: a real node subprocess and an embedded fabric."""
-    tmp = tmp_path_factory.mktemp("audit_artifacts")
-    with node(tmp, "node", "--durability", "fast") as (addr, proc, _), fabric.open(tmp / "embedded") as emb, \
-            fabric.open(addr, secret=SECRET) as rem:
-        yield {"embedded": emb, "remote": rem}
-        assert proc.poll() is None  # every test left it serving
+    with embedded_and_remote(tmp_path_factory.mktemp("audit_artifacts")) as fabrics:
+        yield fabrics
 
 
 @pytest.fixture(params=["embedded", "remote"])

@@ -18,7 +18,7 @@ import fabric
 import gpu
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
-from _nodes import SECRET, node
+from _nodes import embedded_and_remote
 from test_audit_artifacts import _HostBacked, _LazyCupy, _LazyStream
 
 
@@ -78,11 +78,8 @@ def cupy(monkeypatch):
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     """``{"embedded": Fabric, "remote": RemoteFabric}`` (a real node subprocess)."""
-    tmp = tmp_path_factory.mktemp("audit_gpu3")
-    with node(tmp, "node", "--durability", "fast") as (addr, proc, _), fabric.open(tmp / "embedded") as emb, \
-            fabric.open(addr, secret=SECRET) as rem:
-        yield {"embedded": emb, "remote": rem}
-        assert proc.poll() is None
+    with embedded_and_remote(tmp_path_factory.mktemp("audit_gpu3")) as fabrics:
+        yield fabrics
 
 
 @pytest.fixture(params=["embedded", "remote"])

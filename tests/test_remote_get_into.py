@@ -25,7 +25,7 @@ from cassette.record import pack_record
 from fabric import artifacts, metrics, net, remote
 from fabric.registry import load_evaluators
 from fabric.remote import RemoteFabric
-from _nodes import EVALUATORS, FABRIC, SECRET, in_process_node, node
+from _nodes import EVALUATORS, FABRIC, SECRET, embedded_and_remote, in_process_node
 
 SMALL = 1 << 16  # 64 KiB chunks: many chunks from little data
 
@@ -33,11 +33,8 @@ SMALL = 1 << 16  # 64 KiB chunks: many chunks from little data
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     """``{"embedded": Fabric, "remote": RemoteFabric}`` plus the node's address and tmp dir."""
-    tmp = tmp_path_factory.mktemp("get_into")
-    with node(tmp, "node", "--durability", "fast") as (addr, proc, _), fabric.open(tmp / "embedded") as emb, \
-            fabric.open(addr, secret=SECRET) as rem:
-        yield {"embedded": emb, "remote": rem, "addr": addr, "tmp": tmp}
-        assert proc.poll() is None  # every test left it serving
+    with embedded_and_remote(tmp_path_factory.mktemp("get_into")) as fabrics:
+        yield fabrics
 
 
 @pytest.fixture(params=["embedded", "remote"])
