@@ -445,13 +445,8 @@ class ContentAddressedFabric:
             return hit
         if at_home:  # never waits on this node's other askers (see KeyFlights)
             return await self._resolve(call, req, at_home, begin, end)
-        while True:
-            led, reply = await self.resolving.lead(key, lambda: self._resolve(call, req, at_home, begin, end))
-            if led:
-                return reply
-            hit = await answer_if_held(call, self.fab, key)  # what the leader recorded
-            if hit is not None:
-                return hit
+        return await self.resolving.share(key, lambda: self._resolve(call, req, at_home, begin, end),
+                                          lambda: answer_if_held(call, self.fab, key))
 
     async def _resolve(self, call: "ServerCall", req: Any, at_home: bool, begin, end) -> dict:
         """A miss here: from a live holder, else from the key's home (computed here when this

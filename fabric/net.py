@@ -830,30 +830,26 @@ def bind_error(what: str, host: str, port: int, exc: OSError) -> FabricError:
 
 async def _accept_loop(listener: trio.SocketListener, state: _ServerState, nursery: trio.Nursery,
                        accepting: trio.CancelScope) -> None:
-    with accepting:
-        await _accept_until_cancelled(listener, state, nursery)
-
-
-async def _accept_until_cancelled(listener: trio.SocketListener, state: _ServerState, nursery: trio.Nursery) -> None:
-    async with listener:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # e.g. out of file descriptors: back off, keep serving
-                log.warning("accept failed: %s", exc.strerror or type(exc).__name__)
-                await trio.sleep(0.1)
-                continue
-            if state.live >= 2 * state.limits.max_connections:
-                log.warning("refused connection from %s: %d connection tasks already (limit %d)",
-                            _peer_name(stream), state.live, state.limits.max_connections)
-                with trio.CancelScope(shield=True):
-                    try:
-                        await stream.aclose()
-                    except _NET_ERRORS:
-                        pass
-                continue
-            state.live += 1
-            nursery.start_soon(_run_connection, stream, state)
+    with accepting:  # cancelled when the server drains: the listener closes
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # e.g. out of file descriptors: back off, keep serving
+                    log.warning("accept failed: %s", exc.strerror or type(exc).__name__)
+                    await trio.sleep(0.1)
+                    continue
+                if state.live >= 2 * state.limits.max_connections:
+                    log.warning("refused connection from %s: %d connection tasks already (limit %d)",
+                                _peer_name(stream), state.live, state.limits.max_connections)
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await stream.aclose()
+                        except _NET_ERRORS:
+                            pass
+                    continue
+                state.live += 1
+                nursery.start_soon(_run_connection, stream, state)
 
 
 async def _run_connection(stream: trio.SocketStream, state: _ServerState) -> None:

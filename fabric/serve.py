@@ -159,6 +159,18 @@ class KeyFlights:
             del self._turns[key]
             turn.done.set()
 
+    async def share(self, key: ContentKey, fn: Any, held: Any) -> Any:
+        """The answer for an asker of ``key``: ``await fn()`` if it leads (see :meth:`lead`);
+        if it waited on a leader that succeeded, ``await held()``, the answer from what the
+        leader recorded, or (``held()`` is None: nothing of it here) its own turn."""
+        while True:
+            led, reply = await self.lead(key, fn)
+            if led:
+                return reply
+            hit = await held()
+            if hit is not None:
+                return hit
+
 
 class ContentServeFabric:
     """The read side a node exposes to peers: answers only keys it holds, never computes."""
@@ -388,12 +400,9 @@ class NodeService:
         if self.relay is not None:
             if held.version is None:  # its key is the upstream's to choose
                 return await self._relay(call, req)
-            led, reply = await self.relaying.lead(held.key, lambda: self._relay(call, req))
-            if led:
-                return reply
-            hit = await answer_if_held(call, self.fab, held.key)  # what the leader recorded
-            # (a miss: the upstream answered the leader with a newer version's record)
-            return hit if hit is not None else await self._relay(call, req)
+            # (a waiter finds nothing when the upstream answered its leader with a newer version's record)
+            return await self.relaying.share(held.key, lambda: self._relay(call, req),
+                                             lambda: answer_if_held(call, self.fab, held.key))
         self._begin()
         try:
             rep = await self.fab.arealize(req)

@@ -101,3 +101,44 @@ async def test_a_waiter_whose_leader_is_cancelled_runs_it_itself():
         await trio.testing.wait_all_tasks_blocked()
         leader.cancel()  # the leader's client went away
     assert got == [(True, "value")] and runs == 2
+
+
+@pytest.mark.trio
+async def test_share_answers_waiters_from_what_was_recorded_or_runs_it_again_when_nothing_is():
+    flights = KeyFlights()
+    recorded: set = set()
+    runs = 0
+    gate = trio.Event()
+
+    async def fetch(record: bool) -> str:
+        nonlocal runs
+        runs += 1
+        await gate.wait()
+        if record:
+            recorded.add(K1)
+        return "fetched"
+
+    async def held():
+        return "from the cassette" if K1 in recorded else None
+
+    got: list = []
+
+    async def ask(record: bool) -> None:
+        got.append(await flights.share(K1, lambda: fetch(record), held))
+
+    async with trio.open_nursery() as nursery:  # the leader records: both waiters answer from it
+        for _ in range(3):
+            nursery.start_soon(ask, True)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert runs == 1 and sorted(got) == ["fetched", "from the cassette", "from the cassette"]
+    recorded.clear()
+    got.clear()
+    gate = trio.Event()
+    async with trio.open_nursery() as nursery:  # it records nothing here: a waiter takes its own turn
+        nursery.start_soon(ask, False)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, False)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert runs == 3 and got == ["fetched", "fetched"]
