@@ -971,11 +971,23 @@ def _queued_work(out: Any) -> Any:
     return queued_work(out)
 
 
+async def _take_ready(recv: trio.MemoryReceiveChannel) -> list:
+    """The next item of ``recv`` and every one already behind it (one trip from a worker
+    thread into trio per batch, not per chunk); EndOfChannel when none is left."""
+    got = [await recv.receive()]
+    while True:
+        try:
+            got.append(recv.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return got
+
+
 async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callable[[Callable[[], tuple[dict, Any]]], Any],
                            wait_s: float = math.inf) -> Any:
     """One streaming ``get`` of artifact ``key``: a task reads the stream (manifest first,
-    then chunks, at most :data:`FILL_AHEAD` ahead) while a worker thread runs
-    ``consume(stream)``, where ``stream()`` gives ``(manifest, chunks)``, the chunks
+    then chunks, at most :data:`FILL_AHEAD` ahead of what the worker took: it takes every
+    chunk that has arrived in one trip into trio, so at most twice that are held) while a
+    worker thread runs ``consume(stream)``, where ``stream()`` gives ``(manifest, chunks)``, the chunks
     verified as they come (:func:`fabric.artifacts.verified_chunks`) — e.g.
     :func:`fabric.artifacts.fill_target`, which checks its target before calling it.
     Returns what ``consume`` returns.  ``wait_s`` bounds each wait for the node: the manifest,
@@ -1012,7 +1024,7 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
             def chunks():
                 while True:
                     try:
-                        yield trio.from_thread.run(recv.receive, trio_token=token)
+                        yield from trio.from_thread.run(_take_ready, recv, trio_token=token)
                     except trio.EndOfChannel:
                         if errors:
                             raise errors[0] from None  # what stopped the reader, not a short count
