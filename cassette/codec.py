@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import msgpack
 import numpy as np
@@ -53,6 +54,9 @@ EXT_BIGINT = 3
 
 #: The one NaN every float NaN encodes as (quiet NaN, sign bit clear).
 CANONICAL_NAN: float = struct.unpack(">d", bytes.fromhex("7ff8000000000000"))[0]
+
+#: no decode hooks (the trusted path: nothing counted)
+_NO_HOOKS: Mapping[str, Any] = MappingProxyType({})
 
 _I64_MIN = -(1 << 63)
 _U64_MAX = (1 << 64) - 1
@@ -378,10 +382,11 @@ def _request_names(evaluator: Any, version: Any) -> tuple[str, str]:
     return str.__str__(evaluator), str.__str__(version)
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
+def _ext_hook(code: int, data: bytes, _hooks: Mapping[str, Any] = _NO_HOOKS) -> Any:
+    """The value of one ext; ``_hooks`` (a :class:`_Budget`'s) also count an ndarray payload's arrays."""
     if code == EXT_NDARRAY:
         try:
-            dtype_str, shape, raw = msgpack.unpackb(data, raw=False, use_list=True)
+            dtype_str, shape, raw = msgpack.unpackb(data, raw=False, use_list=True, **_hooks)
             dt = np.dtype(dtype_str)
             if dt.kind not in _ARRAY_KINDS or dt.str != dtype_str or (dt.itemsize > 1 and dt.byteorder not in "<="):
                 raise ValueError(f"non-canonical dtype {dtype_str!r}")
@@ -406,17 +411,54 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise FabricError(StatusCode.INVALID_ARGUMENT, f"codec: unknown ext type {code}")
 
 
-def decode(data: bytes | memoryview, *, strict: bool = False) -> Any:
+class _Budget:
+    """Counts the compound values (arrays, maps, ext values) one decode builds, as msgpack's
+    hooks see them; the one past ``limit`` raises RESOURCE_EXHAUSTED, so no more are built."""
+
+    __slots__ = ("left", "limit", "hooks")
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.limit = limit
+        self.hooks = {"list_hook": self.take, "object_hook": self.take}
+
+    def take(self, value: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise FabricError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"codec: input decodes to more than {self.limit} arrays, maps and ext values",
+            )
+        return value
+
+    def ext(self, code: int, data: bytes) -> Any:
+        self.take(None)
+        return _ext_hook(code, data, self.hooks)
+
+
+def decode(data: bytes | memoryview, *, strict: bool = False, max_compound: int | None = None) -> Any:
     """Inverse of :func:`encode`.
 
     Malformed input raises ``FabricError(INVALID_ARGUMENT)``.  With
     ``strict=True`` the input must also be the canonical encoding of its value
     (re-encoding gives the same bytes), as wire input and spec vectors must be.
+
+    ``max_compound`` bounds what untrusted bytes may cost: input that decodes to
+    more than that many compound values (arrays and maps, those of ndarray ext
+    payloads included, and ext values) raises ``FabricError(RESOURCE_EXHAUSTED)``
+    as soon as it has built one too many.  Every value takes at least one byte,
+    so input of at most ``max_compound`` bytes is decoded without counting.
     """
     try:
-        value = msgpack.unpackb(
-            data, raw=False, use_list=True, strict_map_key=True, ext_hook=_ext_hook, timestamp=0
-        )
+        if max_compound is None or (data.nbytes if type(data) is memoryview else len(data)) <= max_compound:
+            value = msgpack.unpackb(
+                data, raw=False, use_list=True, strict_map_key=True, ext_hook=_ext_hook, timestamp=0
+            )
+        else:
+            budget = _Budget(max_compound)
+            value = msgpack.unpackb(
+                data, raw=False, use_list=True, strict_map_key=True, ext_hook=budget.ext, timestamp=0, **budget.hooks
+            )
     except FabricError:
         raise
     except msgpack.exceptions.StackError:  # raised without a message

@@ -383,6 +383,12 @@ class ChunkPlan:
         self.close()
 
 
+#: Bytes of one chunk key in a canonical manifest (ext 8 header, then the 33-byte key).  A
+#: manifest of n bytes holds at most n // 36 keys, so at most 4 + n // 36 arrays, maps and ext
+#: values (the map, ``chunks``, ``sizes``, ``shape``): :func:`parse_manifest` decodes no more.
+_MANIFEST_KEY_BYTES = 36
+
+
 def parse_manifest(payload: Any) -> tuple[ContentKey, dict]:
     """``(artifact key, manifest)`` of manifest bytes received from elsewhere (an upload).
 
@@ -390,12 +396,21 @@ def parse_manifest(payload: Any) -> tuple[ContentKey, dict]:
     fields of :data:`MANIFEST_FIELDS`, at least one ``blob`` chunk key, one
     size per chunk adding up to ``size``, a 32-byte digest, and a storable
     numpy dtype whose shape covers ``size`` bytes (or neither).  Anything else
-    is INVALID_ARGUMENT.  Whether the chunks really have those sizes and that
+    is INVALID_ARGUMENT, and bytes that hold more arrays, maps and ext values than
+    a manifest of their length could are refused while decoding (an upload's
+    bytes cost at most about one container per 36 bytes).  Whether the chunks really have those sizes and that
     digest is :func:`check_content`'s job once they are held.
     """
     if type(payload) is not bytes:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"manifest: expected bytes, got {type(payload).__name__}")
-    m = codec.decode(payload, strict=True)  # INVALID_ARGUMENT if malformed or not canonical
+    try:  # INVALID_ARGUMENT if malformed or not canonical
+        m = codec.decode(payload, strict=True, max_compound=4 + len(payload) // _MANIFEST_KEY_BYTES)
+    except FabricError as exc:
+        if exc.status_code is not StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        raise FabricError(
+            StatusCode.INVALID_ARGUMENT, "manifest: more arrays, maps and ext values than its length holds chunk keys"
+        ) from None
     why = _manifest_problem(m)
     if why:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"manifest: {why}")

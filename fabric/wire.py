@@ -51,6 +51,7 @@ __all__ = [
     "MAX_OP_BYTES",
     "MAX_CREDIT",
     "MAX_REQUEST_ID",
+    "MAX_FRAME_COMPOUND",
     "PROOF_KEY_CONTEXT",
     "SESSION_KEY_CONTEXT",
     "DIRECTION_CLIENT_TO_SERVER",
@@ -101,6 +102,11 @@ MAX_OP_BYTES = 64
 MAX_CREDIT = 2**31 - 1
 #: Largest request id.
 MAX_REQUEST_ID = 2**63 - 1
+#: Most compound values (arrays and maps, ndarray payloads' included, and ext values) one
+#: frame's envelope or message may decode to: a 4 MiB frame of empty arrays would otherwise
+#: build ~290 MB of Python objects.  A protocol constant (not advertised): over it is
+#: RESOURCE_EXHAUSTED, on receipt (the connection closes) and in ``send`` (nothing sent).
+MAX_FRAME_COMPOUND = 65_536
 #: Longest error message carried in a ``fault`` frame (UTF-8 bytes; longer ones are cut).
 MAX_FAULT_MESSAGE = 512
 #: Longest error key text carried in a ``fault`` frame (UTF-8 bytes; longer ones are cut).
@@ -628,11 +634,28 @@ def _error_field(m: dict, where: str) -> FabricError:
 
 
 def _decode(raw: bytes, where: str, strict: bool = True) -> Any:
-    """Decode (canonical only when ``strict``); a refusal becomes a located violation."""
+    """Decode (canonical only when ``strict``) within :data:`MAX_FRAME_COMPOUND`; a refusal
+    becomes a located violation with the codec's status (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED
+    over the budget)."""
     try:
-        return codec.decode(raw, strict=strict)
+        return codec.decode(raw, strict=strict, max_compound=MAX_FRAME_COMPOUND)
     except FabricError as exc:
-        raise _Violation(StatusCode.INVALID_ARGUMENT, f"{where}: {exc.message}") from None
+        raise _Violation(exc.status_code, f"{where}: {exc.message}") from None
+
+
+def _check_compound(raw: bytes, what: str) -> None:
+    """RESOURCE_EXHAUSTED (a local send error) when the message ``raw`` would decode to more than
+    :data:`MAX_FRAME_COMPOUND` compound values at the peer; judged by the peer's own decoder."""
+    try:
+        codec.decode(raw, max_compound=MAX_FRAME_COMPOUND)
+    except FabricError as exc:
+        if exc.status_code is not StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        raise FabricError(
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"{what} frame holds more than {MAX_FRAME_COMPOUND} arrays, maps and ext values (the wire's "
+            "per-frame budget); send bulk data as bytes or numpy arrays, or in several requests",
+        ) from None
 
 
 def _cut(text: str, max_bytes: int) -> str:
@@ -1026,6 +1049,8 @@ class WireConnection:
                 f"{msg['t']} frame of {len(frame) - 4} bytes exceeds the peer's max_frame_bytes "
                 f"{self.peer_limits.max_frame_bytes}; stream the value in chunks",
             )
+        if len(pieces) == 1 and size > MAX_FRAME_COMPOUND:  # (shorter messages cannot exceed it)
+            _check_compound(pieces[0], msg["t"])
         # committed from here on: nothing below raises
         self._send_seq += 1
         commit()

@@ -535,3 +535,26 @@ def test_a_bool_array_with_odd_bytes_is_stored_as_00_01(fab):
     assert ref.key == fab.put(np.array([[False, True], [True, True]])).key
     got = fab.get(ref.key)
     assert got.dtype == np.bool_ and got.tobytes() == bytes([0, 1, 1, 1])
+
+
+def test_parse_manifest_stops_decoding_bytes_that_no_manifest_of_their_length_could_be():
+    # a put's manifest is a client's bin: 1 MiB of empty lists decoded (and re-encoded, strict) to
+    # ~70 MB of lists on the node's event loop before it was found not to be a manifest
+    import tracemalloc
+
+    n = 1 << 20
+    bomb = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+    tracemalloc.start()
+    try:
+        with pytest.raises(FabricError) as ei:
+            artifacts.parse_manifest(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ei.value.status_code is StatusCode.INVALID_ARGUMENT
+    assert ei.value.message == "manifest: more arrays, maps and ext values than its length holds chunk keys"
+    assert peak < 16 << 20, peak
+    # a real manifest is never near its bound: every chunk key takes 36 bytes
+    chunks = [ContentKey.of("blob", i.to_bytes(4, "big")) for i in range(5000)]
+    key, payload, manifest = artifacts.build_manifest(chunks, [1] * 5000, 5000, b"d" * 32, "|u1", (5000,))
+    assert artifacts.parse_manifest(payload) == (key, manifest)

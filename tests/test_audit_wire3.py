@@ -249,6 +249,35 @@ def test_inline_replies_a_client_does_not_read_are_bounded_per_connection(tmp_pa
         stop_node(proc)
 
 
+def _peak_rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM"))
+
+
+def test_a_frame_of_empty_lists_costs_the_node_little_and_closes_only_that_connection(tmp_path):
+    # one 4 MiB frame of `90` bytes as realize args decoded to ~4 million lists (~290 MB), and keying
+    # them held the node's event loop ~3 s: the decode budget (specs/wire.md section 9) stops it early
+    addr, proc, _ = start_node(tmp_path)
+    other = RawPeer(addr)  # connected before, served after
+    p = RawPeer(addr)
+    try:
+        assert other.ask(1, "realize", {"evaluator": "text.embed", "version": "1", "args": {"text": "x", "dim": 4}})["t"] == "close"
+        before = _peak_rss_mib(proc.pid)
+        n = (4 << 20) - 256
+        realize = b"\x83\xa9evaluator\xaatext.embed\xa7version\xa11\xa4args\x81\xa1x"
+        p.send(raw=_open_raw(1, "realize", realize + b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n))
+        err = p.closing_fault()
+        assert err["code"] == "RESOURCE_EXHAUSTED", err
+        assert err["message"] == "frame seq 0: codec: input decodes to more than 65536 arrays, maps and ext values"
+        assert other.ask(2, "realize", {"evaluator": "text.embed", "version": "1", "args": {"text": "y", "dim": 4}})["t"] == "close"
+        still_serving(addr)
+        assert _peak_rss_mib(proc.pid) - before < 64  # was ~580 MiB (the lists, then the keying's copy)
+    finally:
+        p.close()
+        other.close()
+        stop_node(proc)
+
+
 # --------------------------------------------------------------------------- metadata is not flow-controlled
 
 
@@ -261,7 +290,7 @@ def test_metadata_a_node_keeps_per_request_is_bounded(addr):
     # client sent, decoded (~70x the wire bytes for a list of empty lists), up to 1 GiB per request
     p = RawPeer(addr)
     p.open(1, "replay", None, end=False)
-    lists = b"\xdd" + (100_000).to_bytes(4, "big") + b"\x90" * 100_000  # 100 KB: 100,000 empty lists
+    lists = b"\xdd" + (65_000).to_bytes(4, "big") + b"\x90" * 65_000  # 65 KB: 65,000 empty lists (within the decode budget)
     for _ in range(9):
         p.send(raw=b"\x83\xa1t\xa8metadata\xa2id\x01\xa4body" + lists)
     m = p.final(1)

@@ -743,6 +743,59 @@ def test_too_deep_nesting_is_invalid_argument():
     assert codec.decode(codec.encode(shallow), strict=True) == shallow
 
 
+# -- decode budget (specs/codec.md section 5, rule 7) ------------------------------------
+
+
+def _exhausted(ei, limit: int) -> None:
+    assert ei.value.status_code is StatusCode.RESOURCE_EXHAUSTED
+    assert ei.value.message == f"codec: input decodes to more than {limit} arrays, maps and ext values"
+
+
+def test_decode_budget_counts_arrays_maps_and_ext_values_exactly():
+    # outer list 1, ndarray 3 (the ext, its payload array, its shape), map 1, list 1, key 1, bigint 1
+    value = [np.arange(3, dtype=np.int64), {"a": []}, ContentKey.of("blob", b"x"), 2**70, "s" * 40]
+    data = codec.encode(value)
+    got = codec.decode(data, max_compound=8)
+    assert got[0].tolist() == [0, 1, 2] and got[1:] == value[1:]
+    with pytest.raises(FabricError) as ei:
+        codec.decode(data, max_compound=7)
+    _exhausted(ei, 7)
+    assert codec.decode(data, strict=True, max_compound=8)[1:] == value[1:]
+
+
+def test_decode_budget_stops_a_flood_of_empty_containers_and_one_hidden_in_an_ndarray():
+    # 4 MiB of `90` bytes decoded to ~4 million lists (~290 MB of objects, about a second)
+    n = 4 << 20
+    flood = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+    with pytest.raises(FabricError) as ei:
+        codec.decode(flood, max_compound=65_536)
+    _exhausted(ei, 65_536)
+    # an ndarray's shape is decoded by a nested unpack: it counts against the same budget
+    payload = b"\x93\xa3|u1\xdd" + (200_000).to_bytes(4, "big") + b"\x90" * 200_000 + b"\xc4\x00"
+    ext = b"\xc9" + len(payload).to_bytes(4, "big") + b"\x01" + payload
+    with pytest.raises(FabricError) as ei:
+        codec.decode(ext, max_compound=65_536)
+    _exhausted(ei, 65_536)
+    with pytest.raises(FabricError) as ei:  # without a budget it is still refused, once built
+        codec.decode(ext)
+    _invalid(ei)
+
+
+def test_decode_budget_leaves_bulk_scalars_bytes_and_arrays_alone():
+    ints = list(range(100_000))
+    assert codec.decode(codec.encode({"xs": ints}), max_compound=65_536) == {"xs": ints}
+    blob = bytes(range(256)) * (16 << 10)  # 4 MiB
+    arr = np.arange(1 << 19, dtype=np.float64)  # 4 MiB
+    got = codec.decode(codec.encode([blob, arr]), max_compound=65_536)
+    assert got[0] == blob and np.array_equal(got[1], arr)
+    # every value takes a byte: 15 bytes hold at most 15 compound values (decoded without counting)
+    small = codec.encode([[]] * 14)
+    assert len(small) == 15 and codec.decode(memoryview(small), max_compound=15) == [[]] * 14
+    with pytest.raises(FabricError) as ei:
+        codec.decode(memoryview(small), max_compound=14)
+    _exhausted(ei, 14)
+
+
 # -- known bugs (xfail strict: they flip to failures once fixed) -------------------------
 
 

@@ -27,6 +27,7 @@ from cassette.errors import FabricError, StatusCode
 from fabric.wire import (
     HANDSHAKE_MAX_FRAME_BYTES,
     MAX_CREDIT,
+    MAX_FRAME_COMPOUND,
     NEED_DATA,
     Authenticated,
     Cancel,
@@ -687,6 +688,49 @@ def test_sender_respects_the_peer_frame_limit():
         p.client.send(Request(1, "echo", b"x" * SMALL.max_frame_bytes))
     assert ei.value.status_code is StatusCode.RESOURCE_EXHAUSTED and "max_frame_bytes" in ei.value.message
     assert p.c2s(Request(1, "echo", b"x" * 3000)) == [Request(1, "echo", b"x" * 3000)]
+
+
+def _empty_lists(n: int) -> bytes:
+    return b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+
+
+def test_a_frame_that_decodes_past_the_compound_budget_closes_the_connection():
+    # 4 MiB of empty lists in an open body decoded to ~290 MB of objects (specs/wire.md section 9)
+    assert MAX_FRAME_COMPOUND == 65_536
+    m = open_msg(1)
+    del m["body"]
+    head = codec.pack({**m, "body": None})[:-1]  # "body" last, without its nil
+    assert head.endswith(b"\xa4body")
+    for raw in (head + _empty_lists((4 << 20) - 256), head + _empty_lists(MAX_FRAME_COMPOUND)):
+        p = Pair()
+        err = closed_reason(deliver(p.client, p.server, p.forge(p.client, None, raw=raw)))
+        assert err.status_code is StatusCode.RESOURCE_EXHAUSTED
+        assert err.message == "frame seq 0: codec: input decodes to more than 65536 arrays, maps and ext values"
+        assert closed_reason(deliver(p.server, p.client)).status_code is StatusCode.RESOURCE_EXHAUSTED
+    # the envelope is held to the budget too (it is decoded before the MAC is checked)
+    p = Pair()
+    env = _empty_lists(100_000)
+    err = closed_reason(deliver(p.client, p.server, len(env).to_bytes(4, "big") + env))
+    assert err.status_code is StatusCode.RESOURCE_EXHAUSTED and "frame seq 0: envelope: codec:" in err.message
+    # one under the budget (the open map and its body list) is an ordinary request
+    p = Pair()
+    ok = head + _empty_lists(MAX_FRAME_COMPOUND - 2)
+    assert deliver(p.client, p.server, p.forge(p.client, None, raw=ok)) == [Request(1, "echo", [[]] * (MAX_FRAME_COMPOUND - 2))]
+
+
+def test_sender_refuses_a_message_past_the_compound_budget_and_changes_nothing():
+    p = Pair()
+    pairs = [[i, i] for i in range(MAX_FRAME_COMPOUND)]
+    before = p.client.stats()
+    with pytest.raises(FabricError) as ei:
+        p.client.send(Request(1, "echo", pairs))
+    assert ei.value.status_code is StatusCode.RESOURCE_EXHAUSTED
+    assert ei.value.message.startswith("open frame holds more than 65536 arrays, maps and ext values")
+    assert p.client.stats() == before and p.client.data_to_send() == b"" and not p.client.live_requests
+    # bulk data is not what the budget is about: 100k ints, and a 3 MiB bin, go as one frame
+    ints = list(range(100_000))
+    assert p.c2s(Request(1, "echo", {"xs": ints})) == [Request(1, "echo", {"xs": ints})]
+    assert p.s2c(Response(1, [b"x" * (3 << 20), ints])) == [Response(1, [b"x" * (3 << 20), ints])]
 
 
 def test_max_inflight_requests():
