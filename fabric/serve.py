@@ -35,6 +35,7 @@ from cassette.keys import ContentKey
 from cassette.record import Record, unpack_record
 from cassette.store import Cassette
 from fabric import metrics, registry
+from fabric.net import DEFER
 from fabric.request import Request
 
 if TYPE_CHECKING:
@@ -259,8 +260,6 @@ class NodeService:
         no waiting — a realize or fetch of a key held here whose record fits inline, and
         ``holders`` — and :data:`fabric.net.DEFER` everything else.  Not timed (a request
         answered here is a hit); a fault counted as in :meth:`handle`."""
-        from fabric.net import DEFER
-
         try:
             if op == "realize":
                 hint = body.get("key") if type(body) is dict else None
