@@ -284,6 +284,9 @@ class Cassette:
         self._on_trace: Callable[[str, int, Any], None] | None = None
         self._closed = False
         self._open_lock = threading.Lock()  # orders a job's queueing against close() (see _submit)
+        #: held by whoever stops the writer (rebuild_index for its replay, close for good): a
+        #: close waits out a rebuild, and a rebuild never starts on a closing cassette
+        self._writer_lock = threading.Lock()
         self._released = 0  # jobs acknowledged since the writer last gathered (they tend to come back)
         self._want = 0  # while the writer gathers: how many queued jobs should wake it
         self._gate = threading.Event()
@@ -1253,16 +1256,20 @@ class Cassette:
         """Drop the index and rebuild it by replaying the ledger, verifying every row.
 
         For each key the index points to the first row of that key that
-        verifies (the same row live appends would have chosen).
+        verifies (the same row live appends would have chosen).  Racing
+        :meth:`close` on another thread, it either completes (the close waits for
+        it) or raises FAILED_PRECONDITION "closed" having done nothing.  Not to be
+        called from ``progress`` or another callback of this cassette.
         """
-        self._check_open()  # (a closed cassette must not get a writer thread back)
-        self._queue.put(None)  # quiesce the writer: replay writes directly
-        self._writer.join()
-        try:
-            return self._rebuild(progress)
-        finally:
-            self._writer = threading.Thread(target=self._write_loop, name=self._writer.name, daemon=True)
-            self._writer.start()
+        with self._writer_lock:
+            self._check_open()  # (a closed cassette must not get a writer thread back)
+            self._queue.put(None)  # quiesce the writer: replay writes directly
+            self._writer.join()
+            try:
+                return self._rebuild(progress)
+            finally:
+                self._writer = threading.Thread(target=self._write_loop, name=self._writer.name, daemon=True)
+                self._writer.start()
 
     def _rebuild(self, progress: Callable[[int], None] | None) -> ReplayReport:
         """:meth:`rebuild_index` in a single write transaction."""
@@ -1369,16 +1376,18 @@ class Cassette:
     def close(self) -> None:
         """Finish queued writes, stop the writer and close LMDB.  Idempotent.
 
-        Reads running on other threads finish first; afterwards every public
-        method (reads, writes, scrub, export, import, iteration) raises
+        Reads running on other threads finish first, and so does a
+        :meth:`rebuild_index` under way; afterwards every public method (reads,
+        writes, scrub, export, import, iteration, rebuild) raises
         ``FabricError(FAILED_PRECONDITION, "cassette ... is closed")``.
         """
-        with self._open_lock:  # every job queued before the stop marker, none after it
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        self._writer.join()  # returns once every write is committed and acknowledged
+        with self._writer_lock:  # (a rebuild under way has stopped the writer and will start another)
+            with self._open_lock:  # every job queued before the stop marker, none after it
+                if self._closed:
+                    return
+                self._closed = True
+                self._queue.put(None)
+            self._writer.join()  # returns once every write is committed and acknowledged
         own = getattr(self._local, "slot", None)
         if own is not None and own.active:  # closed from inside a read (an on_corrupt callback)
             self._env.close()
