@@ -78,6 +78,11 @@ _MAX_READERS = 512
 #: LMDB's errors for a damaged file (B-tree pages that are not what they should be; after
 #: one of them the transaction is blocked, so its next call is MDB_BAD_TXN): DATA_LOSS
 _DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.BadTxnError)
+#: ...and, while opening, a named database that the main database lists but LMDB cannot open
+#: (MDB_NOTFOUND, MDB_INVALID "not an LMDB file"): its record in the main database is damaged
+_OPEN_DAMAGE = _DAMAGE + (lmdb.NotFoundError, lmdb.InvalidError)
+#: ledger rows read, at most, when looking for a cassette's signature (see Cassette._signed)
+_SIGNATURE_ROWS = 8
 #: the named databases of a cassette: the only keys its LMDB main database may hold
 _DB_NAMES = (b"ledger", b"index", b"blobs", b"meta")
 #: files of ours that may sit in a cassette directory before its data.mdb does
@@ -215,7 +220,8 @@ class Cassette:
 
     ``Cassette(path, durability="sync", map_size=1 GiB, node_id=None,
     create=True)``.  Opening a directory that is not a cassette, or one of a
-    newer format, raises FAILED_PRECONDITION.  Safe to share between threads
+    newer format, raises FAILED_PRECONDITION; a cassette whose LMDB main database
+    is damaged, DATA_LOSS.  Safe to share between threads
     and between processes (LMDB locking); close with :meth:`close` or ``with``.
     """
 
@@ -260,7 +266,7 @@ class Cassette:
             self.node_id = self._init_meta(node_id)
         except BaseException as exc:
             self._env.close()  # a refused directory leaves nothing open
-            if isinstance(exc, _DAMAGE):
+            if isinstance(exc, _OPEN_DAMAGE):
                 raise self._damaged(exc) from None
             raise
         # key -> ledger seq of a row that verified: ledger rows never move or change,
@@ -284,6 +290,9 @@ class Cassette:
         self._on_trace: Callable[[str, int, Any], None] | None = None
         self._closed = False
         self._open_lock = threading.Lock()  # orders a job's queueing against close() (see _submit)
+        #: held by whoever stops the writer (rebuild_index for its replay, close for good): a
+        #: close waits out a rebuild, and a rebuild never starts on a closing cassette
+        self._writer_lock = threading.Lock()
         self._released = 0  # jobs acknowledged since the writer last gathered (they tend to come back)
         self._want = 0  # while the writer gathers: how many queued jobs should wake it
         self._gate = threading.Event()
@@ -318,19 +327,48 @@ class Cassette:
             for name in txn.cursor().iternext(values=False):
                 name = bytes(name)
                 if name not in _DB_NAMES:
-                    raise FabricError(
-                        StatusCode.FAILED_PRECONDITION,
-                        f"{self.path} holds an LMDB environment of another program (its main database has the key {name[:64]!r}); "
-                        "use an empty or new directory",
-                    )
+                    raise self._refusal(txn, f"its main database has the key {name[:64]!r}", "holds an LMDB environment of another program")
                 try:
                     self._env.open_db(name, txn=txn, create=False)
                 except lmdb.IncompatibleError:
-                    raise FabricError(
-                        StatusCode.FAILED_PRECONDITION,
-                        f"{self.path} holds an LMDB environment of another program ({name.decode()!r} in its main database is not a named database); "
-                        "use an empty or new directory",
-                    ) from None
+                    raise self._refusal(txn, f"{name.decode()!r} in its main database is not a named database",
+                                        "holds an LMDB environment of another program") from None
+
+    def _refusal(self, txn: lmdb.Transaction, found: str, verdict: str) -> FabricError:
+        """What opening an environment that fails the checks of specs/cassette-format.md
+        section 1 or 7 raises: FAILED_PRECONDITION "``path`` ``verdict`` (``found``)", the
+        directory is not a cassette — unless the environment holds a cassette's signature
+        all the same (:meth:`_signed`): then it is a cassette whose main database (or meta)
+        is damaged, and DATA_LOSS says so and how to get its records back."""
+        if self._signed(txn):
+            return self._damaged(f"{found}, yet it holds cassette records")
+        return FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path} {verdict} ({found}); use an empty or new directory")
+
+    def _signed(self, txn: lmdb.Transaction) -> bool:
+        """Whether the environment read in ``txn`` holds a cassette's signature: a format
+        mark in ``meta``, or one of the first ledger rows that verifies as a record (its
+        check and digest).  Only reads; a database that cannot be opened or read adds nothing."""
+
+        def format_mark() -> bool:
+            return txn.get(b"format", db=self._env.open_db(b"meta", txn=txn, create=False)) is not None
+
+        def verified_row() -> bool:
+            rows = txn.cursor(db=self._env.open_db(b"ledger", txn=txn, create=False))
+            for (k, v), _ in zip(rows, range(_SIGNATURE_ROWS)):
+                try:
+                    unpack_record(v, _unpack_seq(k)[0] if len(k) == _SEQ.size else 0)
+                    return True
+                except FabricError:
+                    continue
+            return False
+
+        for probe in (format_mark, verified_row):
+            try:
+                if probe():
+                    return True
+            except lmdb.Error:
+                continue
+        return False
 
     def _init_meta(self, node_id: str | None) -> str:
         """Open the named databases and check (or, for a new cassette, write) the format
@@ -343,7 +381,7 @@ class Cassette:
             fmt = txn.get(b"format", db=self._meta)
             if fmt is None:
                 if txn.stat(self._ledger)["entries"] or txn.stat(self._index)["entries"]:
-                    raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self.path}: LMDB environment without a cassette format mark")
+                    raise self._refusal(txn, "entries but no cassette format mark", "holds an LMDB environment that is not a cassette")
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._meta)
                 txn.put(b"node_id", (node_id or f"n{secrets.token_hex(6)}").encode(), db=self._meta)
                 txn.put(b"created", repr(time.time()).encode(), db=self._meta)
@@ -507,13 +545,15 @@ class Cassette:
                 f"({cleared} stale ones cleared); retry once some finish",
             ) from None
 
-    def _damaged(self, exc: BaseException) -> FabricError:
-        """DATA_LOSS for an LMDB error that means the data file itself is damaged (``_DAMAGE``):
-        no value is served from it; the way back is a replay of an export or of a peer."""
+    def _damaged(self, what: BaseException | str) -> FabricError:
+        """DATA_LOSS for damage to the data file itself: an LMDB error that means so
+        (``_DAMAGE``), or ``what`` opening found: no value is served from it; the way back
+        is a replay of an export or of a peer."""
+        detail = what if isinstance(what, str) else f"{type(what).__name__}: {what}"
         return FabricError(
             StatusCode.DATA_LOSS,
-            f"cassette {self.path}: its LMDB file is damaged ({type(exc).__name__}: {exc}); "
-            "restore it from an export (Cassette.from_ledger) or a peer",
+            f"cassette {self.path}: its LMDB file is damaged ({detail}); move it aside and replay an export "
+            "into a new directory (fabric replay FILE --data DIR; Cassette.from_ledger) or refetch from a peer",
         )
 
     def _closed_error(self) -> FabricError:
@@ -1253,16 +1293,20 @@ class Cassette:
         """Drop the index and rebuild it by replaying the ledger, verifying every row.
 
         For each key the index points to the first row of that key that
-        verifies (the same row live appends would have chosen).
+        verifies (the same row live appends would have chosen).  Racing
+        :meth:`close` on another thread, it either completes (the close waits for
+        it) or raises FAILED_PRECONDITION "closed" having done nothing.  Not to be
+        called from ``progress`` or another callback of this cassette.
         """
-        self._check_open()  # (a closed cassette must not get a writer thread back)
-        self._queue.put(None)  # quiesce the writer: replay writes directly
-        self._writer.join()
-        try:
-            return self._rebuild(progress)
-        finally:
-            self._writer = threading.Thread(target=self._write_loop, name=self._writer.name, daemon=True)
-            self._writer.start()
+        with self._writer_lock:
+            self._check_open()  # (a closed cassette must not get a writer thread back)
+            self._queue.put(None)  # quiesce the writer: replay writes directly
+            self._writer.join()
+            try:
+                return self._rebuild(progress)
+            finally:
+                self._writer = threading.Thread(target=self._write_loop, name=self._writer.name, daemon=True)
+                self._writer.start()
 
     def _rebuild(self, progress: Callable[[int], None] | None) -> ReplayReport:
         """:meth:`rebuild_index` in a single write transaction."""
@@ -1369,16 +1413,18 @@ class Cassette:
     def close(self) -> None:
         """Finish queued writes, stop the writer and close LMDB.  Idempotent.
 
-        Reads running on other threads finish first; afterwards every public
-        method (reads, writes, scrub, export, import, iteration) raises
+        Reads running on other threads finish first, and so does a
+        :meth:`rebuild_index` under way; afterwards every public method (reads,
+        writes, scrub, export, import, iteration, rebuild) raises
         ``FabricError(FAILED_PRECONDITION, "cassette ... is closed")``.
         """
-        with self._open_lock:  # every job queued before the stop marker, none after it
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        self._writer.join()  # returns once every write is committed and acknowledged
+        with self._writer_lock:  # (a rebuild under way has stopped the writer and will start another)
+            with self._open_lock:  # every job queued before the stop marker, none after it
+                if self._closed:
+                    return
+                self._closed = True
+                self._queue.put(None)
+            self._writer.join()  # returns once every write is committed and acknowledged
         own = getattr(self._local, "slot", None)
         if own is not None and own.active:  # closed from inside a read (an on_corrupt callback)
             self._env.close()

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from cassette.errors import FabricError, StatusCode
 from fabric import allocator
@@ -356,10 +356,18 @@ def cmd_holders(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """``fabric stats``: the node's counters and ``fabric_*`` metrics, as a table or ``--json``."""
+    """``fabric stats``: the node's counters and ``fabric_*`` metrics, as a table or ``--json``.
+
+    ``--json`` prints the answer whole (every sample, histogram buckets included).  The
+    table shows one row per histogram series (count, sum, mean and bucket estimates of
+    p50/p99) instead of every bucket.  Offline (``--data``, not a running node) it shows
+    only what the directory holds: this command's own process counters (hits, misses,
+    latencies, errors, gossip...) would all read 0, so they are left out and a caption
+    says where to read a node's."""
     with _open(args, create=False) as fab:
         st = fab.stats()
-    if isinstance(st.get("node"), dict):  # a remote node's answer: {"node": ..., "wire": ..., "server": ...}
+    offline = not isinstance(st.get("node"), dict)
+    if not offline:  # a remote node's answer: {"node": ..., "wire": ..., "server": ...}
         flat = dict(st["node"])
         for part in ("server", "wire"):
             for k, v in (st.get(part) or {}).items():
@@ -370,18 +378,70 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(_jsonable(st), indent=2, sort_keys=True))
         return 0
     from rich.console import Console
+
+    console = Console()
+    for table in _stats_tables(st, offline):
+        console.print(table)
+    return 0
+
+
+#: Keys of an embedded ``stats()`` that count this process's work (0 in a fresh ``fabric stats``).
+_PROCESS_STATS = frozenset({"local_hits", "conflicts"})
+
+
+def _stats_tables(st: dict[str, Any], offline: bool) -> list:
+    """The rich tables of ``fabric stats``: counts and plain samples, then (when any are
+    shown) one row per histogram series.  ``offline``: drop the process counters."""
     from rich.table import Table
 
+    from fabric import metrics
+
+    samples = st.get("metrics", {})
+    if offline:
+        samples = {k: v for k, v in samples.items() if k.partition("{")[0] in metrics.CASSETTE_FAMILIES}
+    series, rest = metrics.histograms(samples)
     table = Table(title=f"fabric stats — node {st.get('node_id')}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for k, v in st.items():
-        if k != "metrics" and not isinstance(v, (dict, list)):
+        if k != "metrics" and not isinstance(v, (dict, list)) and not (offline and k in _PROCESS_STATS):
             table.add_row(k, str(v))
-    for k, v in sorted(st.get("metrics", {}).items()):
+    for k, v in sorted(rest.items()):
         table.add_row(k, f"{v:g}")
-    Console().print(table)
-    return 0
+    if offline:
+        table.caption = ("offline directory: process counters (hits, misses, latencies, errors, gossip) "
+                         "not applicable; a node shows its own: fabric stats --node HOST:PORT")
+    return [table, _histogram_table(series)] if series else [table]
+
+
+def _histogram_table(series: list) -> Any:
+    """One row per histogram series: count, sum, mean, p50 and p99 (bucket estimates)."""
+    from rich.table import Table
+
+    table = Table(title="histograms (p50/p99: estimates from the bucket bounds, linear within a bucket)")
+    for name, justify in (("series", "left"), ("count", "right"), ("sum", "right"), ("mean", "right"),
+                          ("p50 ≈", "right"), ("p99 ≈", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for h in series:
+        unit = _seconds if h.series.partition("{")[0].endswith("_seconds") else _number
+        table.add_row(h.series, f"{h.count:g}", unit(h.sum) if h.count else "-",
+                      *(_estimate(v, h.top, unit) for v in (h.mean, h.quantile(0.5), h.quantile(0.99))))
+    return table
+
+
+def _estimate(v: float | None, top: float, unit: Callable[[float], str]) -> str:
+    """``v`` formatted by ``unit``; ``-`` for none; ``> top`` past the largest finite bucket."""
+    if v is None:
+        return "-"
+    return f"> {unit(top)}" if v == float("inf") else unit(v)
+
+
+def _seconds(v: float) -> str:
+    return f"{v * 1e3:.3g} ms" if v < 1 else f"{v:.3g} s"
+
+
+def _number(v: float) -> str:
+    return f"{v:.4g}"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -71,7 +71,13 @@ The other families:
   ``fabric_peer_connections`` (gauge);
 * ``fabric_ledger_records{node}``, ``fabric_ledger_bytes{node}`` (gauges): records
   indexed and ledger bytes of each cassette open in this process, read from the
-  cassette at scrape time (so they survive a restart), one sample per cassette.
+  cassette at scrape time (so they survive a restart), one sample per cassette
+  (:data:`CASSETTE_FAMILIES`; every other family counts this process's work).
+
+Reading a snapshot.  :func:`histograms` folds a :func:`snapshot` (or the ``metrics`` of
+a node's stats answer) into one :class:`HistogramSeries` per histogram series, with
+count, sum and p50/p99 estimated from the buckets (``fabric stats`` shows those rows
+instead of every bucket).
 """
 
 from __future__ import annotations
@@ -79,10 +85,13 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import math
+import re
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -111,6 +120,9 @@ __all__ = [
     "error_status",
     "observed",
     "snapshot",
+    "CASSETTE_FAMILIES",
+    "HistogramSeries",
+    "histograms",
 ]
 
 #: Peer hits: not registered on its own; :class:`_HitCollector` exports it as
@@ -295,6 +307,12 @@ class _HitCollector:
 REGISTRY.register(_HitCollector())
 
 
+def _series_name(base: str, labels: Mapping[str, str]) -> str:
+    """A :func:`snapshot` key: ``base{k="v",...}``, labels sorted (none: ``base``)."""
+    text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{base}{{{text}}}" if text else base
+
+
 def snapshot() -> dict[str, float]:
     """Every ``fabric_*`` sample as ``{"name{labels}": value}`` (for ``fabric stats``)."""
     out: dict[str, float] = {}
@@ -304,6 +322,85 @@ def snapshot() -> dict[str, float]:
         for s in fam.samples:
             if s.name.endswith("_created"):
                 continue
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+            out[_series_name(s.name, s.labels)] = s.value
     return out
+
+
+#: The families read from a cassette at scrape time (they describe the directory, so an
+#: offline ``fabric stats --data`` shows them truly); every other family counts the work of
+#: the process that serves it.
+CASSETTE_FAMILIES = frozenset({"fabric_ledger_records", "fabric_ledger_bytes"})
+
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _parse_sample(name: str) -> tuple[str, dict[str, str]]:
+    """``'family{k="v",...}'`` (a :func:`snapshot` key) as ``(family, {k: v})``."""
+    base, brace, rest = name.partition("{")
+    return base, dict(_LABEL.findall(rest)) if brace else {}
+
+
+@dataclass(frozen=True)
+class HistogramSeries:
+    """One histogram series of a :func:`snapshot`: ``series`` is its key without ``le``
+    (``fabric_operation_latency_seconds{op="get"}``), ``buckets`` its cumulative
+    ``(upper bound, count)`` pairs in ascending order, ``+Inf`` last."""
+
+    series: str
+    count: float
+    sum: float
+    buckets: tuple[tuple[float, float], ...]
+
+    @property
+    def mean(self) -> float | None:
+        """``sum / count``, or None for a series with no observation."""
+        return self.sum / self.count if self.count else None
+
+    @property
+    def top(self) -> float:
+        """The largest finite bucket bound (0.0 when there is none)."""
+        return max((le for le, _ in self.buckets if le != math.inf), default=0.0)
+
+    def quantile(self, q: float) -> float | None:
+        """An estimate of the ``q``-quantile from the buckets, as Prometheus's
+        ``histogram_quantile`` makes it: linear within the bucket that holds it (the
+        first bucket starts at 0).  ``math.inf`` when it lies beyond the largest finite
+        bound (only "more than :attr:`top`" is known); None with no observation."""
+        total = self.buckets[-1][1] if self.buckets else 0.0
+        if not total:
+            return None
+        rank = q * total
+        lower, below = 0.0, 0.0
+        for le, cum in self.buckets:
+            if cum >= rank and cum > below:
+                if le == math.inf:
+                    return math.inf
+                return lower + (le - lower) * (rank - below) / (cum - below)
+            lower, below = le, cum
+        return math.inf
+
+
+def histograms(samples: Mapping[str, float]) -> tuple[list[HistogramSeries], dict[str, float]]:
+    """Fold every histogram of ``samples`` (a :func:`snapshot`, or the ``metrics`` of a
+    node's stats answer) into one :class:`HistogramSeries` per series, sorted by series;
+    returns them and every other sample, unchanged.  A family is a histogram when it has
+    ``_bucket`` samples with an ``le`` label; its ``_count`` and ``_sum`` samples go with it."""
+    parsed = {key: _parse_sample(key) for key in samples}
+    bases = {name[: -len("_bucket")] for name, labels in parsed.values() if name.endswith("_bucket") and "le" in labels}
+    parts: dict[str, dict[str, Any]] = {}
+    rest: dict[str, float] = {}
+    for key, value in samples.items():
+        name, labels = parsed[key]
+        base, _, part = name.rpartition("_")
+        if base not in bases or part not in ("bucket", "count", "sum"):
+            rest[key] = value
+            continue
+        le = labels.pop("le", None)
+        acc = parts.setdefault(_series_name(base, labels), {"count": 0.0, "sum": 0.0, "buckets": []})
+        if part == "bucket":
+            acc["buckets"].append((float(le), value))  # float("+Inf") is inf
+        else:
+            acc[part] = value
+    series = [HistogramSeries(name, acc["count"], acc["sum"], tuple(sorted(acc["buckets"])))
+              for name, acc in sorted(parts.items())]
+    return series, rest

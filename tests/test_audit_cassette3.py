@@ -232,6 +232,81 @@ def test_a_damaged_lmdb_page_is_data_loss_everywhere_never_a_raw_lmdb_error(tmp_
         assert rep.problems and all(p.status_code is StatusCode.DATA_LOSS for p in rep.problems)
 
 
+# ------------------------------------------------------------ damaged LMDB main database
+def _main_db_node(name: bytes) -> bytes:
+    """The head of ``name``'s node in a main-database leaf page: data size 48 (u32 LE, as
+    two u16), flags F_SUBDATA, key size; the key follows, then its 48-byte MDB_db record."""
+    return struct.pack("<HHHH", 48, 0, 0x02, len(name)) + name
+
+
+def _misdirect_meta_to_ledger(path: Path) -> None:
+    """In every copy of the main database's leaf page, point the ``meta`` database's root
+    (md_root, the last u64 of its MDB_db record) at the ``ledger`` database's root, as a
+    rotted page number would: ``meta`` then reads as a tree without a format mark."""
+    data = bytearray((path / "data.mdb").read_bytes())
+    meta_node, ledger_node = _main_db_node(b"meta"), _main_db_node(b"ledger")
+    at, done = data.find(meta_node), 0
+    while at >= 0:
+        page = at - at % 4096
+        ledger_at = data.find(ledger_node, page, page + 4096)
+        if ledger_at >= 0:
+            root = ledger_at + len(ledger_node) + 40
+            data[at + len(meta_node) + 40: at + len(meta_node) + 48] = data[root:root + 8]
+            done += 1
+        at = data.find(meta_node, at + 1)
+    assert done
+    (path / "data.mdb").write_bytes(bytes(data))
+
+
+def _lower_bound_of_main_db_pages(path: Path) -> None:
+    """Change mp_lower (the page header's free-space start) of every leaf page that holds the
+    main database's ``ledger`` node: LMDB then finds no named database in it."""
+    data = bytearray((path / "data.mdb").read_bytes())
+    pages = set()
+    at = data.find(_main_db_node(b"ledger"))
+    while at >= 0:
+        pages.add(at - at % 4096)
+        at = data.find(_main_db_node(b"ledger"), at + 1)
+    for page in pages:
+        data[page + 12] ^= 0x5A
+    (path / "data.mdb").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: flip_in_file(p / "data.mdb", _main_db_node(b"ledger"), at=8),  # key 'ledger' rots to 'medger'
+    lambda p: flip_in_file(p / "data.mdb", _main_db_node(b"meta"), at=9),  # 'meta' rots to 'mdta'
+    _misdirect_meta_to_ledger,
+    _lower_bound_of_main_db_pages,
+], ids=["ledger-name", "meta-name", "meta-root", "page-bounds"])
+def test_a_cassette_whose_main_database_is_damaged_is_data_loss_not_foreign(tmp_path, damage):
+    """A damaged main-database page (real bytes changed in data.mdb) read as "an LMDB
+    environment of another program", "without a cassette format mark" (both FAILED_PRECONDITION:
+    not a cassette, use another directory) or a raw lmdb.NotFoundError.  The environment still
+    holds records that verify, so it is a damaged cassette: DATA_LOSS naming the directory and
+    the way back, and nothing written.  A directory that is not a cassette keeps its refusal."""
+    path = filled(tmp_path / "c")
+    damage(path)
+    before = (path / "data.mdb").read_bytes()
+    for _ in range(2):  # and again: the refusal changed nothing
+        with pytest.raises(FabricError) as ei:
+            Cassette(path)
+        assert ei.value.status_code is StatusCode.DATA_LOSS, ei.value
+        assert str(path) in ei.value.message and "damaged" in ei.value.message
+        assert "replay an export" in ei.value.message and "peer" in ei.value.message
+        assert (path / "data.mdb").read_bytes() == before
+
+    # another program's environment with our ledger name and rows that are not records
+    theirs = tmp_path / "theirs"
+    env = lmdb.open(str(theirs), max_dbs=8, subdir=True)
+    for name in (b"ledger", b"journal"):
+        with env.begin(write=True, db=env.open_db(name)) as txn:
+            txn.put(struct.pack(">Q", 1), b"their row")
+    env.close()
+    with pytest.raises(FabricError) as ei:
+        Cassette(theirs)
+    assert ei.value.status_code is StatusCode.FAILED_PRECONDITION and "another program" in ei.value.message
+
+
 # ------------------------------------------------------------------ put racing close
 def test_a_put_that_passed_the_closed_check_as_close_ran_does_not_hang(tmp_path):
     """A put that had checked "not closed" but not yet queued its job when close() queued the

@@ -310,6 +310,10 @@ def test_a_node_serves_every_count_on_its_metrics_endpoint_and_fabric_stats_node
         table = subprocess.run([FABRIC, "stats", "--node", addr, "--secret-file", str(secret_file)],
                                capture_output=True, text=True, timeout=30, env=dict(os.environ, COLUMNS="200"))
         assert table.returncode == 0 and f"{MISS}" in table.stdout and "fabric_ledger_records" in table.stdout
+        # one row per latency series (was one per bucket: ~150 rows), its count as /metrics has it
+        assert "_bucket" not in table.stdout and "bucket" in table.stdout  # (the header says p50/p99 are bucket estimates)
+        row = next(line for line in table.stdout.splitlines() if 'fabric_operation_latency_seconds{op="node_get"}' in line)
+        assert row.split("│")[2].strip() == f"{s5[_lat('node_get')]:g}" == "2"
     finally:
         stop_node(proc)
     # survives a restart: the gauges come from the cassette, the counters start again

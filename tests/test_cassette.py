@@ -571,6 +571,57 @@ def test_reads_racing_close_finish_or_see_failed_precondition(tmp_path):
     assert not bad, bad
 
 
+def test_rebuild_index_racing_close_completes_or_is_failed_precondition(tmp_path, monkeypatch):
+    """rebuild_index() and close() on two threads at once, started together with a random
+    stagger, many times over real LMDB: the rebuild either completes (every key indexed) or
+    raises FAILED_PRECONDITION "closed"; close() returns; no thread hangs or dies; no writer
+    thread outlives the close, and the directory reopens with every record.  Was: a raw
+    lmdb.Error from the rebuild (its final sync ran on the closed environment), and close()
+    raising RuntimeError "cannot join thread before it is started" (it joined the writer the
+    rebuild was about to start) with the LMDB environment left open in the process."""
+    died: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: died.append(f"{a.thread.name}: {a.exc_value!r}"))
+    rng = random.Random(20240611)
+    seen = set()
+    for round_ in range(40):
+        path = tmp_path / f"c{round_}"
+        cas = Cassette(path, durability="sync" if round_ % 2 else "fast")
+        for i in range(12):
+            cas.put(rkey(i), payload_of(i))
+        together = threading.Barrier(2)
+        outcome: dict[str, object] = {}
+
+        def run(name: str, call, stagger: float) -> None:
+            together.wait()
+            time.sleep(stagger)
+            try:
+                outcome[name] = call()
+            except BaseException as exc:  # noqa: BLE001 - what the test is looking for
+                outcome[name] = exc
+
+        threads = [threading.Thread(target=run, args=("rebuild", cas.rebuild_index, rng.random() * 0.002)),
+                   threading.Thread(target=run, args=("close", cas.close, rng.random() * 0.002))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads), f"round {round_}: hung ({outcome})"
+        assert outcome["close"] is None, f"round {round_}: close raised {outcome['close']!r}"
+        rebuilt = outcome["rebuild"]
+        if isinstance(rebuilt, FabricError):
+            assert rebuilt.status_code is StatusCode.FAILED_PRECONDITION and "is closed" in rebuilt.message, rebuilt
+            seen.add("refused")
+        else:
+            assert (getattr(rebuilt, "rows", None), getattr(rebuilt, "indexed", None)) == (12, 12), rebuilt
+            seen.add("rebuilt")
+        assert not cas._writer.is_alive(), f"round {round_}: a writer outlived close()"
+        with Cassette(path) as again:  # (an environment left open in this process refuses this)
+            assert again.stats()["records"] == 12
+            assert again.lookup_value(rkey(11)) == {"item": "11", "pad": ""}
+    assert not died, died
+    assert seen == {"rebuilt", "refused"}  # both orders were met
+
+
 def _main_db(path: Path) -> dict[bytes, bytes]:
     """The main database of the LMDB environment at ``path`` (read with py-lmdb directly)."""
     env = lmdb.open(str(path), subdir=True, create=False, readonly=True, lock=False)

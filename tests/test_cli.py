@@ -372,3 +372,29 @@ def test_demo_through_a_node_runs_its_agents_there_and_leaves_the_embedded_casse
         assert again.returncode == 0, again.stderr.decode()
         assert "evaluator runs on the node: 0 new records on the node: 0" in " ".join(again.stdout.decode().split())
     assert not (tmp_path / "home").exists()  # the embedded default was never opened
+
+
+def test_stats_table_of_an_offline_directory_is_readable_and_json_keeps_every_sample(tmp_path, cli):
+    """``fabric stats --data`` printed ~150 rows: every bucket of every latency series, and this
+    command's own process counters (hits, misses, latencies, errors), which read 0 for any
+    offline directory whatever it holds.  The table now shows what the directory holds (counts,
+    ledger gauges) and says the process counters do not apply; ``--json`` is unchanged."""
+    data = tmp_path / "d"
+    for text in ("a b", "c d e"):
+        assert cli("realize", "text.stats", json.dumps({"text": text}), "--evaluators", EVALUATORS, "--data", data).returncode == 0
+    table = subprocess.run([FABRIC, "stats", "--data", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env=child_env(tmp_path / "home", COLUMNS="200"))
+    assert table.returncode == 0, table.stderr
+    out = table.stdout
+    assert "_bucket" not in out and "fabric_operation_latency_seconds" not in out
+    for process_counter in ("fabric_cache_misses_total", "fabric_cache_hits_total", "fabric_gossip_rounds_total", "local_hits"):
+        assert process_counter not in out
+    assert "not applicable" in out and "fabric stats --node" in out
+    node = json.loads(cli("stats", "--json", "--data", data).stdout)["node_id"]
+    assert f'fabric_ledger_records{{node="{node}"}}' in out and "records" in out
+    assert len(out.splitlines()) < 30
+    # --json: the whole answer, buckets and process counters included, as before
+    st = json.loads(cli("stats", "--json", "--data", data).stdout)
+    assert st["records"] == 2 and st["local_hits"] == 0
+    assert st["metrics"]["fabric_cache_misses_total"] == 0
+    assert any(k.startswith("fabric_operation_latency_seconds_bucket{") for k in st["metrics"])

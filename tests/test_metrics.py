@@ -244,3 +244,30 @@ def test_a_node_op_cut_off_by_its_deadline_counts_deadline_exceeded_and_a_peer_c
             return out
 
     assert trio.run(main) == [{_error("node_get", "DEADLINE_EXCEEDED"): 1}, {}]
+
+
+def test_histograms_fold_each_series_into_count_sum_and_bucket_estimates_of_p50_p99():
+    """``fabric stats`` showed every bucket of every latency series (~150 rows); it now shows one
+    row per series, folded from a real snapshot by :func:`metrics.histograms`.  The estimates are
+    Prometheus's ``histogram_quantile``: linear within the bucket that holds the rank."""
+    timer = metrics.LATENCY.labels(op="test_histogram_fold")
+    for _ in range(50):
+        timer.observe(0.002)  # bucket (0.001, 0.005]
+    for _ in range(49):
+        timer.observe(0.02)  # bucket (0.01, 0.05]
+    timer.observe(40.0)  # past the largest finite bound, 30 s
+    snap = metrics.snapshot()
+    series, rest = metrics.histograms(snap)
+    name = 'fabric_operation_latency_seconds{op="test_histogram_fold"}'
+    (h,) = [s for s in series if s.series == name]
+    assert (h.count, h.sum) == (100, pytest.approx(50 * 0.002 + 49 * 0.02 + 40.0))
+    assert h.mean == pytest.approx(h.sum / 100)
+    assert h.quantile(0.5) == pytest.approx(0.005)  # rank 50: the top of (0.001, 0.005]
+    assert h.quantile(0.9) == pytest.approx(0.01 + 0.04 * 40 / 49)  # rank 90: 40 of 49 into (0.01, 0.05]
+    assert h.quantile(0.999) == float("inf") and h.top == 30  # only "more than 30 s" is known
+    # every bucket, _count and _sum sample is folded away; the other samples pass unchanged
+    assert not any(k.partition("{")[0].startswith("fabric_operation_latency_seconds") for k in rest)
+    assert rest == {k: v for k, v in snap.items() if not k.startswith("fabric_operation_latency_seconds")}
+    assert len(series) == sum(k.startswith("fabric_operation_latency_seconds_count") for k in snap)  # one per series
+    empty = [s for s in series if s.count == 0]
+    assert all(s.mean is None and s.quantile(0.5) is None for s in empty)
