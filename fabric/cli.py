@@ -276,7 +276,7 @@ class _Sink:
             return
         import secrets
 
-        from cassette.ledgerfile import check_write_target
+        from cassette.ledgerfile import check_write_target, write_error
 
         if not output:
             raise FabricError(StatusCode.INVALID_ARGUMENT, "-o FILE must not be empty (use -o - or no -o for stdout)")
@@ -287,7 +287,7 @@ class _Sink:
             self.f = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
         except OSError as exc:
             self.tmp = None
-            raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {output}: {exc.strerror or exc}") from None
+            raise write_error(output, exc, what="") from None
 
     def write(self, data: bytes) -> None:
         try:
@@ -310,7 +310,9 @@ class _Sink:
         self.tmp = None
 
     def _error(self, exc: OSError) -> FabricError:
-        return FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {self.name if self.final else 'stdout'}: {exc.strerror or exc}")
+        from cassette.ledgerfile import write_error
+
+        return write_error(self.name if self.final else "stdout", exc, what="")
 
     def discard(self) -> None:
         """Remove the temporary file if :meth:`commit` did not happen (idempotent)."""
