@@ -1,8 +1,11 @@
 """The ``fabric`` command line.
 
-Every command has ``--help``, accepts ``--data DIR`` / ``--node HOST:PORT``,
-and on bad input exits non-zero with one line on stderr:
-``fabric <cmd>: error: <STATUS>: <message>``.
+Every command has ``--help``, accepts ``--data DIR`` / ``--node HOST:PORT``
+(``fabric node`` and ``fabric bench`` refuse ``--node``: they talk to no node), and
+on bad input exits non-zero with one line on stderr:
+``fabric <cmd>: error: <STATUS>: <message>``.  A flag a command would not use is
+not offered to it (``--evaluators`` only where evaluators run, ``--secret-file``
+only where a secret is used).
 """
 
 from __future__ import annotations
@@ -28,11 +31,37 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="DIR", help="cassette directory of the embedded node (default: $FABRIC_HOME or the user cache dir)")
-    p.add_argument("--node", metavar="HOST:PORT", help="talk to a running node instead (default: $FABRIC_NODE)")
-    p.add_argument("--secret-file", metavar="F", help="shared secret for --node (default: $FABRIC_SECRET / $FABRIC_SECRET_FILE)")
-    p.add_argument("--evaluators", metavar="MODULE", action="append", default=[], help="import evaluators from a module path or .py file (repeatable)")
+DATA_HELP = "cassette directory of the embedded node (default: $FABRIC_HOME or the user cache dir)"
+
+
+def _common(p: argparse.ArgumentParser, *, client: bool = True, secret: bool = True, evaluators: bool = False,
+            data: str = DATA_HELP, no_node: str = "") -> None:
+    """The shared flags, each only where the command uses it (argparse refuses the others):
+    ``--data`` everywhere; ``--node`` where the command can talk to a running node (``client``);
+    ``--secret-file`` where a secret is used (``secret``); ``--evaluators`` where evaluators
+    run.  A command that cannot talk to a node still takes ``--node`` (else argparse would
+    read it as an abbreviation, ``--node`` for ``--node-id``), only to refuse it with
+    ``no_node``, the reason (:func:`_refuse_node`)."""
+    p.add_argument("--data", metavar="DIR", help=data)
+    if client:
+        p.add_argument("--node", metavar="HOST:PORT", help="talk to a running node instead (default: $FABRIC_NODE)")
+    else:
+        p.add_argument("--node", metavar="HOST:PORT", help=f"refused (INVALID_ARGUMENT): {no_node}")
+        p.set_defaults(no_node=no_node)
+    if secret:
+        text = "the node's shared secret" if not client else "shared secret for --node"
+        p.add_argument("--secret-file", metavar="F", help=f"{text} (default: $FABRIC_SECRET / $FABRIC_SECRET_FILE)")
+    if evaluators:
+        p.add_argument("--evaluators", metavar="MODULE", action="append", default=[],
+                       help="import evaluators from a module path or .py file (repeatable)")
+
+
+def _refuse_node(args: argparse.Namespace) -> None:
+    """INVALID_ARGUMENT for ``--node`` on a command that cannot talk to a node (``fabric node``,
+    ``fabric bench``): it would otherwise be taken and ignored."""
+    why = getattr(args, "no_node", None)
+    if why and args.node is not None:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"--node {args.node!r}: {why}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="agents realize overlapping requests on the embedded default, through --node, or on a "
                                     "local fleet (--nodes N); prints hits, misses, evaluator runs")
-    _common(p)
+    _common(p)  # its agents load the example evaluators themselves
     p.add_argument("--agents", type=int, default=4, help="agent processes (default 4)")
     p.add_argument("--requests", type=int, default=24, help="requests per agent (default 24)")
     p.add_argument("--distinct", type=int, default=32, help="distinct requests in the shared pool (default 32)")
@@ -50,20 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=0, help="run a local fleet of N nodes instead of the embedded default (not with --node)")
 
     p = sub.add_parser("node", help="run one peer node until SIGTERM/SIGINT")
-    _common(p)
+    _common(p, client=False, evaluators=True, data="the node's cassette directory (default: $FABRIC_HOME or the user cache dir)",
+            no_node="a node listens on --listen and joins peers with --join (or forwards to --relay)")
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0")
-    p.add_argument("--join", metavar="HOST:PORT", action="append", default=[])
+    p.add_argument("--join", metavar="HOST:PORT", action="append", default=[],
+                   help="a fleet member to join (repeatable; not with --relay)")
     p.add_argument("--relay", metavar="HOST:PORT", help="forward misses to this upstream node and record what comes back")
     p.add_argument("--metrics-port", type=int, default=None)
     p.add_argument("--node-id", default=None, help="node id for a new data dir (default: random)")
     p.add_argument("--durability", choices=("sync", "fast"), default="sync")
     p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, wait this long for in-flight computations")
-    p.add_argument("--gossip-interval", type=float, default=0.5, help="seconds between gossip rounds and probes")
+    p.add_argument("--gossip-interval", type=float, default=None,
+                   help="seconds between gossip rounds and probes (default 0.5; not with --relay)")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
                    help="close a client connection with no request in flight that sent nothing for S seconds (default 300)")
 
     p = sub.add_parser("realize", help="realize EVALUATOR on JSON_ARGS and print the reply as JSON")
-    _common(p)
+    _common(p, evaluators=True)
     p.add_argument("evaluator")
     p.add_argument("json_args", metavar="JSON_ARGS")
     p.add_argument("--version", dest="ev_version", default=None, help="evaluator version (default: latest registered)")
@@ -105,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
 
     p = sub.add_parser("bench", help="run the benchmarks and print ratios against raw floors")
-    _common(p)
+    _common(p, client=False, secret=False, data="where the benchmarks make their scratch directories (default: the system temp dir)",
+            no_node="the benchmarks measure nodes they start themselves")
     p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument("--only", action="append", default=[], help="run only benchmarks whose name contains this (repeatable)")
@@ -557,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd != "bench":  # the bench measures the library as it runs inside anyone's process
         allocator.keep_freed_memory()
     try:
+        _refuse_node(args)
         return COMMANDS[args.cmd](args)
     except BaseException as raised:  # noqa: BLE001 - every failure is one line, not a traceback
         exc = _leaf(raised)

@@ -168,6 +168,9 @@ def test_every_command_has_help(cli, cmd):
     assert "usage: fabric" in out
     if cmd:
         assert "--data" in out and "--node" in out
+        # a flag is offered only where the command uses it
+        assert ("--evaluators" in out) == (cmd in ("realize", "node")), out
+        assert ("--secret-file" in out) == (cmd != "bench"), out
 
 
 @pytest.mark.parametrize(
@@ -292,6 +295,44 @@ def test_get_of_an_artifact_rotted_past_its_first_chunks_leaves_the_old_file_and
     p = cli("get", key, "--data", data)
     assert p.returncode == 1 and "DATA_LOSS" in p.stderr.decode()
     assert content.startswith(p.stdout) and len(p.stdout) == 2 << 20
+
+
+def test_node_and_bench_refuse_node_instead_of_ignoring_it(cli, tmp_path):
+    """`fabric node` and `fabric bench` talk to no node: their --node was taken and ignored
+    (the node served, the bench ran).  It is one INVALID_ARGUMENT line naming it, before
+    anything starts: --data is not created."""
+    import socket
+
+    (tmp_path / "secret").write_bytes(b"s" * 32)
+    with socket.socket() as busy:  # with --node ignored, the node fails at once on this port (not serving on)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        extra = {"node": ["--listen", f"127.0.0.1:{busy.getsockname()[1]}", "--secret-file", tmp_path / "secret"],
+                 "bench": ["--only", "no-such-benchmark"]}
+        for cmd in ("node", "bench"):
+            p = cli(cmd, "--node", "127.0.0.1:7001", "--data", tmp_path / "d", *extra[cmd], timeout=30)
+            line = _one_error_line(p, "INVALID_ARGUMENT")
+            assert line.startswith(f"fabric {cmd}: error: INVALID_ARGUMENT: --node '127.0.0.1:7001': "), line
+            assert p.stdout == b"" and ("--listen" in line) == (cmd == "node")  # a node's flag for what it may have meant
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["demo", "--agents", "0"], ["put", "in.bin"], ["get", "request:" + "00" * 32], ["holders", "request:" + "00" * 32],
+     ["stats"], ["verify"], ["replay", "in.ledger"], ["export", "out.ledger"], ["bench", "--only", "no-such-benchmark"]],
+    ids=lambda v: v[0],
+)
+def test_a_flag_the_command_would_ignore_is_not_offered(cli, tmp_path, args):
+    """--evaluators (and, on bench, --secret-file) did nothing on these commands; argparse
+    now refuses it as it refuses any unknown flag: one usage line, exit 2, nothing opened."""
+    flag = ["--secret-file", tmp_path / "secret"] if args[0] == "bench" else ["--evaluators", EVALUATORS]
+    args = [tmp_path / a if a.startswith(("in.", "out.")) else a for a in args]
+    p = cli(*args, *flag, "--data", tmp_path / "d", timeout=60)
+    lines = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, lines
+    assert f"error: unrecognized arguments: {flag[0]}" in lines[0], lines
+    assert p.stdout == b"" and not (tmp_path / "d").exists()
 
 
 def test_get_to_a_file_in_a_missing_directory_names_the_file_before_any_transfer(cli, tmp_path):
