@@ -11,11 +11,14 @@ only where a secret is used).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
+from logging.handlers import MemoryHandler
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from cassette.errors import FabricError, StatusCode
 from fabric import allocator
@@ -359,8 +362,6 @@ def _stream_to(sink: _Sink, fab: Any, key: Any) -> None:
     """Write artifact ``key``'s content to ``sink`` chunk by chunk, each verified against its key
     before it is written and the whole against the manifest digest at the end (DATA_LOSS
     otherwise): a few chunks in memory at a time, whatever the artifact's size."""
-    import contextlib
-
     manifest, chunks = fab.artifact_stream(key)
     cb, stop = _progress(manifest["size"], f"getting {key.short()}", nbytes=True)
     with contextlib.closing(chunks):  # a stream through a node ends there at once
@@ -574,6 +575,36 @@ def os_error_status(exc: OSError) -> FabricError:
     return FabricError(code, f"{' -> '.join(paths)}: {reason}" if paths else reason)
 
 
+#: Commands that log as they please: a node its own log lines, the bench each broken benchmark as it goes.
+_OWN_LOGS = ("node", "bench")
+
+
+@contextlib.contextmanager
+def _warnings_held(cmd: str) -> Iterator[None]:
+    """Hold the warnings the library logs while command ``cmd`` runs (such as the cassette's
+    "corrupt row ... reads as a miss" before a DATA_LOSS): written to stderr as Python would
+    (their message alone) once the command returns, dropped when it raises, so that a
+    failure is its one error line.  Held in batches of at most 1,000 (a full batch is
+    written at once): memory stays bounded.  Not for the commands in :data:`_OWN_LOGS`."""
+    if cmd in _OWN_LOGS:
+        yield
+        return
+    held = MemoryHandler(1000, flushLevel=logging.CRITICAL + 1, target=logging.StreamHandler(sys.stderr))
+    held.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(held)
+    try:
+        yield
+    except BaseException:
+        with held.lock:
+            held.buffer.clear()
+        raise
+    else:
+        held.flush()
+    finally:
+        root.removeHandler(held)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fabric`` console script; returns the exit status.
 
@@ -581,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     :class:`FabricError` as its status line; a stray ``OSError`` mapped to one by
     :func:`os_error_status`; any other exception (an evaluator's own) as its type and
     message.  A trio exception group holding a single exception reports that exception.
+    Warnings the library logs on the way are held until the command returns, and dropped
+    when it fails (:func:`_warnings_held`).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -590,8 +623,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd != "bench":  # the bench measures the library as it runs inside anyone's process
         allocator.keep_freed_memory()
     try:
-        _refuse_node(args)
-        return COMMANDS[args.cmd](args)
+        with _warnings_held(args.cmd):
+            _refuse_node(args)
+            return COMMANDS[args.cmd](args)
     except BaseException as raised:  # noqa: BLE001 - every failure is one line, not a traceback
         exc = _leaf(raised)
         if isinstance(exc, KeyboardInterrupt):
