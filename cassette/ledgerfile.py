@@ -180,23 +180,26 @@ def check_write_target(path: str, what: str = "ledger file") -> str:
     device such as ``/dev/null``, a fifo, a socket), which the rename would replace
     rather than write into.
     """
-    label = f"{what} {path}" if what else path
     real = os.path.realpath(path)
     if os.path.isdir(real):
-        raise write_error(path, IsADirectoryError(errno.EISDIR, "it is a directory"), what)
+        raise _cannot_write(path, what, "it is a directory")
     if not os.path.isdir(os.path.dirname(real)):
-        raise write_error(path, FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)), what)
+        raise _cannot_write(path, what, os.strerror(errno.ENOENT))
     if os.path.lexists(real) and not os.path.isfile(real):
-        raise FabricError(StatusCode.FAILED_PRECONDITION,
-                          f"cannot write {label}: it is not a regular file (a device, a fifo or a socket), "
-                          "and it would be replaced, not written into")
+        raise _cannot_write(path, what, "it is not a regular file (a device, a fifo or a socket), "
+                                        "and it would be replaced, not written into")
     return real
 
 
 def write_error(path: str, exc: OSError, what: str = "ledger file") -> FabricError:
     """FAILED_PRECONDITION for a ``what`` that cannot be written (missing or read-only directory...)."""
+    return _cannot_write(path, what, exc.strerror or str(exc))
+
+
+def _cannot_write(path: str, what: str, reason: str) -> FabricError:
+    """``cannot write <what> <path>: <reason>`` (FAILED_PRECONDITION); ``what`` may be empty."""
     label = f"{what} {path}" if what else path
-    return FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {label}: {exc.strerror or exc}")
+    return FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {label}: {reason}")
 
 
 def _verified_values(cas: "Cassette") -> Iterator[bytes]:
@@ -309,52 +312,61 @@ def read_ledger_file(cas: "Cassette", path: str | os.PathLike, *, progress: Call
     """Validate the whole file, then append its records and blobs to ``cas``; returns records appended.
 
     ``counts`` (optional) gets ``"records"`` and ``"blobs"``: the entries of the file.
+    ``progress(records)`` is called after each full batch (:data:`REPLAY_BATCH`).
     """
     name = os.fspath(path)
     with _open_ledger_file(name) as f:
-        _validate_all(f, name)
+        records, blobs = _validate_all(f, name)
         f.seek(0)
-        appended = 0
-        seen = 0
-        blobs = 0
-        records: list[bytes] = []
-        chunks: list[tuple[ContentKey, bytes]] = []
-        pending_bytes = 0
+        appended = seen = 0
         # a batch of small records is written while the next is read and verified; a batch
         # of large ones is waited for at once (memory stays bounded by one batch's bytes)
         writing: PendingPuts | None = None
         try:
-            for tag, body, _ in iter_ledger_file(f, path=name):
-                if tag == b"R":
-                    records.append(body)
-                    seen += 1
-                else:
-                    chunks.append((ContentKey.from_bytes(body[:33]), body[33:]))
-                    blobs += 1
-                pending_bytes += len(body)
-                if len(records) + len(chunks) >= REPLAY_BATCH or pending_bytes >= REPLAY_BATCH_BYTES:
-                    queued = cas.submit_raw_many(records)  # records first, as in the file
-                    if chunks:
-                        cas.put_verified_blobs(chunks)
-                    done, writing = writing, queued
-                    if done is not None:
-                        appended += sum(r.appended for r in done.wait())
-                    if pending_bytes > REPLAY_BATCH_BYTES // 4:
-                        writing = None
-                        appended += sum(r.appended for r in queued.wait())
-                    records, chunks, pending_bytes = [], [], 0
-                    if progress is not None:
-                        progress(seen)
-            queued = cas.submit_raw_many(records)
-            if chunks:
-                cas.put_verified_blobs(chunks)
+            for batch, chunks, nbytes, full in _replay_batches(iter_ledger_file(f, path=name)):
+                queued = cas.submit_raw_many(batch)  # records first, as in the file
+                if chunks:
+                    cas.put_verified_blobs(chunks)
+                done, writing = writing, queued
+                if done is not None:
+                    appended += _appended(done)
+                if nbytes > REPLAY_BATCH_BYTES // 4:
+                    writing = None
+                    appended += _appended(queued)
+                seen += len(batch)
+                if full and progress is not None:
+                    progress(seen)
         finally:
             if writing is not None:
-                appended += sum(r.appended for r in writing.wait())
-        appended += sum(r.appended for r in queued.wait())
+                appended += _appended(writing)
     if counts is not None:
-        counts.update(records=seen, blobs=blobs)
+        counts.update(records=records, blobs=blobs)
     return appended
+
+
+def _replay_batches(entries: Iterator[tuple[bytes, bytes, int]],
+                    ) -> Iterator[tuple[list[bytes], list[tuple[ContentKey, bytes]], int, bool]]:
+    """The entries of a validated ledger file as replay batches ``(records, blobs, bytes, full)``:
+    a batch is full at :data:`REPLAY_BATCH` entries or :data:`REPLAY_BATCH_BYTES` bytes; the
+    last one (``full`` false) holds the rest, and comes even when empty."""
+    records: list[bytes] = []
+    chunks: list[tuple[ContentKey, bytes]] = []
+    nbytes = 0
+    for tag, body, _ in entries:
+        if tag == b"R":
+            records.append(body)
+        else:
+            chunks.append((ContentKey.from_bytes(body[:33]), body[33:]))
+        nbytes += len(body)
+        if len(records) + len(chunks) >= REPLAY_BATCH or nbytes >= REPLAY_BATCH_BYTES:
+            yield records, chunks, nbytes, True
+            records, chunks, nbytes = [], [], 0
+    yield records, chunks, nbytes, False
+
+
+def _appended(pending: "PendingPuts") -> int:
+    """How many of a submitted batch's records were appended (waits for its commit)."""
+    return sum(r.appended for r in pending.wait())
 
 
 class EntryReader:

@@ -1,18 +1,24 @@
 """The ``fabric`` command line.
 
-Every command has ``--help``, accepts ``--data DIR`` / ``--node HOST:PORT``,
-and on bad input exits non-zero with one line on stderr:
-``fabric <cmd>: error: <STATUS>: <message>``.
+Every command has ``--help``, accepts ``--data DIR`` / ``--node HOST:PORT``
+(``fabric node`` and ``fabric bench`` refuse ``--node``: they talk to no node), and
+on bad input exits non-zero with one line on stderr:
+``fabric <cmd>: error: <STATUS>: <message>``.  A flag a command would not use is
+not offered to it (``--evaluators`` only where evaluators run, ``--secret-file``
+only where a secret is used).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
+from logging.handlers import MemoryHandler
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from cassette.errors import FabricError, StatusCode
 from fabric import allocator
@@ -28,11 +34,37 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="DIR", help="cassette directory of the embedded node (default: $FABRIC_HOME or the user cache dir)")
-    p.add_argument("--node", metavar="HOST:PORT", help="talk to a running node instead (default: $FABRIC_NODE)")
-    p.add_argument("--secret-file", metavar="F", help="shared secret for --node (default: $FABRIC_SECRET / $FABRIC_SECRET_FILE)")
-    p.add_argument("--evaluators", metavar="MODULE", action="append", default=[], help="import evaluators from a module path or .py file (repeatable)")
+DATA_HELP = "cassette directory of the embedded node (default: $FABRIC_HOME or the user cache dir)"
+
+
+def _common(p: argparse.ArgumentParser, *, client: bool = True, secret: bool = True, evaluators: bool = False,
+            data: str = DATA_HELP, no_node: str = "") -> None:
+    """The shared flags, each only where the command uses it (argparse refuses the others):
+    ``--data`` everywhere; ``--node`` where the command can talk to a running node (``client``);
+    ``--secret-file`` where a secret is used (``secret``); ``--evaluators`` where evaluators
+    run.  A command that cannot talk to a node still takes ``--node`` (else argparse would
+    read it as an abbreviation, ``--node`` for ``--node-id``), only to refuse it with
+    ``no_node``, the reason (:func:`_refuse_node`)."""
+    p.add_argument("--data", metavar="DIR", help=data)
+    if client:
+        p.add_argument("--node", metavar="HOST:PORT", help="talk to a running node instead (default: $FABRIC_NODE)")
+    else:
+        p.add_argument("--node", metavar="HOST:PORT", help=f"refused (INVALID_ARGUMENT): {no_node}")
+        p.set_defaults(no_node=no_node)
+    if secret:
+        text = "the node's shared secret" if not client else "shared secret for --node"
+        p.add_argument("--secret-file", metavar="F", help=f"{text} (default: $FABRIC_SECRET / $FABRIC_SECRET_FILE)")
+    if evaluators:
+        p.add_argument("--evaluators", metavar="MODULE", action="append", default=[],
+                       help="import evaluators from a module path or .py file (repeatable)")
+
+
+def _refuse_node(args: argparse.Namespace) -> None:
+    """INVALID_ARGUMENT for ``--node`` on a command that cannot talk to a node (``fabric node``,
+    ``fabric bench``): it would otherwise be taken and ignored."""
+    why = getattr(args, "no_node", None)
+    if why and args.node is not None:
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"--node {args.node!r}: {why}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="agents realize overlapping requests on the embedded default, through --node, or on a "
                                     "local fleet (--nodes N); prints hits, misses, evaluator runs")
-    _common(p)
+    _common(p)  # its agents load the example evaluators themselves
     p.add_argument("--agents", type=int, default=4, help="agent processes (default 4)")
     p.add_argument("--requests", type=int, default=24, help="requests per agent (default 24)")
     p.add_argument("--distinct", type=int, default=32, help="distinct requests in the shared pool (default 32)")
@@ -50,20 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=0, help="run a local fleet of N nodes instead of the embedded default (not with --node)")
 
     p = sub.add_parser("node", help="run one peer node until SIGTERM/SIGINT")
-    _common(p)
+    _common(p, client=False, evaluators=True, data="the node's cassette directory (default: $FABRIC_HOME or the user cache dir)",
+            no_node="a node listens on --listen and joins peers with --join (or forwards to --relay)")
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0")
-    p.add_argument("--join", metavar="HOST:PORT", action="append", default=[])
+    p.add_argument("--join", metavar="HOST:PORT", action="append", default=[],
+                   help="a fleet member to join (repeatable; not with --relay)")
     p.add_argument("--relay", metavar="HOST:PORT", help="forward misses to this upstream node and record what comes back")
     p.add_argument("--metrics-port", type=int, default=None)
     p.add_argument("--node-id", default=None, help="node id for a new data dir (default: random)")
     p.add_argument("--durability", choices=("sync", "fast"), default="sync")
     p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, wait this long for in-flight computations")
-    p.add_argument("--gossip-interval", type=float, default=0.5, help="seconds between gossip rounds and probes")
+    p.add_argument("--gossip-interval", type=float, default=None,
+                   help="seconds between gossip rounds and probes (default 0.5; not with --relay)")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
                    help="close a client connection with no request in flight that sent nothing for S seconds (default 300)")
 
     p = sub.add_parser("realize", help="realize EVALUATOR on JSON_ARGS and print the reply as JSON")
-    _common(p)
+    _common(p, evaluators=True)
     p.add_argument("evaluator")
     p.add_argument("json_args", metavar="JSON_ARGS")
     p.add_argument("--version", dest="ev_version", default=None, help="evaluator version (default: latest registered)")
@@ -105,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
 
     p = sub.add_parser("bench", help="run the benchmarks and print ratios against raw floors")
-    _common(p)
+    _common(p, client=False, secret=False, data="where the benchmarks make their scratch directories (default: the system temp dir)",
+            no_node="the benchmarks measure nodes they start themselves")
     p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument("--only", action="append", default=[], help="run only benchmarks whose name contains this (repeatable)")
@@ -276,7 +312,7 @@ class _Sink:
             return
         import secrets
 
-        from cassette.ledgerfile import check_write_target
+        from cassette.ledgerfile import check_write_target, write_error
 
         if not output:
             raise FabricError(StatusCode.INVALID_ARGUMENT, "-o FILE must not be empty (use -o - or no -o for stdout)")
@@ -287,7 +323,7 @@ class _Sink:
             self.f = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
         except OSError as exc:
             self.tmp = None
-            raise FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {output}: {exc.strerror or exc}") from None
+            raise write_error(output, exc, what="") from None
 
     def write(self, data: bytes) -> None:
         try:
@@ -310,7 +346,9 @@ class _Sink:
         self.tmp = None
 
     def _error(self, exc: OSError) -> FabricError:
-        return FabricError(StatusCode.FAILED_PRECONDITION, f"cannot write {self.name if self.final else 'stdout'}: {exc.strerror or exc}")
+        from cassette.ledgerfile import write_error
+
+        return write_error(self.name if self.final else "stdout", exc, what="")
 
     def discard(self) -> None:
         """Remove the temporary file if :meth:`commit` did not happen (idempotent)."""
@@ -324,8 +362,6 @@ def _stream_to(sink: _Sink, fab: Any, key: Any) -> None:
     """Write artifact ``key``'s content to ``sink`` chunk by chunk, each verified against its key
     before it is written and the whole against the manifest digest at the end (DATA_LOSS
     otherwise): a few chunks in memory at a time, whatever the artifact's size."""
-    import contextlib
-
     manifest, chunks = fab.artifact_stream(key)
     cb, stop = _progress(manifest["size"], f"getting {key.short()}", nbytes=True)
     with contextlib.closing(chunks):  # a stream through a node ends there at once
@@ -599,6 +635,37 @@ def os_error_status(exc: OSError) -> FabricError:
     return FabricError(code, f"{' -> '.join(paths)}: {reason}" if paths else reason)
 
 
+#: Commands that log as they please: a node its own log lines, the bench each broken benchmark
+#: as it goes, the demo what its agents and nodes meet while it runs (minutes, maybe).
+_OWN_LOGS = ("node", "bench", "demo")
+
+
+@contextlib.contextmanager
+def _warnings_held(cmd: str) -> Iterator[None]:
+    """Hold the warnings the library logs while command ``cmd`` runs (such as the cassette's
+    "corrupt row ... reads as a miss" before a DATA_LOSS): written to stderr as Python would
+    (their message alone) once the command returns, dropped when it raises, so that a
+    failure is its one error line.  Held in batches of at most 1,000 (a full batch is
+    written at once): memory stays bounded.  Not for the commands in :data:`_OWN_LOGS`."""
+    if cmd in _OWN_LOGS:
+        yield
+        return
+    held = MemoryHandler(1000, flushLevel=logging.CRITICAL + 1, target=logging.StreamHandler(sys.stderr))
+    held.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(held)
+    try:
+        yield
+    except BaseException:
+        with held.lock:
+            held.buffer.clear()
+        raise
+    else:
+        held.flush()
+    finally:
+        root.removeHandler(held)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fabric`` console script; returns the exit status.
 
@@ -606,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     :class:`FabricError` as its status line; a stray ``OSError`` mapped to one by
     :func:`os_error_status`; any other exception (an evaluator's own) as its type and
     message.  A trio exception group holding a single exception reports that exception.
+    Warnings the library logs on the way are held until the command returns, and dropped
+    when it fails (:func:`_warnings_held`).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -615,7 +684,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd != "bench":  # the bench measures the library as it runs inside anyone's process
         allocator.keep_freed_memory()
     try:
-        return COMMANDS[args.cmd](args)
+        with _warnings_held(args.cmd):
+            _refuse_node(args)
+            return COMMANDS[args.cmd](args)
     except BaseException as raised:  # noqa: BLE001 - every failure is one line, not a traceback
         exc = _leaf(raised)
         if isinstance(exc, KeyboardInterrupt):

@@ -66,6 +66,7 @@ __all__ = [
     "FastHandler",
     "DEFER",
     "serve",
+    "listen",
     "bind_error",
     "open_connection",
     "READ_BYTES",
@@ -747,6 +748,7 @@ async def serve(
     fast: FastHandler | None = None,
     accept: Sequence[bytes] = (),
     drain: trio.Event | None = None,
+    listeners: Sequence[trio.SocketListener] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host:port`` and serve wire connections until cancelled (or drained).
@@ -783,6 +785,10 @@ async def serve(
     fails the handshake, breaks the protocol, exceeds a limit or idles past
     ``idle_timeout_s`` is closed with one log line, and only that connection.
     An address that cannot be bound is a ``FabricError`` naming it (:func:`bind_error`).
+    ``listeners``: sockets already bound by :func:`listen` (a node binds before it creates
+    anything on disk), served instead of binding ``host:port`` here; they close when
+    serving stops (closing them again is harmless, as the caller must if ``serve``
+    fails before it serves).
     """
     if limits is None:
         limits = StreamFrameLimits()
@@ -790,10 +796,8 @@ async def serve(
     accept = tuple(bytes(a) for a in accept)
     WireConnection("server", secret, limits, node_id=node_id, accept=accept)
     state = _ServerState(bytes(secret), handler, limits, node_id, stats, welcome, fast, accept)
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise bind_error("listen", host, port, exc) from None
+    if listeners is None:
+        listeners = await listen(host, port)
     bound = listeners[0].socket.getsockname()
     accepting = [trio.CancelScope() for _ in listeners]  # one per accept loop (a scope is entered once)
     async with trio.open_nursery() as nursery:
@@ -810,6 +814,15 @@ async def serve(
                      sum(len(c.calls) for c in state.connections))
             for connection in list(state.connections):
                 connection.drain()
+
+
+async def listen(host: str, port: int) -> list[trio.SocketListener]:
+    """The listening sockets of ``host:port`` (``port=0`` picks a free one), for :func:`serve`;
+    a ``FabricError`` naming the address when it cannot be bound (:func:`bind_error`)."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise bind_error("listen", host, port, exc) from None
 
 
 def bind_error(what: str, host: str, port: int, exc: OSError) -> FabricError:

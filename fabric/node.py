@@ -10,7 +10,9 @@ their records commit (all bounded by ``--drain-s``; a second signal stops
 waiting), close LMDB, exit 0.
 
 Bad flags fail before anything is opened (:func:`check_args`); a port that
-cannot be bound fails as one status line (:func:`fabric.net.bind_error`).
+cannot be bound (``--listen``, ``--metrics-port``) fails as one status line
+(:func:`fabric.net.bind_error`) before anything is created in ``--data``.  A
+``--node-id`` other than that of the existing cassette in ``--data`` is refused.
 
 Logs (stderr, logger names ``fabric.*``) carry one line per connection event
 and name keys, never payloads or secrets.
@@ -35,13 +37,17 @@ __all__ = ["main", "run_node", "check_args"]
 
 log = logging.getLogger("fabric.node")
 DRAIN_S = 30.0
+#: Seconds between gossip rounds and probes unless ``--gossip-interval`` says otherwise.
+GOSSIP_INTERVAL = 0.5
 
 
 async def run_node(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     from fabric import api, metrics
+    from fabric.fleet import ContentAddressedFabric, Fleet
     from fabric.local import Fabric
-    from fabric.net import bind_error, serve
+    from fabric.net import listen, serve
+    from fabric.placement import node_capabilities
     from fabric.registry import load_evaluators, registered
     from fabric.remote import RemoteFabric, parse_address
     from fabric.serve import NodeService
@@ -58,25 +64,19 @@ async def run_node(args: argparse.Namespace) -> int:
     for spec in args.evaluators:
         load_evaluators(spec)
     data = Path(args.data) if args.data else api.default_home()
-    fab = Fabric(data, durability=args.durability, node_id=args.node_id)
-    relay = RemoteFabric(args.relay, secret) if args.relay else None
-    service = NodeService(fab, relay=relay)
-    from fabric.fleet import ContentAddressedFabric, Fleet
-    from fabric.placement import node_capabilities
-
-    caps = node_capabilities(registered(), compute=not args.relay)  # a relay forwards misses, never computes
-    metrics_server = None
+    listeners = await listen(host, port)  # before anything is created on disk: a taken port leaves --data as it was
+    fab = relay = metrics_server = None
     lock_fd = -1
     try:
+        metrics_server = _serve_metrics(args.metrics_port, host)  # likewise
+        fab = Fabric(data, durability=args.durability, node_id=args.node_id)
         lock_fd = _hold_node_lock(data)
-        if args.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            try:
-                metrics_server, _ = start_http_server(args.metrics_port, addr=host)
-            except OSError as exc:
-                raise bind_error("serve metrics", host, args.metrics_port, exc) from None
-            log.info("metrics on http://%s:%d/metrics", host, metrics_server.server_address[1])
+        if args.node_id is not None and args.node_id != fab.node_id:
+            raise FabricError(StatusCode.FAILED_PRECONDITION, f"--node-id {args.node_id!r}: {data} is the cassette of node "
+                              f"{fab.node_id} (a node id is set only when its data directory is new)")
+        relay = RemoteFabric(args.relay, secret) if args.relay else None
+        service = NodeService(fab, relay=relay)
+        caps = node_capabilities(registered(), compute=not args.relay)  # a relay forwards misses, never computes
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 drain, served = trio.Event(), trio.Event()
@@ -86,7 +86,7 @@ async def run_node(args: argparse.Namespace) -> int:
                         await serve(
                             host, port, secret, service.handle, limits, node_id=fab.node_id, fast=service.handle_now,
                             stats=lambda: _node_stats(fab, service), welcome={"node": fab.node_id, "capabilities": caps},
-                            accept=forms[1:], drain=drain, task_status=task_status,
+                            accept=forms[1:], drain=drain, listeners=listeners, task_status=task_status,
                         )
                     finally:
                         served.set()
@@ -117,6 +117,8 @@ async def run_node(args: argparse.Namespace) -> int:
         if service.active_computations:
             log.warning("node %s: %d computations still running after %.0f s; closing anyway", fab.node_id, service.active_computations, args.drain_s)
     finally:
+        for listener in listeners:
+            listener.socket.close()  # (already closed once served)
         if lock_fd >= 0:
             os.close(lock_fd)  # (the lock goes with it; a kill -9 lets it go too)
         if metrics_server is not None:
@@ -124,10 +126,29 @@ async def run_node(args: argparse.Namespace) -> int:
             metrics_server.server_close()
         if relay is not None:
             relay.close()
-        fab.close()
+        if fab is not None:
+            fab.close()
         metrics.CONNECTIONS.set(0)
     log.info("node %s stopped cleanly", fab.node_id)
     return 0
+
+
+def _serve_metrics(port: int | None, host: str):
+    """Start the Prometheus endpoint on ``host:port`` (none when ``port`` is None); returns its
+    server, to be shut down when the node stops.  A port that cannot be bound is one status
+    line (:func:`fabric.net.bind_error`)."""
+    if port is None:
+        return None
+    from prometheus_client import start_http_server
+
+    from fabric.net import bind_error
+
+    try:
+        server, _ = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise bind_error("serve metrics", host, port, exc) from None
+    log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
+    return server
 
 
 #: Characters a log message may not carry as they are: C0/C1 controls and Unicode line breaks.
@@ -199,10 +220,16 @@ def check_args(args: argparse.Namespace) -> None:
     """INVALID_ARGUMENT, before anything is opened, for a malformed ``--listen``, ``--relay``
     or ``--join`` address (each HOST:PORT, port 1-65535; 0 allowed for ``--listen``) or a
     ``--metrics-port`` outside 0-65535.  Only the form is checked: a ``--join`` peer that is
-    not up yet is fine, it is dialled again every gossip round."""
+    not up yet is fine, it is dialled again every gossip round.  A relay gossips with no
+    fleet, so ``--join`` or ``--gossip-interval`` with ``--relay`` is INVALID_ARGUMENT too."""
     from fabric.remote import parse_address
 
     relay = getattr(args, "relay", None)
+    fleet_flags = (("--join", bool(getattr(args, "join", None))),
+                   ("--gossip-interval", getattr(args, "gossip_interval", None) is not None))
+    for flag, given in fleet_flags:
+        if relay and given:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"{flag} with --relay: a relay forwards to its upstream and joins no fleet")
     named = [("--listen", args.listen, True)] + ([("--relay", relay, False)] if relay else [])
     named += [("--join", seed, False) for seed in getattr(args, "join", None) or ()]
     for flag, address, listen in named:
@@ -251,9 +278,9 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     if not hasattr(args, "drain_s"):
         args.drain_s = DRAIN_S
-    if not hasattr(args, "gossip_interval"):
-        args.gossip_interval = 0.5
     if not hasattr(args, "idle_timeout"):
         args.idle_timeout = StreamFrameLimits.idle_timeout_s
     check_args(args)
+    if getattr(args, "gossip_interval", None) is None:  # (after the check: given, it is refused on a relay)
+        args.gossip_interval = GOSSIP_INTERVAL
     return trio.run(run_node, args)

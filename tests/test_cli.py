@@ -168,6 +168,9 @@ def test_every_command_has_help(cli, cmd):
     assert "usage: fabric" in out
     if cmd:
         assert "--data" in out and "--node" in out
+        # a flag is offered only where the command uses it
+        assert ("--evaluators" in out) == (cmd in ("realize", "node")), out
+        assert ("--secret-file" in out) == (cmd != "bench"), out
 
 
 @pytest.mark.parametrize(
@@ -266,9 +269,9 @@ def test_get_of_a_rotted_artifact_is_data_loss_and_writes_no_file(cli, tmp_path)
     key = json.loads(cli("put", tmp_path / "in.bin", "--data", data).stdout)["key"]
     flip_in_file(data / "data.mdb", content[150_000:150_100])
     p = cli("get", key, "-o", tmp_path / "out.bin", "--data", data)
+    line = _one_error_line(p, "DATA_LOSS")  # the cassette's warning naming the corrupt row is not printed before it
     assert p.returncode == 1
-    last = p.stderr.decode().strip().splitlines()[-1]
-    assert last.startswith("fabric get: error: DATA_LOSS: ") and key in last
+    assert line.startswith("fabric get: error: DATA_LOSS: ") and key in line
     assert not (tmp_path / "out.bin").exists()  # no partial output
     v = cli("verify", "--data", data)
     assert v.returncode == 1 and "DATA_LOSS" in v.stderr.decode()
@@ -283,15 +286,67 @@ def test_get_of_an_artifact_rotted_past_its_first_chunks_leaves_the_old_file_and
     out = tmp_path / "out.bin"
     out.write_bytes(b"what was there before")
     p = cli("get", key, "-o", out, "--data", data)
+    line = _one_error_line(p, "DATA_LOSS")  # and no warning line before it
     assert p.returncode == 1
-    last = p.stderr.decode().strip().splitlines()[-1]  # after the cassette's warning naming the corrupt row
-    assert last.startswith("fabric get: error: DATA_LOSS: ") and key in last
+    assert line.startswith("fabric get: error: DATA_LOSS: ") and key in line
     assert out.read_bytes() == b"what was there before"  # two verified chunks were written, then dropped
     assert sorted(x.name for x in tmp_path.iterdir()) == ["d", "in.bin", "out.bin"]  # no .part left behind
     # to stdout the verified chunks stream out before the bad one is found: a prefix of the content, then the error
     p = cli("get", key, "--data", data)
-    assert p.returncode == 1 and "DATA_LOSS" in p.stderr.decode()
+    assert p.returncode == 1 and _one_error_line(p, "DATA_LOSS")
     assert content.startswith(p.stdout) and len(p.stdout) == 2 << 20
+
+
+def test_warnings_logged_on_the_way_are_written_when_the_command_succeeds(cli, tmp_path):
+    """Held warnings are dropped only when the command fails: a realize that finds its
+    record rotted recomputes it, exits 0 and still says what it found."""
+    data = tmp_path / "d"
+    args = ["realize", "text.stats", '{"text": "zq zq rotted reply"}', "--evaluators", EVALUATORS, "--data", data]
+    assert cli(*args).returncode == 0
+    flip_in_file(data / "data.mdb", b"entropy_bits")
+    p = cli(*args)
+    assert p.returncode == 0, p.stderr.decode()
+    assert json.loads(p.stdout)["source"] == "computed"
+    err = p.stderr.decode()
+    assert f"cassette {data}: corrupt row for {json.loads(p.stdout)['key']} reads as a miss" in err, err
+
+
+def test_node_and_bench_refuse_node_instead_of_ignoring_it(cli, tmp_path):
+    """`fabric node` and `fabric bench` talk to no node: their --node was taken and ignored
+    (the node served, the bench ran).  It is one INVALID_ARGUMENT line naming it, before
+    anything starts: --data is not created."""
+    import socket
+
+    (tmp_path / "secret").write_bytes(b"s" * 32)
+    with socket.socket() as busy:  # with --node ignored, the node fails at once on this port (not serving on)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        extra = {"node": ["--listen", f"127.0.0.1:{busy.getsockname()[1]}", "--secret-file", tmp_path / "secret"],
+                 "bench": ["--only", "no-such-benchmark"]}
+        for cmd in ("node", "bench"):
+            p = cli(cmd, "--node", "127.0.0.1:7001", "--data", tmp_path / "d", *extra[cmd], timeout=30)
+            line = _one_error_line(p, "INVALID_ARGUMENT")
+            assert line.startswith(f"fabric {cmd}: error: INVALID_ARGUMENT: --node '127.0.0.1:7001': "), line
+            assert p.stdout == b"" and ("--listen" in line) == (cmd == "node")  # a node's flag for what it may have meant
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["demo", "--agents", "0"], ["put", "in.bin"], ["get", "request:" + "00" * 32], ["holders", "request:" + "00" * 32],
+     ["stats"], ["verify"], ["replay", "in.ledger"], ["export", "out.ledger"], ["bench", "--only", "no-such-benchmark"]],
+    ids=lambda v: v[0],
+)
+def test_a_flag_the_command_would_ignore_is_not_offered(cli, tmp_path, args):
+    """--evaluators (and, on bench, --secret-file) did nothing on these commands; argparse
+    now refuses it as it refuses any unknown flag: one usage line, exit 2, nothing opened."""
+    flag = ["--secret-file", tmp_path / "secret"] if args[0] == "bench" else ["--evaluators", EVALUATORS]
+    args = [tmp_path / a if a.startswith(("in.", "out.")) else a for a in args]
+    p = cli(*args, *flag, "--data", tmp_path / "d", timeout=60)
+    lines = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, lines
+    assert f"error: unrecognized arguments: {flag[0]}" in lines[0], lines
+    assert p.stdout == b"" and not (tmp_path / "d").exists()
 
 
 def test_get_to_a_file_in_a_missing_directory_names_the_file_before_any_transfer(cli, tmp_path):

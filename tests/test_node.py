@@ -556,6 +556,59 @@ def test_node_bind_failures_and_malformed_addresses_are_one_status_line(tmp_path
             assert f.realize(fabric.Request("text.stats", {"text": "a b"})).source == "computed"
 
 
+def test_a_node_that_cannot_bind_leaves_its_data_dir_as_it_was(tmp_path):
+    """The listen and metrics ports are bound before the cassette is created: a node that
+    fails to start on a taken port leaves no cassette (nor node.lock) in --data, whether
+    the directory did not exist or was empty."""
+    (tmp_path / "secret").write_bytes(SECRET)
+    (tmp_path / "empty").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for extra in (["--listen", f"127.0.0.1:{port}"], ["--metrics-port", str(port)]):
+            for data in (tmp_path / "fresh", tmp_path / "empty"):
+                r = subprocess.run([FABRIC, "node", "--data", str(data), "--secret-file", str(tmp_path / "secret"), *extra],
+                                   capture_output=True, text=True, timeout=30)
+                assert r.returncode == 1 and r.stderr.count("\n") == 1 and "UNAVAILABLE: cannot " in r.stderr, (extra, r.stderr)
+                assert not (tmp_path / "fresh").exists() and list((tmp_path / "empty").iterdir()) == [], extra
+
+
+def test_a_relay_refuses_the_fleet_flags_it_would_ignore(tmp_path):
+    """A relay forwards to one upstream and gossips with no fleet: --join and
+    --gossip-interval on it were taken and ignored; each is one INVALID_ARGUMENT line,
+    given before the port is bound (here a taken one) or anything is created."""
+    (tmp_path / "secret").write_bytes(SECRET)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        base = [FABRIC, "node", "--data", str(tmp_path / "d"), "--secret-file", str(tmp_path / "secret"),
+                "--listen", f"127.0.0.1:{busy.getsockname()[1]}", "--relay", "127.0.0.1:7001"]
+        for flag, value in (("--join", "127.0.0.1:7002"), ("--gossip-interval", "2")):
+            r = subprocess.run([*base, flag, value], capture_output=True, text=True, timeout=30)
+            assert r.returncode == 1 and r.stdout == "", r.stderr
+            assert r.stderr == (f"fabric node: error: INVALID_ARGUMENT: {flag} with --relay: "
+                                "a relay forwards to its upstream and joins no fleet\n")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_node_id_other_than_the_data_dirs_is_refused_not_ignored(tmp_path):
+    """--node-id names a new data directory's node; on an existing cassette of another node
+    it was ignored (the node served as that other node).  It is one FAILED_PRECONDITION
+    line naming both ids; the same id, or none, serves as before."""
+    (tmp_path / "secret").write_bytes(SECRET)
+    data = tmp_path / "d"
+    Cassette(data, node_id="alpha").close()
+    r = subprocess.run([FABRIC, "node", "--data", str(data), "--secret-file", str(tmp_path / "secret"), "--node-id", "beta"],
+                       capture_output=True, text=True, timeout=15)
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == (f"fabric node: error: FAILED_PRECONDITION: --node-id 'beta': {data} is the cassette of node alpha "
+                        "(a node id is set only when its data directory is new)\n")
+    with node(tmp_path, "d", "--node-id", "alpha") as (addr, _, _):
+        with fabric.open(addr, secret=SECRET) as f:
+            assert f.stats()["node"]["node_id"] == "alpha"
+
+
 #: Runs the ``fabric`` CLI in a fresh interpreter and reports its peak RSS (VmHWM, KiB) on stderr.
 #: VmHWM belongs to the process's own memory map, which exec starts anew, so unlike a child's
 #: ``ru_maxrss`` it does not include the test process's memory at fork.
