@@ -38,7 +38,8 @@ every chunk it names is held here.
 
 Two holders claiming different digests for one key is a determinism
 violation: it is logged and counted (``fabric_determinism_violations_total``)
-and the digest served is the one most holders claim (ties: the home's).
+and the digest served is the one most holders claim (ties: the one the key's home
+holds, the home among live members advertising the evaluator, as in step 3).
 """
 
 from __future__ import annotations
@@ -454,7 +455,7 @@ class ContentAddressedFabric:
         key = req.key
         begin()
         try:
-            got = await self._from_holders(key)
+            got = await self._from_holders(key, capability=evaluator_capability(req.evaluator, req.version))
             if got is not None:
                 rec, holder = got
                 return await self._record_and_answer(call, rec, "peer", holder)
@@ -642,20 +643,45 @@ class ContentAddressedFabric:
             await flush()
             live = [h for h in live if h[0] not in failed]
 
-    async def _from_holders(self, key: ContentKey, holders: list | None = None) -> tuple[Record, str] | None:
+    async def _from_holders(self, key: ContentKey, holders: list | None = None, *,
+                            capability: str | None = None) -> tuple[Record, str] | None:
         """The verified record of ``key`` from the first of ``holders`` ``[(node_id, addr,
-        digest or None)]`` (default: the live holders the index knows) that serves it."""
+        digest or None)]`` (default: the live holders the index knows) that serves the digest
+        to serve, or None.
+
+        The digest to serve is the one most holders claim; a tie goes to the digest held by
+        the key's home among the live members advertising ``capability``, the request's
+        ``eval:NAME@VERSION`` (specs/gossip.md sections 3.4 and 6), so members agree with each
+        other and with the home, which answers forwards with its own.  A ``get`` names only
+        the key: when ``capability`` is None and holders disagree on a request key's digest,
+        it is read from the first record a holder serves (evaluator and version), and that
+        record is kept only if it has the digest chosen then.
+        """
         if holders is None:
             holders = self.fleet.live_holders(key)
         if not holders:
             return None
-        preferred = self.fleet.gossip.preferred_digest(key)
         if len({d for _, _, d in holders}) > 1:
             metrics.DETERMINISM_VIOLATIONS.inc()
             log.warning("holders of %s disagree on its digest; serving the majority's", key.short())
+        first = None
+        if capability is None and key.kind == "request" and len({d for _, d in self.fleet.gossip.holders(key)}) > 1:
+            first = await self._fetch_record(key, holders, None)  # any holder's record names the evaluator
+            if first is None:
+                return None
+            capability = evaluator_capability(first[0].evaluator, first[0].version)
+        preferred = self.fleet.gossip.preferred_digest(key, capability)
+        if first is not None and first[0].digest == preferred:
+            return first
+        return await self._fetch_record(key, holders, preferred)
+
+    async def _fetch_record(self, key: ContentKey, holders: list, preferred: bytes | None) -> tuple[Record, str] | None:
+        """The verified record of ``key`` from the first of ``holders`` announcing ``preferred``
+        (None: any digest; a holder found by asking, digest None, is verified against the key
+        alone), skipping one that fails or turns DEAD meanwhile; None when none serves it."""
         for node_id, addr, digest in holders:
             if preferred is not None and digest is not None and digest != preferred:
-                continue  # (a holder found by asking, digest None, is verified against the key alone)
+                continue
             try:
                 live, got = await self.fleet.while_live(node_id, lambda: self.fleet.pool.record(addr, "fetch", {"key": key}))
                 if not live:
