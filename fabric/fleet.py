@@ -45,8 +45,10 @@ holds, the home among live members advertising the evaluator, as in step 3).
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import math
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +63,7 @@ from fabric.remote import parse_address
 from fabric.placement import evaluator_capability
 from fabric.serve import KeyFlights, answer_held, answer_if_held, evaluator_fault, verify_record
 from gossip.membership import MemberState
+from gossip.messages import MAX_ADDR_BYTES
 from gossip.node import GossipConfig, GossipNode, rendezvous_order
 from gossip.runner import GossipRunner
 
@@ -68,7 +71,7 @@ if TYPE_CHECKING:
     from fabric.local import Fabric
     from fabric.net import ServerCall
 
-__all__ = ["PeerPool", "WireTransport", "Fleet", "ContentAddressedFabric"]
+__all__ = ["PeerPool", "WireTransport", "Fleet", "ContentAddressedFabric", "reply_address"]
 
 log = logging.getLogger("fabric.fleet")
 
@@ -83,6 +86,33 @@ CHUNK_DEADLINE_S = 15.0
 LIVENESS_POLL_S = 0.25
 #: How long a member asks its live peers who holds a key it knows no holder of (``get``).
 ASK_HOLDERS_S = 2.0
+
+
+#: One DNS label of a host name a peer may give as its ``from`` address.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def reply_address(addr: str) -> str:
+    """``addr`` if it is an address a ``gossip`` op may name as ``from`` (where the runner
+    sends its replies), else INVALID_ARGUMENT: ``HOST:PORT`` of at most
+    :data:`~gossip.messages.MAX_ADDR_BYTES` UTF-8 bytes, PORT 1-65535 in ASCII digits, HOST
+    an IP address (IPv6 bare, as a node advertises it, or in brackets) or a DNS name of
+    dot-separated labels of 1-63 ASCII letters, digits, ``-`` or ``_`` (no label starting or
+    ending with ``-``).  Only the form is checked: whether it answers is gossip's business."""
+    bad = FabricError(StatusCode.INVALID_ARGUMENT,
+                      f"gossip: 'from' must be HOST:PORT (port 1-65535, at most {MAX_ADDR_BYTES} bytes), got {addr!r:.80}")
+    if len(addr.encode("utf-8", "surrogatepass")) > MAX_ADDR_BYTES:
+        raise bad
+    try:
+        host, _ = parse_address(addr)
+    except FabricError:
+        raise bad from None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not all(_HOST_LABEL.fullmatch(label) for label in host.split(".")):
+            raise bad from None
+    return addr
 
 
 class PeerPool:
@@ -239,12 +269,15 @@ class Fleet:
             task_status.started()
 
     async def handle(self, call: "ServerCall") -> None:
-        """The ``gossip`` op: queue the payload for the runner; drop it when the inbox is full."""
+        """The ``gossip`` op: queue the payload for the runner; drop it when the inbox is full.
+        INVALID_ARGUMENT, before anything is queued, for a body that is not ``{'from': str,
+        'msg': bytes}`` or a ``from`` that is no address to reply to (:func:`reply_address`)."""
         body = call.body
         if not isinstance(body, dict) or type(body.get("msg")) is not bytes or not isinstance(body.get("from"), str):
             raise FabricError(StatusCode.INVALID_ARGUMENT, "gossip: body must be {'from': str, 'msg': bytes}")
+        src = reply_address(body["from"])
         try:
-            self._inbox_send.send_nowait((body["from"], body["msg"]))
+            self._inbox_send.send_nowait((src, body["msg"]))
         except trio.WouldBlock:
             self.dropped += 1  # gossip tolerates loss; anti-entropy repairs it
 
