@@ -64,3 +64,36 @@ def test_a_real_node_refuses_a_bad_from_and_keeps_serving_its_peers(tmp_path):
         with fabric.open(addr, secret=SECRET) as f:  # still serving clients
             assert f.stats()["node"]["node_id"]
         assert proc.poll() is None
+
+
+@pytest.mark.trio
+async def test_the_fleet_transport_warns_once_of_a_peer_it_cannot_reach(caplog):
+    """Replies to a peer whose port is closed: every send fails (UNAVAILABLE over a real socket
+    on 127.0.0.1); the node says so in one WARNING line naming the address, not per send."""
+    import logging
+    import socket
+
+    from fabric.fleet import PeerPool, WireTransport
+    from gossip.membership import MembershipConfig
+    from gossip.node import GossipConfig, GossipNode
+    from gossip.runner import FAIL_WARN_AFTER, GossipRunner
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = f"127.0.0.1:{s.getsockname()[1]}"  # closed once the block ends
+    quiet = GossipConfig(membership=MembershipConfig(member_sync_interval=None, reconnect_interval=None))
+    pool = PeerPool(SECRET)
+    runner = GossipRunner(GossipNode("a", addr="127.0.0.1:9", config=quiet), WireTransport(pool, "127.0.0.1:9"))
+    with caplog.at_level(logging.WARNING, logger="evalfabric.gossip"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runner.run)
+            for seq in range(2 * FAIL_WARN_AFTER):  # each ping is answered with an ack to `gone`
+                await runner.deliver(gone, encode_message(Ping("peer", seq, None)))
+            with trio.fail_after(10):
+                while runner.send_failures < 2 * FAIL_WARN_AFTER:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    await pool.aclose()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"sends to '{gone}' keep failing ({FAIL_WARN_AFTER} in a row; last: UNAVAILABLE" in warnings[0]
