@@ -69,6 +69,11 @@ MAX_INCARNATION = (1 << 64) - 1
 
 _U64_MAX = (1 << 64) - 1
 _DIGEST_BYTES = 16
+#: Most arrays and maps a valid message decodes to: the map, ``u`` and its updates (each a
+#: list holding a capability list), then a facts message's runs (each a list) or a members
+#: message's entries (likewise two lists each).  Decoding stops past it (``codec.decode``'s
+#: ``max_compound``), so no field makes a node build more before its own bound is checked.
+_MAX_COMPOUND = 3 + 2 * MAX_PIGGYBACK_UPDATES + max(MAX_FACTS_PER_MESSAGE, 2 * MAX_MEMBERS)
 
 
 class MemberState(enum.IntEnum):
@@ -328,7 +333,7 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
     if declared is not None and declared > MAX_MEMBERS:  # refused before anything is decoded
         raise _bad("m", f"{declared} entries, at most {MAX_MEMBERS} allowed")
     try:
-        m = codec.decode(data, strict=True)
+        m = codec.decode(data, strict=True, max_compound=_MAX_COMPOUND)
     except FabricError as e:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"gossip.message: {e.message}") from None
     if type(m) is not dict:

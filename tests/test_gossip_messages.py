@@ -298,3 +298,25 @@ def test_an_oversized_members_message_is_refused_before_its_entries_are_decoded(
         tracemalloc.stop()
     assert ei.value.message.startswith(f"gossip.m: {n} entries")
     assert peak < 1 << 20, peak  # nothing the size of the entries was allocated
+
+
+def test_a_message_decoding_to_more_lists_than_any_valid_one_is_refused_while_decoding():
+    """A sync message whose ``u`` holds ~1M empty lists (1 MiB): it used to be decoded in full
+    (~64 MiB of lists) before ``u``'s bound of 1,024 refused it; decoding now stops once it
+    has built more arrays and maps than any valid gossip message has."""
+    import tracemalloc
+
+    n = (1 << 20) - 1
+    data = (b"\x85\xa1d\xc4\x10" + bytes(16) + b"\xa1t\xa4sync\xa1u\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+            + b"\xa1v\x01\xa4from\xa2n1")
+    assert codec.is_canonical(data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FabricError) as ei:
+            decode_message(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ei.value.status_code is StatusCode.INVALID_ARGUMENT
+    assert ei.value.message.startswith("gossip.message: codec: input decodes to more than"), ei.value.message
+    assert peak < 16 << 20, peak  # ~133k lists at most, not a million
