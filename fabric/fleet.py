@@ -38,14 +38,17 @@ every chunk it names is held here.
 
 Two holders claiming different digests for one key is a determinism
 violation: it is logged and counted (``fabric_determinism_violations_total``)
-and the digest served is the one most holders claim (ties: the home's).
+and the digest served is the one most holders claim (ties: the one the key's home
+holds, the home among live members advertising the evaluator, as in step 3).
 """
 
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import math
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +63,7 @@ from fabric.remote import parse_address
 from fabric.placement import evaluator_capability
 from fabric.serve import KeyFlights, answer_held, answer_if_held, evaluator_fault, verify_record
 from gossip.membership import MemberState
+from gossip.messages import MAX_ADDR_BYTES
 from gossip.node import GossipConfig, GossipNode, rendezvous_order
 from gossip.runner import GossipRunner
 
@@ -67,7 +71,7 @@ if TYPE_CHECKING:
     from fabric.local import Fabric
     from fabric.net import ServerCall
 
-__all__ = ["PeerPool", "WireTransport", "Fleet", "ContentAddressedFabric"]
+__all__ = ["PeerPool", "WireTransport", "Fleet", "ContentAddressedFabric", "reply_address"]
 
 log = logging.getLogger("fabric.fleet")
 
@@ -82,6 +86,33 @@ CHUNK_DEADLINE_S = 15.0
 LIVENESS_POLL_S = 0.25
 #: How long a member asks its live peers who holds a key it knows no holder of (``get``).
 ASK_HOLDERS_S = 2.0
+
+
+#: One DNS label of a host name a peer may give as its ``from`` address.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def reply_address(addr: str) -> str:
+    """``addr`` if it is an address a ``gossip`` op may name as ``from`` (where the runner
+    sends its replies), else INVALID_ARGUMENT: ``HOST:PORT`` of at most
+    :data:`~gossip.messages.MAX_ADDR_BYTES` UTF-8 bytes, PORT 1-65535 in ASCII digits, HOST
+    an IP address (IPv6 bare, as a node advertises it, or in brackets) or a DNS name of
+    dot-separated labels of 1-63 ASCII letters, digits, ``-`` or ``_`` (no label starting or
+    ending with ``-``).  Only the form is checked: whether it answers is gossip's business."""
+    bad = FabricError(StatusCode.INVALID_ARGUMENT,
+                      f"gossip: 'from' must be HOST:PORT (port 1-65535, at most {MAX_ADDR_BYTES} bytes), got {addr!r:.80}")
+    if len(addr.encode("utf-8", "surrogatepass")) > MAX_ADDR_BYTES:
+        raise bad
+    try:
+        host, _ = parse_address(addr)
+    except FabricError:
+        raise bad from None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not all(_HOST_LABEL.fullmatch(label) for label in host.split(".")):
+            raise bad from None
+    return addr
 
 
 class PeerPool:
@@ -238,12 +269,15 @@ class Fleet:
             task_status.started()
 
     async def handle(self, call: "ServerCall") -> None:
-        """The ``gossip`` op: queue the payload for the runner; drop it when the inbox is full."""
+        """The ``gossip`` op: queue the payload for the runner; drop it when the inbox is full.
+        INVALID_ARGUMENT, before anything is queued, for a body that is not ``{'from': str,
+        'msg': bytes}`` or a ``from`` that is no address to reply to (:func:`reply_address`)."""
         body = call.body
         if not isinstance(body, dict) or type(body.get("msg")) is not bytes or not isinstance(body.get("from"), str):
             raise FabricError(StatusCode.INVALID_ARGUMENT, "gossip: body must be {'from': str, 'msg': bytes}")
+        src = reply_address(body["from"])
         try:
-            self._inbox_send.send_nowait((body["from"], body["msg"]))
+            self._inbox_send.send_nowait((src, body["msg"]))
         except trio.WouldBlock:
             self.dropped += 1  # gossip tolerates loss; anti-entropy repairs it
 
@@ -454,7 +488,7 @@ class ContentAddressedFabric:
         key = req.key
         begin()
         try:
-            got = await self._from_holders(key)
+            got = await self._from_holders(key, capability=evaluator_capability(req.evaluator, req.version))
             if got is not None:
                 rec, holder = got
                 return await self._record_and_answer(call, rec, "peer", holder)
@@ -642,20 +676,45 @@ class ContentAddressedFabric:
             await flush()
             live = [h for h in live if h[0] not in failed]
 
-    async def _from_holders(self, key: ContentKey, holders: list | None = None) -> tuple[Record, str] | None:
+    async def _from_holders(self, key: ContentKey, holders: list | None = None, *,
+                            capability: str | None = None) -> tuple[Record, str] | None:
         """The verified record of ``key`` from the first of ``holders`` ``[(node_id, addr,
-        digest or None)]`` (default: the live holders the index knows) that serves it."""
+        digest or None)]`` (default: the live holders the index knows) that serves the digest
+        to serve, or None.
+
+        The digest to serve is the one most holders claim; a tie goes to the digest held by
+        the key's home among the live members advertising ``capability``, the request's
+        ``eval:NAME@VERSION`` (specs/gossip.md sections 3.4 and 6), so members agree with each
+        other and with the home, which answers forwards with its own.  A ``get`` names only
+        the key: when ``capability`` is None and holders disagree on a request key's digest,
+        it is read from the first record a holder serves (evaluator and version), and that
+        record is kept only if it has the digest chosen then.
+        """
         if holders is None:
             holders = self.fleet.live_holders(key)
         if not holders:
             return None
-        preferred = self.fleet.gossip.preferred_digest(key)
         if len({d for _, _, d in holders}) > 1:
             metrics.DETERMINISM_VIOLATIONS.inc()
             log.warning("holders of %s disagree on its digest; serving the majority's", key.short())
+        first = None
+        if capability is None and key.kind == "request" and len({d for _, d in self.fleet.gossip.holders(key)}) > 1:
+            first = await self._fetch_record(key, holders, None)  # any holder's record names the evaluator
+            if first is None:
+                return None
+            capability = evaluator_capability(first[0].evaluator, first[0].version)
+        preferred = self.fleet.gossip.preferred_digest(key, capability)
+        if first is not None and first[0].digest == preferred:
+            return first
+        return await self._fetch_record(key, holders, preferred)
+
+    async def _fetch_record(self, key: ContentKey, holders: list, preferred: bytes | None) -> tuple[Record, str] | None:
+        """The verified record of ``key`` from the first of ``holders`` announcing ``preferred``
+        (None: any digest; a holder found by asking, digest None, is verified against the key
+        alone), skipping one that fails or turns DEAD meanwhile; None when none serves it."""
         for node_id, addr, digest in holders:
             if preferred is not None and digest is not None and digest != preferred:
-                continue  # (a holder found by asking, digest None, is verified against the key alone)
+                continue
             try:
                 live, got = await self.fleet.while_live(node_id, lambda: self.fleet.pool.record(addr, "fetch", {"key": key}))
                 if not live:

@@ -43,6 +43,7 @@ from gossip.messages import (
     MAX_CAPABILITIES,
     MAX_CAPABILITY_BYTES,
     MAX_INCARNATION,
+    MAX_MEMBERS,
     Ack,
     Members,
     MemberState,
@@ -384,6 +385,15 @@ class Membership:
             out.append(MemberUpdate(r.node_id, r.incarnation, r.state, r.addr, r.capabilities))
         return tuple(out)
 
+    def full_state_messages(self, *, reply: bool) -> list[Members]:
+        """:meth:`full_state` as :class:`Members` messages of at most
+        :data:`~gossip.messages.MAX_MEMBERS` entries each (more in one is refused by every
+        receiver); only the first asks for a reply (``reply``) and carries piggy-backed updates."""
+        state = self.full_state()
+        parts = [state[i : i + MAX_MEMBERS] for i in range(0, len(state), MAX_MEMBERS)]
+        return [Members(self.node_id, part, reply and i == 0, self.piggyback() if i == 0 else ())
+                for i, part in enumerate(parts)]
+
     # -- inputs ------------------------------------------------------------------
     def apply_updates(self, updates: Iterable[MemberUpdate], now: float) -> int:
         """Apply piggy-backed updates (SWIM precedence rules); return how many changed state."""
@@ -424,7 +434,7 @@ class Membership:
         elif t is Members:
             self.apply_updates(msg.members, now)
             if msg.reply:
-                out.append((src_addr, Members(self.node_id, self.full_state(), False, self.piggyback())))
+                out += [(src_addr, m) for m in self.full_state_messages(reply=False)]
         else:
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"membership: cannot handle {t.__name__}")
         self._rewake()
@@ -483,7 +493,7 @@ class Membership:
             self._next_sync = _next_period(self._next_sync, cfg.member_sync_interval, now)
             peers = self.random_live_peers(1)
             if peers and not self._leaving:
-                out.append((peers[0][1], Members(self.node_id, self.full_state(), True, self.piggyback())))
+                out += [(peers[0][1], m) for m in self.full_state_messages(reply=True)]
         self._rewake()
         return out
 
@@ -497,8 +507,8 @@ class Membership:
         return self._join_pushes()
 
     def _join_pushes(self) -> Outgoing:
-        state = self.full_state()
-        return [(a, Members(self.node_id, state, True, self.piggyback())) for a in self._seeds]
+        msgs = self.full_state_messages(reply=True)
+        return [(a, m) for a in self._seeds for m in msgs]
 
     def leave(self, now: float) -> Outgoing:
         """Announce a graceful leave (state LEFT) to up to ``indirect_k`` live peers; stop probing."""

@@ -50,8 +50,10 @@ __all__ = [
 PROTOCOL_VERSION = 1
 #: Most membership updates piggy-backed on one message (``u``).
 MAX_PIGGYBACK_UPDATES = 1024
-#: Most member entries in one full-state :class:`Members` message.
-MAX_MEMBERS = 1 << 20
+#: Most member entries in one full-state :class:`Members` message: ample for a real fleet
+#: (a larger membership goes out as several messages, see ``Membership``), and small enough
+#: that a peer cannot make a node allocate or apply millions of entries in one message.
+MAX_MEMBERS = 4096
 #: Most facts (records) in one :class:`Facts` message.
 MAX_FACTS_PER_MESSAGE = 1 << 17
 #: Most origins in one :class:`Summary`.
@@ -67,6 +69,11 @@ MAX_INCARNATION = (1 << 64) - 1
 
 _U64_MAX = (1 << 64) - 1
 _DIGEST_BYTES = 16
+#: Most arrays and maps a valid message decodes to: the map, ``u`` and its updates (each a
+#: list holding a capability list), then a facts message's runs (each a list) or a members
+#: message's entries (likewise two lists each).  Decoding stops past it (``codec.decode``'s
+#: ``max_compound``), so no field makes a node build more before its own bound is checked.
+_MAX_COMPOUND = 3 + 2 * MAX_PIGGYBACK_UPDATES + max(MAX_FACTS_PER_MESSAGE, 2 * MAX_MEMBERS)
 
 
 class MemberState(enum.IntEnum):
@@ -298,14 +305,35 @@ def _updates(v: Any, field: str, max_len: int) -> tuple:
     return tuple(_update(u, f"{field}[{i}]") for i, u in enumerate(_list(v, field, max_len)))
 
 
+def _declared_members(data: bytes | bytearray | memoryview) -> int | None:
+    """How many entries ``m`` declares in a canonical ``members`` message, read from its first
+    bytes without decoding it (None when ``data`` does not start that way).  ``m`` sorts
+    first among a members message's keys, so the canonical form starts with a map header
+    (6 entries), the key ``"m"`` (``a1 6d``) and the array header, whose count bounds what
+    decoding would allocate."""
+    head = bytes(data[:8])
+    if len(head) < 4 or head[:3] != b"\x86\xa1m":
+        return None
+    h = head[3]
+    if 0x90 <= h <= 0x9F:
+        return h & 0x0F
+    width = {0xDC: 2, 0xDD: 4}.get(h)
+    if width is None or len(head) < 4 + width:
+        return None
+    return int.from_bytes(head[4 : 4 + width], "big")
+
+
 def decode_message(data: bytes | bytearray | memoryview) -> Message:
     """Parse and validate one message; inverse of :func:`encode_message`.
 
     Anything but the canonical encoding of a valid message raises
     ``FabricError(INVALID_ARGUMENT)`` whose message starts ``gossip.<field>:``.
     """
+    declared = _declared_members(data)
+    if declared is not None and declared > MAX_MEMBERS:  # refused before anything is decoded
+        raise _bad("m", f"{declared} entries, at most {MAX_MEMBERS} allowed")
     try:
-        m = codec.decode(data, strict=True)
+        m = codec.decode(data, strict=True, max_compound=_MAX_COMPOUND)
     except FabricError as e:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"gossip.message: {e.message}") from None
     if type(m) is not dict:

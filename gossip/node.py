@@ -197,8 +197,13 @@ class GossipNode:
         return rendezvous_home(key, self.membership.live_members(capability))
 
     def preferred_digest(self, key: bytes, capability: str | None = None) -> bytes | None:
-        """Digest to serve for ``key``: majority of holders, ties to the home's (see the index)."""
-        return self.index.preferred_digest(key, self.home(key, capability))
+        """Digest to serve for ``key``: the majority of holders', a tie going to the digest of
+        the key's home among live members advertising ``capability`` (its evaluator's
+        ``eval:NAME@VERSION``; see the index).  ``capability`` None: the key names no
+        evaluator (an artifact), so it has no home and a tie goes to the smallest digest.
+        Every node whose view has the same holders and candidates picks the same digest."""
+        home = None if capability is None else self.home(key, capability)
+        return self.index.preferred_digest(key, home)
 
     def next_deadline(self) -> float:
         """Earliest time :meth:`tick` has work (``-inf`` while pushes are pending)."""

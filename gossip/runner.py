@@ -10,7 +10,9 @@ transport can implement it:
 * ``async send(peer_addr: str, payload: bytes) -> None`` delivers one encoded
   message to ``peer_addr`` *at most once*, or gives up: it may drop the payload,
   and it may raise ``OSError`` or ``FabricError``; the runner logs, counts and
-  carries on (gossip tolerates loss by design).  It should not block for long;
+  carries on (gossip tolerates loss by design).  A peer whose sends keep failing
+  (:data:`FAIL_WARN_AFTER` in a row) is logged at WARNING, at most once per
+  :data:`FAIL_WARN_EVERY_S` while it goes on, and at INFO when it recovers.  It should not block for long;
   the runner bounds each send by ``send_timeout`` seconds with a cancel scope.
 * inbound payloads are handed to ``await runner.deliver(src_addr, payload)`` by
   whoever receives them (the transport's own tasks).  ``src_addr`` must be the
@@ -41,6 +43,23 @@ __all__ = ["Transport", "GossipRunner", "MemoryNetwork", "MemoryTransport"]
 log = logging.getLogger("evalfabric.gossip")
 
 _MIN_SLEEP = 0.001
+#: Consecutive failed sends to one peer after which the runner logs it at WARNING.
+FAIL_WARN_AFTER = 3
+#: While sends to a peer keep failing, the WARNING is repeated at most this often (seconds).
+FAIL_WARN_EVERY_S = 300.0
+#: Most peers whose failing sends the runner tracks at once (the oldest is forgotten first).
+_MAX_TRACKED_FAILING = 1024
+
+
+def _why(exc: BaseException) -> str:
+    """Why a send failed, in one short line: the error's kind and text, never the payload."""
+    if isinstance(exc, FabricError):
+        text = f"{exc.status_code.name}: {exc.message}"
+    elif isinstance(exc, OSError):
+        text = f"{type(exc).__name__}: {exc.strerror or exc}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:200]
 
 
 class Transport(Protocol):
@@ -98,6 +117,8 @@ class GossipRunner:
         self._running = False
         self._nursery: trio.Nursery | None = None
         self._outbox: dict[str, trio.MemorySendChannel] = {}
+        #: per peer address whose last send failed: [failures in a row, when last warned or None]
+        self._failing: dict[str, list] = {}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Tick the node and send its messages until cancelled; ``task_status.started()`` at once."""
@@ -217,7 +238,32 @@ class GossipRunner:
             self.bytes_sent += len(payload)
         except (OSError, FabricError, TimeoutError) as e:
             self.send_failures += 1
-            log.debug("gossip: send to %s failed: %s", addr, e)
+            log.debug("gossip: send to %r failed: %s", addr, _why(e))
+            self._note_failure(addr, e)
+            return
+        if self._failing:
+            self._note_success(addr)
+
+    def _note_failure(self, addr: str, exc: BaseException) -> None:
+        """Count a failed send to ``addr``; once :data:`FAIL_WARN_AFTER` have failed in a row,
+        log one WARNING line (the address, the count, the last reason), repeated at most
+        every :data:`FAIL_WARN_EVERY_S` while the failures go on."""
+        st = self._failing.get(addr)
+        if st is None:
+            if len(self._failing) >= _MAX_TRACKED_FAILING:
+                del self._failing[next(iter(self._failing))]
+            st = self._failing[addr] = [0, None]
+        st[0] += 1
+        now = trio.current_time()
+        if st[0] >= FAIL_WARN_AFTER and (st[1] is None or now - st[1] >= FAIL_WARN_EVERY_S):
+            st[1] = now
+            log.warning("gossip: sends to %r keep failing (%d in a row; last: %s)", addr, st[0], _why(exc))
+
+    def _note_success(self, addr: str) -> None:
+        """A send to ``addr`` went through: forget its failures, saying so at INFO if they were warned of."""
+        st = self._failing.pop(addr, None)
+        if st is not None and st[1] is not None:
+            log.info("gossip: sends to %r work again after %d failure(s) in a row", addr, st[0])
 
 
 class MemoryNetwork:

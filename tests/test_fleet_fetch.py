@@ -117,7 +117,7 @@ class _Fleet:
         self.pool = _Pool({f"127.0.0.1:{9000 + i}": p for i, p in enumerate(peers)})
         self._live = [(p.node_id, addr, digest) for addr, p in self.pool.peers.items()]
         self.dead: set[str] = set()  # node ids the fake failure detector holds DEAD
-        self.gossip = SimpleNamespace(preferred_digest=lambda key: None,
+        self.gossip = SimpleNamespace(preferred_digest=lambda key, capability=None: None,
                                       membership=SimpleNamespace(is_live=lambda node_id: node_id not in self.dead))
         self.fetched_bytes: dict[str, int] = {}
         self.member = member  # the member's fabric

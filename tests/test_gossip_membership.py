@@ -420,3 +420,22 @@ def test_a_seed_that_is_not_up_yet_is_asked_again_each_probe_period_until_it_ans
 def test_a_node_that_never_joined_asks_no_one():
     m = Membership("z", config=QUIET, rng=random.Random(5))
     assert m.tick(0.0) == [] and m.tick(5.0) == []
+
+
+def test_a_full_state_larger_than_one_message_goes_as_several_each_within_the_bound():
+    """A peer refuses a ``members`` message of more than MAX_MEMBERS entries, so a larger
+    membership is sent in parts; the first alone asks for a reply, and the receiver learns all."""
+    from gossip.messages import MAX_MEMBERS, decode_message, encode_message
+
+    n = MAX_MEMBERS + 10
+    roster = Roster(Member(f"m{i}", f"10.1.{i >> 8}.{i & 255}:7000") for i in range(n))
+    big = Membership("m0", config=QUIET, rng=random.Random(1), roster=roster)
+    out = big.join(["seed:7000"], 0.0)
+    assert [len(m.members) for _, m in out] == [MAX_MEMBERS, 10] and [m.reply for _, m in out] == [True, False]
+    assert {a for a, _ in out} == {"seed:7000"}
+    seed = Membership("seed", "seed:7000", config=QUIET, rng=random.Random(2))
+    answers = [seed.receive("m0-addr", decode_message(encode_message(msg)), 0.0) for _, msg in out]  # each decodes
+    assert len(seed.live_members()) == n + 1
+    assert [len(a) for a in answers] == [2, 0]  # one exchange, one answer (itself in two parts)
+    answers = seed.receive("m0-addr", Members("m0", (), True, ()), 0.0)
+    assert [len(m.members) for _, m in answers] == [MAX_MEMBERS, 11] and not any(m.reply for _, m in answers)

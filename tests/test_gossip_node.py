@@ -202,6 +202,23 @@ def test_digest_conflict_is_logged_counted_and_resolved_by_majority(caplog):
     assert a.preferred_digest(key) == dg(key)
 
 
+def test_a_tie_goes_to_the_home_among_members_advertising_the_evaluator_and_never_to_a_bare_live_one():
+    """specs/gossip.md 3.4 and 6: the home that breaks a 1-1 tie is chosen among live members
+    advertising the evaluator; a key of no evaluator (capability None) has no home.  The node
+    used to take capability None as "every live member", whose home may not run the evaluator."""
+    ids = ["a", "b", "c", "d"]
+    cap = "eval:embed@1"
+    roster = Roster(Member(i, i, capabilities=frozenset({"serve", cap} if i == "c" else {"serve"})) for i in ids)
+    node = GossipNode("a", rng=random.Random(0), config=QUIET, roster=roster)
+    key, other = [k(i) for i in range(1000) if rendezvous_home(k(i), ids) == "d"][:2]  # homed on d among all
+    low, high = b"\x01" * 32, b"\x02" * 32
+    node.index.merge([HeldContent("c", key, high, 1), HeldContent("d", key, low, 1)])
+    assert node.home(key, cap) == "c"
+    assert node.preferred_digest(key, cap) == high  # c's: the only member advertising the evaluator
+    node.index.merge([HeldContent("c", other, low, 2), HeldContent("d", other, high, 2)])
+    assert node.preferred_digest(other) == low  # no evaluator named, no home: the smallest, not d's
+
+
 def test_index_must_belong_to_the_node():
     with pytest.raises(FabricError):
         GossipNode("a", index=HoldingIndex("b"))

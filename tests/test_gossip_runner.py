@@ -227,3 +227,50 @@ async def test_idle_senders_retire_and_come_back(autojump_clock):
         net.up("b")
         assert await wait_for(lambda: runners["a"].node.membership.is_live("b"), 30)  # reconnect pings restart it
         nursery.cancel_scope.cancel()
+
+
+class FlakyTransport:
+    """Fails every send while ``down``; counts what it was handed."""
+
+    def __init__(self):
+        self.down = True
+        self.calls = 0
+
+    async def send(self, peer_addr, payload):
+        self.calls += 1
+        if self.down:
+            raise FabricError(StatusCode.UNAVAILABLE, f"cannot connect to {peer_addr}: Connection refused")
+
+
+@pytest.mark.trio
+async def test_a_peer_that_keeps_failing_is_one_warning_line_rate_limited_and_its_recovery_is_said(autojump_clock, caplog):
+    """Failed sends used to be logged at DEBUG only, so a peer unreachable for hours was silent."""
+    from gossip import runner as runner_mod
+
+    roster = Roster([Member("a", "a"), Member("b", "b:7000")])
+    transport = FlakyTransport()
+    runner = GossipRunner(GossipNode("a", roster=roster, config=CFG), transport)
+
+    def lines(level):
+        return [r.getMessage() for r in caplog.records if r.levelno == level and "'b:7000'" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger="evalfabric.gossip"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runner.run)
+            await trio.sleep(20)
+            assert runner.send_failures > 10 and len(lines(logging.WARNING)) == 1
+            warning = lines(logging.WARNING)[0]
+            assert f"({runner_mod.FAIL_WARN_AFTER} in a row; last: UNAVAILABLE: cannot connect to b:7000" in warning
+            assert "\n" not in warning
+            await trio.sleep(runner_mod.FAIL_WARN_EVERY_S)
+            assert len(lines(logging.WARNING)) == 2  # reminded, not once per send
+            assert not lines(logging.INFO)
+            transport.down = False
+            failures = runner.send_failures
+            await trio.sleep(20)
+            assert runner.send_failures == failures
+            assert len(lines(logging.INFO)) == 1 and "work again after" in lines(logging.INFO)[0]
+            transport.down = True  # failing again: a new episode, warned of once more
+            await trio.sleep(20)
+            assert len(lines(logging.WARNING)) == 3
+            nursery.cancel_scope.cancel()
