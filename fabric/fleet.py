@@ -62,7 +62,6 @@ from fabric.net import WireClient, open_connection
 from fabric.remote import parse_address
 from fabric.placement import evaluator_capability
 from fabric.serve import KeyFlights, answer_held, answer_if_held, evaluator_fault, verify_record
-from gossip.membership import MemberState
 from gossip.messages import MAX_ADDR_BYTES
 from gossip.node import GossipConfig, GossipNode, rendezvous_order
 from gossip.runner import GossipRunner
