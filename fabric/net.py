@@ -477,6 +477,7 @@ class _ServerState:
         self.authenticated = 0
         self.draining = False  # see serve(drain=)
         self.connections: set[_ServerConnection] = set()
+        self.internal_errors = 0  # connections ended by a bug that escaped them (_run_connection)
 
 
 class _ServerConnection:
@@ -698,7 +699,8 @@ class _ServerConnection:
             node = srv.stats() if srv.stats is not None else None
             body = {
                 "wire": self.link.conn.stats(),
-                "server": {"connections": srv.authenticated, "requests": len(self.calls)},
+                "server": {"connections": srv.authenticated, "requests": len(self.calls),
+                           "internal_errors": srv.internal_errors},
                 "node": node,
             }
             self.link.queue(Stats(req_id, body))
@@ -866,14 +868,27 @@ async def _accept_loop(listener: trio.SocketListener, state: _ServerState, nurse
 
 
 async def _run_connection(stream: trio.SocketStream, state: _ServerState) -> None:
+    """Serve one accepted connection.  A bug that escapes it (an exception that is no
+    cancellation) ends that connection only, logged once with its traceback: the server
+    and every other connection go on (one peer must never be able to stop a node)."""
+    peer = "?"
     try:
-        connection = _ServerConnection(stream, state)
-    except BaseException:
-        state.live -= 1
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
-        raise
-    await connection.run()
+        try:
+            connection = _ServerConnection(stream, state)
+        except BaseException:
+            state.live -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        peer = connection.peer
+        await connection.run()
+    except Exception as exc:  # noqa: BLE001 - the point: contain it to this connection
+        state.internal_errors += 1
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        log.error("connection from %s ended by an internal error (%s: %s); the node serves on",
+                  peer, type(leaf).__name__, leaf, exc_info=exc)
 
 
 # =========================================================================== client

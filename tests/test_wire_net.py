@@ -653,3 +653,35 @@ async def test_cancelling_call_many_cancels_its_live_requests_on_the_server():
                     await trio.sleep(0.01)
                 assert await client.request("after", None) == "still serving"
                 assert client._slots == {}  # nothing of the cancelled batch is left behind
+
+
+@pytest.mark.trio
+async def test_a_bug_escaping_one_connection_ends_that_connection_only(monkeypatch, caplog):
+    """An internal error that escapes a connection's read loop (here: injected into the
+    dispatch of one op) must not end the server: that connection closes, is logged once at
+    ERROR and counted, and the other connections — open before it and new ones — are served."""
+    real = net._ServerConnection._dispatch
+
+    def dispatch(self, ev):
+        if isinstance(ev, Request) and ev.op == "boom":
+            raise RuntimeError("injected bug")
+        return real(self, ev)
+
+    monkeypatch.setattr(net._ServerConnection, "_dispatch", dispatch)
+    caplog.set_level(logging.INFO, logger="fabric.net")
+    with trio.fail_after(TIME_LIMIT):
+        async with running(echo) as addr:
+            bystander = await net.open_connection(addr.host, addr.port, SECRET)
+            victim = await net.open_connection(addr.host, addr.port, SECRET)
+            with pytest.raises(FabricError) as ei:
+                await victim.request("boom", 1)
+            assert ei.value.status_code is StatusCode.UNAVAILABLE
+            assert await bystander.request("echo", "still served") == "still served"
+            async with await net.open_connection(addr.host, addr.port, SECRET) as fresh:
+                assert await fresh.request("echo", 7) == 7
+                stats = await fresh.stats()
+            assert stats["server"]["internal_errors"] == 1
+            await bystander.aclose()
+            await victim.aclose()
+    errors = [r for r in caplog.records if r.name == "fabric.net" and r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "injected bug" in errors[0].getMessage() and errors[0].exc_info
