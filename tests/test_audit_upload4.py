@@ -122,3 +122,18 @@ def test_a_put_in_rounds_lists_rotted_chunks_past_the_first_round_as_still_missi
     trio.run(main)
 
 
+# ------------------------------------------------------------- lying manifests
+@pytest.mark.parametrize("shape", [[1] * 65, [2**63, 0]], ids=["65-dims", "dim-past-intp"])
+def test_a_manifest_whose_shape_numpy_cannot_make_is_invalid_argument_and_nothing_is_recorded(tmp_path, shape):
+    """Such a manifest was recorded; every get of it then raised numpy's ValueError
+    (INTERNAL), through the node and embedded alike."""
+    content = b"\x01" if 0 not in shape else b""
+    key, payload = _manifest([content], dtype="|u1", shape=shape)
+    err = _status(parse_manifest, payload)
+    assert err.status_code is StatusCode.INVALID_ARGUMENT and "numpy" in err.message
+    with node(tmp_path, "n", "--durability", "fast") as (addr, proc, _), fabric.open(addr, secret=SECRET) as f:
+        err = _status(_raw_put, addr, payload, lambda todo: [content] * len(todo))
+        assert err.status_code is StatusCode.INVALID_ARGUMENT and "\n" not in err.message
+        assert _status(f.get, key).status_code is StatusCode.NOT_FOUND
+        assert f.put(np.ones((1,) * 64, np.uint8)).shape == (1,) * 64  # numpy's most dimensions still go in
+        assert proc.poll() is None
