@@ -88,11 +88,15 @@ async def upload(run: Callable[[Callable[["WireClient"], Awaitable[Any]]], Await
     retried round sends only what the node still lacks).  ``on_chunk(nbytes)`` is called per chunk pushed.
     ``progress(n)``: ``n`` bytes of the content the node holds, as far as this upload knows —
     once per round when the node has said what it lacks, then after each chunk pushed (a chunk
-    that occurs several times in the content counts at each place); the last call, once the
-    put is complete, has the content's size."""
+    that occurs several times in the content counts at each place); increasing (a retried
+    round that finds less held than was pushed before the break reports nothing until it is
+    past it), and the last call, once the put is complete, has the content's size."""
+    report = _Increasing(progress) if progress is not None else None
     while True:
-        reply, sent = await run(functools.partial(_round, plan=plan, on_chunk=on_chunk, progress=progress))
+        reply, sent = await run(functools.partial(_round, plan=plan, on_chunk=on_chunk, progress=report))
         if reply.get("complete") is True:
+            if report is not None:
+                report(plan.manifest["size"])  # the node may hold chunks this upload did not push
             return reply
         if sent == 0:
             raise FabricError(StatusCode.INTERNAL, "node reports the put incomplete but lacks no chunk", key=plan.key)
@@ -142,6 +146,19 @@ async def _round(client: "WireClient", *, plan: artifacts.ChunkPlan, on_chunk: C
     if not isinstance(reply, dict) or reply.get("key") != plan.key or reply.get("received") != sent:
         raise FabricError(StatusCode.INTERNAL, f"node's put reply does not match the upload: {_short(reply)}", key=plan.key)
     return reply, sent
+
+
+class _Increasing:
+    """``progress`` called only with counts above the last one it was given."""
+
+    def __init__(self, progress: Callable[[int], None]) -> None:
+        self._progress = progress
+        self._last = -1
+
+    def __call__(self, n: int) -> None:
+        if n > self._last:
+            self._last = n
+            self._progress(n)
 
 
 class _Held:

@@ -137,3 +137,85 @@ def test_a_manifest_whose_shape_numpy_cannot_make_is_invalid_argument_and_nothin
         assert _status(f.get, key).status_code is StatusCode.NOT_FOUND
         assert f.put(np.ones((1,) * 64, np.uint8)).shape == (1,) * 64  # numpy's most dimensions still go in
         assert proc.poll() is None
+
+
+# -------------------------------------------------------------------- progress
+def test_progress_keeps_increasing_across_a_round_retried_after_a_kill_9_and_the_data_dir_verifies(tmp_path):
+    """The node is killed (-9) after 13 of 20 chunks were pushed (it stored at most 12: it
+    stores them 4 at a time) and is back on its port before the client notices; the retried
+    round found 8-12 MiB held and reported that, after 13 MiB."""
+    addr, proc, data = start_node(tmp_path, "n", evaluators=None)
+    box = {"proc": proc}
+    content = os.urandom(20 * MiB)
+    seen: list[int] = []
+
+    def restart() -> None:
+        stop_node(box["proc"], signal.SIGKILL)
+        box["proc"] = subprocess.Popen([FABRIC, "node", "--data", str(data), "--listen", addr, "--secret-file",
+                                        str(tmp_path / "secret")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True, cwd=str(ROOT))
+        assert _readline(box["proc"], 30).startswith(f"listening on {addr} ")
+
+    def progress(n: int) -> None:
+        if n == 13 * MiB and 13 * MiB not in seen:
+            restart()
+        seen.append(n)
+
+    try:
+        with fabric.open(addr, secret=SECRET) as f:
+            ref = f.put(content, progress=progress)
+            assert f.chunks_uploaded > 20  # the retried round sent again what the kill lost
+            assert f.get(ref) == content
+    finally:
+        stop_node(box["proc"])
+    assert all(a < b for a, b in zip(seen, seen[1:])), seen
+    assert seen[0] == 0 and seen[-1] == len(content)
+    _verify_clean(data)
+
+
+@contextmanager
+def _node_thread(path: Path, limits: StreamFrameLimits):
+    """An embedded fabric at ``path`` served with ``limits`` by a trio run in its own thread
+    (so sync clients in this thread and in callbacks can all use it); yields its address."""
+    addr: queue.SimpleQueue = queue.SimpleQueue()
+    stop: list = []
+
+    async def main() -> None:
+        with Fabric(path, durability="fast") as fab:
+            async with in_process_node(fab, limits) as (at, _):
+                done = trio.Event()
+                stop.append((trio.lowlevel.current_trio_token(), done))
+                addr.put(at)
+                await done.wait()
+
+    t = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    t.start()
+    try:
+        yield addr.get(timeout=10)
+    finally:
+        token, done = stop[0]
+        trio.from_thread.run_sync(done.set, trio_token=token)
+        t.join(10)
+
+
+def test_progress_ends_at_the_size_when_another_client_completes_the_artifact_meanwhile(tmp_path):
+    """A's first round may push only 15 of 49 chunks; B puts the whole artifact before A
+    pushes any, so the node answers A complete after that round: A's progress stopped at
+    its 15 chunks instead of ending at the content's size."""
+    content = os.urandom(3 * MiB)
+    seen: list[int] = []
+    with _node_thread(tmp_path / "n", SMALL_LIMITS) as addr, fabric.open(addr, secret=SECRET) as a, \
+            fabric.open(addr, secret=SECRET) as b:
+
+        def progress(n: int) -> None:  # on A's portal thread: B puts from a thread of its own
+            if not seen:
+                t = threading.Thread(target=b.put, args=(content,))  # all of it, before A pushes a chunk
+                t.start()
+                t.join(30)
+            seen.append(n)
+
+        ref = a.put(content, progress=progress)
+        assert b.chunks_uploaded == ref.chunks == 49 and 0 < a.chunks_uploaded < 49
+        assert a.get(ref) == content
+    assert seen[0] == 0 and seen[-1] == len(content), seen
+    assert all(x < y for x, y in zip(seen, seen[1:])), seen
