@@ -139,6 +139,56 @@ def test_a_manifest_whose_shape_numpy_cannot_make_is_invalid_argument_and_nothin
         assert proc.poll() is None
 
 
+def test_lying_clients_get_one_line_errors_nothing_wrong_is_recorded_and_the_node_keeps_serving(tmp_path):
+    """Guard (sound on the old code): more chunks than listed, chunks out of order, a
+    size the chunk does not have, duplicate keys with different sizes, a wrong digest."""
+    x, y, z, w = (os.urandom(3000) for _ in range(4))  # a chunk a case stored stays stored: one each
+    cases = {
+        "more": (_manifest([x]), lambda todo: [x, x], StatusCode.INVALID_ARGUMENT),
+        "order": (_manifest([y, z]), lambda todo: [z, y], StatusCode.DATA_LOSS),
+        "size": (_manifest([w], sizes=[3001]), lambda todo: [w], StatusCode.DATA_LOSS),
+        "dup-sizes": (_manifest([x, x], sizes=[3000, 3001]), lambda todo: [x] * len(todo), StatusCode.DATA_LOSS),
+        "digest": (build_manifest([ContentKey.of("blob", y)], [3000], 3000, b"\0" * 32, None, None)[:2],
+                   lambda todo: [y] * len(todo), StatusCode.DATA_LOSS),
+    }
+    with node(tmp_path, "n", "--durability", "fast") as (addr, proc, data), fabric.open(addr, secret=SECRET) as f:
+        for name, ((key, payload), pushes, status) in cases.items():
+            err = _status(_raw_put, addr, payload, pushes)
+            assert err.status_code is status and "\n" not in err.message, (name, err)
+            assert _status(f.get, key).status_code is StatusCode.NOT_FOUND, name
+        todo, reply = _raw_put(addr, _manifest([x, y, os.urandom(10)])[1], lambda todo: [])  # fewer: an early end
+        assert reply["complete"] is False and reply["received"] == 0
+        assert f.get(f.put(x + y + z + w, chunk_size=3000)) == x + y + z + w
+        assert proc.poll() is None
+    _verify_clean(data)
+
+
+# ----------------------------------------------------------------- concurrency
+def test_concurrent_puts_of_one_artifact_record_it_once_and_answer_one_ref(tmp_path):
+    """Guard (sound on the old code): 6 clients at once; one ledger row, each chunk one blob."""
+    content = os.urandom(2 * MiB)
+    refs, errors = [], []
+
+    def put(addr: str) -> None:
+        try:
+            with fabric.open(addr, secret=SECRET) as f:
+                refs.append(f.put(content, chunk_size=1 << 18))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with node(tmp_path, "n", "--durability", "fast") as (addr, _, data), fabric.open(addr, secret=SECRET) as f:
+        threads = [threading.Thread(target=put, args=(addr,)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors and len(refs) == 6 and len(set(refs)) == 1
+        st = f.stats()["node"]
+        assert (st["records"], st["ledger_rows"], st["blobs"]) == (1, 1, 8)
+        assert f.get(refs[0]) == content
+    _verify_clean(data)
+
+
 # -------------------------------------------------------------------- progress
 def test_progress_keeps_increasing_across_a_round_retried_after_a_kill_9_and_the_data_dir_verifies(tmp_path):
     """The node is killed (-9) after 13 of 20 chunks were pushed (it stored at most 12: it
