@@ -395,7 +395,8 @@ def parse_manifest(payload: Any) -> tuple[ContentKey, dict]:
     The bytes must be the canonical encoding of a well-formed manifest: the
     fields of :data:`MANIFEST_FIELDS`, at least one ``blob`` chunk key, one
     size per chunk adding up to ``size``, a 32-byte digest, and a storable
-    numpy dtype whose shape covers ``size`` bytes (or neither).  Anything else
+    numpy dtype whose shape covers ``size`` bytes and is one numpy can make an
+    array of (at most 64 dimensions, each in range), or neither.  Anything else
     is INVALID_ARGUMENT, and bytes that hold more arrays, maps and ext values than
     a manifest of their length could are refused while decoding (an upload's
     bytes cost at most about one container per 36 bytes).  Whether the chunks really have those sizes and that
@@ -442,6 +443,10 @@ def _manifest_problem(m: Any) -> str | None:
         return f"dtype {dtype!r} is not storable"
     if int(np.prod(shape, dtype=object)) * dt.itemsize != size:
         return f"shape {shape} of {dtype} does not cover {size} bytes"
+    try:  # a view of one element: numpy's own checks of the dimensions, nothing allocated
+        np.broadcast_to(np.zeros((), dt), tuple(shape))
+    except ValueError as exc:
+        return f"shape of {len(shape)} dimensions is not one numpy can make an array of ({exc})"
     return None
 
 

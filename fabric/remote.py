@@ -563,7 +563,8 @@ class RemoteFabric:
         ``progress(n)``: ``n`` bytes of the content the node holds — reported once the
         content is cut and keyed here and the node has said which chunks it lacks (so a
         resumed or repeated put starts at what it already has), then after each chunk
-        pushed; the last call has the content's size (``size_bytes``).  Nothing is
+        pushed; increasing (after a retried round the count resumes above the last one
+        reported), and the last call has the content's size (``size_bytes``).  Nothing is
         reported while the content is read and hashed here.
         """
         from fabric import upload

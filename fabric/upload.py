@@ -8,7 +8,9 @@ manifest and the artifact key before it sends a byte.  Then, in rounds:
    ``{"manifest": canonical manifest bytes}``;
 2. the node checks the manifest, and answers one ``metadata``
    ``{"key": artifact key, "missing": [chunk indexes]}``: the first index of
-   every distinct chunk it lacks (none if it already holds the artifact);
+   every distinct chunk it lacks, a stored chunk whose bytes no longer match
+   its key counted as lacking, so a put repairs it as the embedded put does
+   (none if it holds the artifact intact);
 3. the client pushes those chunks, in that order, one ``push`` (bin) each, as
    many as the node's per-stream byte limit allows, then ``close``;
 4. the node checks each pushed chunk against the key the manifest gives it
@@ -18,8 +20,9 @@ manifest and the artifact key before it sends a byte.  Then, in rounds:
    the chunk sizes and the content digest, records the manifest (only now is
    the artifact visible), announces it to the fleet, and answers
    ``{"key", "complete": true, "received", "size", "digest", "dtype",
-   "shape", "chunks"}``; otherwise ``{"key", "complete": false, "received",
-   "missing": count}`` and the client runs another round.
+   "shape", "chunks"}``; otherwise (listed chunks it still lacks)
+   ``{"key", "complete": false, "received", "missing": count}`` and the
+   client runs another round.
 
 Chunks a node stored stay stored when an upload breaks off (a cancel, a lost
 connection, a DATA_LOSS), so calling ``put`` again resumes: the node's
@@ -85,11 +88,15 @@ async def upload(run: Callable[[Callable[["WireClient"], Awaitable[Any]]], Await
     retried round sends only what the node still lacks).  ``on_chunk(nbytes)`` is called per chunk pushed.
     ``progress(n)``: ``n`` bytes of the content the node holds, as far as this upload knows —
     once per round when the node has said what it lacks, then after each chunk pushed (a chunk
-    that occurs several times in the content counts at each place); the last call, once the
-    put is complete, has the content's size."""
+    that occurs several times in the content counts at each place); increasing (a retried
+    round that finds less held than was pushed before the break reports nothing until it is
+    past it), and the last call, once the put is complete, has the content's size."""
+    report = _Increasing(progress) if progress is not None else None
     while True:
-        reply, sent = await run(functools.partial(_round, plan=plan, on_chunk=on_chunk, progress=progress))
+        reply, sent = await run(functools.partial(_round, plan=plan, on_chunk=on_chunk, progress=report))
         if reply.get("complete") is True:
+            if report is not None:
+                report(plan.manifest["size"])  # the node may hold chunks this upload did not push
             return reply
         if sent == 0:
             raise FabricError(StatusCode.INTERNAL, "node reports the put incomplete but lacks no chunk", key=plan.key)
@@ -141,6 +148,19 @@ async def _round(client: "WireClient", *, plan: artifacts.ChunkPlan, on_chunk: C
     return reply, sent
 
 
+class _Increasing:
+    """``progress`` called only with counts above the last one it was given."""
+
+    def __init__(self, progress: Callable[[int], None]) -> None:
+        self._progress = progress
+        self._last = -1
+
+    def __call__(self, n: int) -> None:
+        if n > self._last:
+            self._last = n
+            self._progress(n)
+
+
 class _Held:
     """Bytes of the content a node holds during one round, for ``progress``: what it did not
     list as missing, plus every place in the content of each chunk pushed since."""
@@ -178,30 +198,29 @@ def _short(v: Any) -> str:
 
 # ============================================================================== node
 async def serve_put(call: "ServerCall", service: "NodeService") -> dict:
-    """The node's ``put`` handler (see the module docstring)."""
+    """The node's ``put`` handler (see the module docstring).
+
+    Like the embedded put, it repairs what it holds: a chunk whose stored bytes no longer
+    match its key is listed as missing even when the artifact is recorded, and a manifest
+    row that fails its check is recorded afresh once the chunks check."""
     body = call.body
     if not call.upload or not isinstance(body, dict) or set(body) != {"manifest"}:
         raise FabricError(StatusCode.INVALID_ARGUMENT, "put: open an upload (end false) with body {'manifest': bytes}")
     key, manifest = artifacts.parse_manifest(body["manifest"])
     cas = service.fab.cassette
     chunks: list[ContentKey] = manifest["chunks"]
-    held = cas.contains(key)
-    todo: list[int] = []
-    if not held:
-        # a held chunk whose bytes went bad counts as missing, so this upload repairs it
-        lacking = set(await trio.to_thread.run_sync(functools.partial(cas.missing, chunks, verify_blobs=True)))
-        for i, ck in enumerate(chunks):
-            if ck in lacking:
-                lacking.discard(ck)
-                todo.append(i)
+    held = await trio.to_thread.run_sync(cas.get_record, key) is not None  # recorded, and its row checks
+    todo = _first_missing(chunks, await trio.to_thread.run_sync(functools.partial(cas.missing, chunks, verify_blobs=True)))
     await call.send_metadata({"key": key, "missing": todo})
     service._begin()
     try:
         received = await _receive_chunks(call, cas, key, manifest, todo)
+        # what was listed and not pushed may have come meanwhile (another upload); a bad copy is still lacking
+        rest = list(dict.fromkeys(chunks[i] for i in todo[received:]))
+        left = await trio.to_thread.run_sync(functools.partial(cas.missing, rest, verify_blobs=True)) if rest else []
+        if left:
+            return {"key": key, "complete": False, "received": received, "missing": len(left)}
         if not held:
-            left = cas.missing(list(dict.fromkeys(chunks)))
-            if left:
-                return {"key": key, "complete": False, "received": received, "missing": len(left)}
             # every chunk is held: the sizes and the digest must be theirs before the manifest is recorded
             await trio.to_thread.run_sync(artifacts.check_content, cas, key, manifest)
             await cas.aput(key, body["manifest"], evaluator="", version="")
@@ -213,6 +232,17 @@ async def serve_put(call: "ServerCall", service: "NodeService") -> dict:
     ref = artifacts._ref(key, manifest)
     return {"key": key, "complete": True, "received": received, "size": ref.size_bytes, "digest": manifest["digest"],
             "dtype": ref.dtype, "shape": manifest["shape"], "chunks": ref.chunks}
+
+
+def _first_missing(chunks: list[ContentKey], lacking: list[ContentKey]) -> list[int]:
+    """The first index in ``chunks`` of each key in ``lacking``, ascending (the ``missing`` list)."""
+    want = set(lacking)
+    todo = []
+    for i, ck in enumerate(chunks):
+        if ck in want:
+            want.discard(ck)
+            todo.append(i)
+    return todo
 
 
 async def _receive_chunks(call: "ServerCall", cas: Any, key: ContentKey, manifest: dict, todo: list[int]) -> int:
