@@ -428,18 +428,28 @@ class NodeService:
     async def get(self, call: "ServerCall") -> dict:
         """A reply's record, or an artifact's manifest record plus its chunks as pushes."""
         key = _key_field(call.body)
+        cas = self.fab.cassette
         if key.kind == "blob":
-            data = self.serve.fetch_blob(key)
+            data = cas.get_blob(key)
+            if data is None:
+                if cas.contains(key):  # stored, but its bytes no longer match its key
+                    raise FabricError(StatusCode.DATA_LOSS, "the blob stored here is corrupt (put its content again to repair it)", key=key)
+                raise FabricError(StatusCode.NOT_FOUND, "blob not held by this node", key=key)
             await call.send(data)
             return {"key": key, "chunks": 1}
         holder = self.node_id
-        if self.caf is not None and not self.fab.cassette.contains(key):
+        if self.caf is not None and not cas.contains(key):
             # from a live holder, verified, recorded here; an artifact's client hears progress meanwhile
             obtain = self.caf.obtain(key) if key.kind != "artifact" else self._obtain_telling(call, key)
             holder = await obtain
             if holder is None:
                 raise FabricError(StatusCode.NOT_FOUND, "not held by this node, and no live member of the fleet holds it", key=key)
-        raw = self.serve.fetch(key)
+        raw = cas.get_raw(key)
+        if raw is None:
+            if cas.contains(key):  # indexed here, but its row fails its check
+                raise FabricError(StatusCode.DATA_LOSS, "the record held here for this key is corrupt (a realize "
+                                  "records it afresh; an artifact is repaired by putting it again)", key=key)
+            raise FabricError(StatusCode.NOT_FOUND, "not held by this node", key=key)
         if key.kind != "artifact":
             return await send_record(call, raw, {"key": key, "holder": holder})
         # an artifact: announce, push the manifest record, then every chunk in order, so the
@@ -450,7 +460,11 @@ class NodeService:
         await call.send_metadata({"record_size": len(raw), "chunks": len(chunks)})
         reply = await push_record(call, raw, {"key": key, "holder": holder})
         for ck in chunks:
-            await call.send(self.serve.fetch_blob(ck))
+            data = cas.get_blob(ck)
+            if data is None:  # the artifact is recorded here, so each of its chunks should be
+                raise FabricError(StatusCode.DATA_LOSS, f"chunk {ck.short()} of this artifact is missing or corrupt "
+                                  "on this node (putting the artifact again repairs it)", key=key)
+            await call.send(data)
         reply["chunks"] = len(chunks)
         return reply
 

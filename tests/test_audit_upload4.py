@@ -269,3 +269,35 @@ def test_progress_ends_at_the_size_when_another_client_completes_the_artifact_me
         assert a.get(ref) == content
     assert seen[0] == 0 and seen[-1] == len(content), seen
     assert all(x < y for x, y in zip(seen, seen[1:])), seen
+
+
+# ------------------------------------------------------------------ gets of damaged data
+def test_a_get_through_a_node_of_damaged_data_is_data_loss_naming_what_is_damaged(tmp_path):
+    """What a node recorded and then lost to damage is DATA_LOSS through a node, as it is
+    embedded (``artifacts.get``): a rotted chunk of a held artifact, a reply row that fails its
+    check, a rotted blob.  Was NOT_FOUND "not held by this node" for all three.  A key never
+    held stays NOT_FOUND, and the node keeps serving what is intact."""
+    chunks = [os.urandom(8192) for _ in range(3)]
+    text = "the quick brown fox " * 40
+    with node(tmp_path, "n", "--durability", "fast") as (addr, _, data), fabric.open(addr, secret=SECRET) as f:
+        ref = f.put(b"".join(chunks), chunk_size=8192)
+        intact = f.put(os.urandom(5000))
+        rep = f.realize(fabric.Request("text.stats", {"text": text}))
+        assert rep.source == "computed"
+        reply_row = f.get(rep.key)
+    flip_in_file(data / "data.mdb", chunks[2][100:200])
+    from cassette import codec
+
+    flip_in_file(data / "data.mdb", codec.encode(reply_row))
+    with node(tmp_path, "n", "--durability", "fast") as (addr, proc, _), fabric.open(addr, secret=SECRET) as f:
+        err = _status(f.get, ref)
+        assert err.status_code is StatusCode.DATA_LOSS and err.key == str(ref.key) and "chunk" in err.message
+        err = _status(f.get, ContentKey.of("blob", chunks[2]))
+        assert err.status_code is StatusCode.DATA_LOSS and "corrupt" in err.message
+        err = _status(f.get, rep.key)
+        assert err.status_code is StatusCode.DATA_LOSS and err.key == str(rep.key)
+        assert _status(f.get, ContentKey.of("blob", b"never stored")).status_code is StatusCode.NOT_FOUND
+        assert f.get(intact) is not None and f.get(ContentKey.of("blob", chunks[0])) == chunks[0]
+        assert f.realize(fabric.Request("text.stats", {"text": text})).value == reply_row  # recorded afresh
+        assert f.get(rep.key) == reply_row
+        assert proc.poll() is None
