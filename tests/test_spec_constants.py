@@ -264,6 +264,7 @@ def test_wire_spec_realize_body_names_every_field_a_node_reads():
 README_CLAIMS = [
     ("A secret file over 64 KiB is refused unread", "fabric.api.MAX_SECRET_FILE_BYTES", "64 KiB"),
     ("use 32 random bytes; < 16 logs a warning", "fabric.api.SECRET_ADVISED_BYTES", "16"),
+    ("and `--node-id` (1-128 UTF-8 bytes", "fabric.wire.MAX_NODE_ID_BYTES", "128"),
     ("for `--idle-timeout` seconds (default 300)", "fabric.wire.StreamFrameLimits.idle_timeout_s", "300"),
     ("(op `holders`, in parallel, within 2 s)", "fabric.fleet.ASK_HOLDERS_S", "2 s"),
     ("answers a `lookup` of up to 256 request keys", "fabric.serve.LOOKUP_MAX", "256"),
