@@ -31,7 +31,7 @@ from pathlib import Path
 import trio
 
 from cassette.errors import FabricError, StatusCode
-from fabric.wire import StreamFrameLimits
+from fabric.wire import MAX_NODE_ID_BYTES, StreamFrameLimits
 
 __all__ = ["main", "run_node", "check_args"]
 
@@ -220,9 +220,21 @@ def check_args(args: argparse.Namespace) -> None:
     """INVALID_ARGUMENT, before anything is opened, for a malformed ``--listen``, ``--relay``
     or ``--join`` address (each HOST:PORT, port 1-65535; 0 allowed for ``--listen``) or a
     ``--metrics-port`` outside 0-65535.  Only the form is checked: a ``--join`` peer that is
-    not up yet is fine, it is dialled again every gossip round.  A relay gossips with no
-    fleet, so ``--join`` or ``--gossip-interval`` with ``--relay`` is INVALID_ARGUMENT too."""
+    not up yet is fine, its seeds are asked again every probe period.  A relay gossips with no
+    fleet, so ``--join`` or ``--gossip-interval`` with ``--relay`` is INVALID_ARGUMENT too.
+    A ``--node-id`` must be one both protocols carry: non-empty Unicode text (gossip.md
+    section 2) of at most :data:`~fabric.wire.MAX_NODE_ID_BYTES` UTF-8 bytes (the wire's
+    ``auth``, wire.md section 3); else a new ``--data`` would become the cassette of a node
+    that cannot serve."""
     from fabric.remote import parse_address
+    from gossip.holding import check_node_id
+
+    node_id = getattr(args, "node_id", None)
+    if node_id is not None:
+        check_node_id(node_id, "--node-id")
+        if len(node_id.encode("utf-8")) > MAX_NODE_ID_BYTES:
+            raise FabricError(StatusCode.INVALID_ARGUMENT, f"--node-id: {len(node_id.encode('utf-8'))} UTF-8 bytes, at most "
+                              f"{MAX_NODE_ID_BYTES} allowed (a node's id travels in the wire handshake)")
 
     relay = getattr(args, "relay", None)
     fleet_flags = (("--join", bool(getattr(args, "join", None))),

@@ -609,6 +609,26 @@ def test_a_node_id_other_than_the_data_dirs_is_refused_not_ignored(tmp_path):
             assert f.stats()["node"]["node_id"] == "alpha"
 
 
+def test_a_node_id_the_protocols_cannot_carry_is_refused_before_anything_is_created(tmp_path):
+    """A node's id travels in the wire's ``auth`` (at most 128 UTF-8 bytes, specs/wire.md
+    section 3) and in gossip (non-empty, specs/gossip.md section 2).  A --node-id of 129 bytes
+    created the cassette under that id and then failed with INVALID_ARGUMENT 'node_id: ...',
+    so every later start on that --data failed too; '' created a cassette of a random id and
+    then was FAILED_PRECONDITION.  Each is one INVALID_ARGUMENT line naming --node-id, given
+    before --data is touched; 128 bytes of multi-byte text serve."""
+    (tmp_path / "secret").write_bytes(SECRET)
+    data = tmp_path / "d"
+    for bad, why in (("x" * 129, "--node-id: 129 UTF-8 bytes, at most 128 allowed"), ("", "--node-id: expected a non-empty str")):
+        r = subprocess.run([FABRIC, "node", "--data", str(data), "--secret-file", str(tmp_path / "secret"), "--node-id", bad],
+                           capture_output=True, text=True, timeout=15)
+        assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"fabric node: error: INVALID_ARGUMENT: {why}"), r.stderr
+        assert not data.exists(), bad
+    with node(tmp_path, "d", "--node-id", "é" * 64) as (addr, _, _):
+        with fabric.open(addr, secret=SECRET) as f:
+            assert f.stats()["node"]["node_id"] == "é" * 64
+
+
 #: Runs the ``fabric`` CLI in a fresh interpreter and reports its peak RSS (VmHWM, KiB) on stderr.
 #: VmHWM belongs to the process's own memory map, which exec starts anew, so unlike a child's
 #: ``ru_maxrss`` it does not include the test process's memory at fork.
