@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
@@ -216,8 +217,11 @@ def iter_ledger_file(f: BinaryIO, *, path: str = "") -> Iterator[tuple[bytes, by
     """Yield ``(tag, body, offset)`` for each entry, checking magic, lengths and the trailer.
 
     Raises DATA_LOSS naming the offset on any malformation; FAILED_PRECONDITION
-    for a newer file version.
+    for a newer file version.  An entry whose length runs past the end of the file
+    (a damaged length field) is DATA_LOSS before its body is read: a read of that
+    length would first allocate it, up to 16 GiB.
     """
+    size = _file_size(f)
     head = f.read(len(MAGIC) + 4)
     if head[: len(MAGIC)] != MAGIC or len(head) < len(MAGIC) + 4:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"{path}: not an evalfabric ledger file (bad magic at offset 0)")
@@ -244,6 +248,9 @@ def iter_ledger_file(f: BinaryIO, *, path: str = "") -> Iterator[tuple[bytes, by
             return
         if tag not in (b"R", b"B") or length > _MAX_ENTRY:
             raise FabricError(StatusCode.DATA_LOSS, f"{path}: bad entry header at offset {offset} (tag {tag!r}, length {length})")
+        if size is not None and length > size - offset - _ENTRY.size:
+            raise FabricError(StatusCode.DATA_LOSS, f"{path}: truncated entry at offset {offset} "
+                              f"(its length, {length} bytes, runs past the end of the file)")
         body = f.read(length)
         if len(body) != length:
             raise FabricError(StatusCode.DATA_LOSS, f"{path}: truncated entry at offset {offset}")
@@ -252,6 +259,15 @@ def iter_ledger_file(f: BinaryIO, *, path: str = "") -> Iterator[tuple[bytes, by
         records += tag == b"R"
         yield tag, body, offset
         offset += _ENTRY.size + length
+
+
+def _file_size(f: BinaryIO) -> int | None:
+    """The size of the file behind ``f``; None when it is not a file (a pipe, an in-memory buffer)."""
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def validate_entry(tag: bytes, body: bytes, offset: int, path: str) -> None:
