@@ -32,7 +32,7 @@ import blake3
 
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey, derive
-from cassette.record import unpack_record
+from cassette.record import check_recordable, unpack_record
 
 if TYPE_CHECKING:
     from cassette.store import Cassette, PendingPuts
@@ -201,11 +201,12 @@ def write_error(path: str, exc: OSError, what: str = "ledger file") -> FabricErr
 
 
 def _verified_values(cas: "Cassette") -> Iterator[bytes]:
-    """Each key's first verifying row: by the append rule, exactly the row its index points to."""
+    """Each key's first verifying row: by the append rule, exactly the row its index points to
+    (never a row under a blob key, which no import accepts)."""
     seen: set[bytes] = set()
     for seq, value in cas._iter_rows():
         try:
-            rec = unpack_record(value, seq)
+            rec = check_recordable(unpack_record(value, seq))
         except FabricError:
             continue
         if rec.key not in seen:
@@ -271,13 +272,14 @@ def _file_size(f: BinaryIO) -> int | None:
 
 
 def validate_entry(tag: bytes, body: bytes, offset: int, path: str) -> None:
-    """Check one entry's body: a record verified by all three rules, a blob against its key.
+    """Check one entry's body: a record verified by all three rules and answering a request or
+    artifact key (:func:`cassette.record.check_recordable`), a blob against its key.
 
     DATA_LOSS naming ``path``, the entry's ``offset`` and, where known, the key.
     """
     if tag == b"R":
         try:
-            unpack_record(body)
+            check_recordable(unpack_record(body))
         except FabricError as exc:
             raise FabricError(StatusCode.DATA_LOSS, f"{path}: record at offset {offset}: {exc.message}", key=exc.key) from None
     else:
