@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
@@ -31,7 +32,7 @@ import blake3
 
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey, derive
-from cassette.record import unpack_record
+from cassette.record import check_recordable, unpack_record
 
 if TYPE_CHECKING:
     from cassette.store import Cassette, PendingPuts
@@ -203,11 +204,12 @@ def _cannot_write(path: str, what: str, reason: str) -> FabricError:
 
 
 def _verified_values(cas: "Cassette") -> Iterator[bytes]:
-    """Each key's first verifying row: by the append rule, exactly the row its index points to."""
+    """Each key's first verifying row: by the append rule, exactly the row its index points to
+    (never a row under a blob key, which no import accepts)."""
     seen: set[bytes] = set()
     for seq, value in cas._iter_rows():
         try:
-            rec = unpack_record(value, seq)
+            rec = check_recordable(unpack_record(value, seq))
         except FabricError:
             continue
         if rec.key not in seen:
@@ -219,8 +221,11 @@ def iter_ledger_file(f: BinaryIO, *, path: str = "") -> Iterator[tuple[bytes, by
     """Yield ``(tag, body, offset)`` for each entry, checking magic, lengths and the trailer.
 
     Raises DATA_LOSS naming the offset on any malformation; FAILED_PRECONDITION
-    for a newer file version.
+    for a newer file version.  An entry whose length runs past the end of the file
+    (a damaged length field) is DATA_LOSS before its body is read: a read of that
+    length would first allocate it, up to 16 GiB.
     """
+    size = _file_size(f)
     head = f.read(len(MAGIC) + 4)
     if head[: len(MAGIC)] != MAGIC or len(head) < len(MAGIC) + 4:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"{path}: not an evalfabric ledger file (bad magic at offset 0)")
@@ -247,6 +252,9 @@ def iter_ledger_file(f: BinaryIO, *, path: str = "") -> Iterator[tuple[bytes, by
             return
         if tag not in (b"R", b"B") or length > _MAX_ENTRY:
             raise FabricError(StatusCode.DATA_LOSS, f"{path}: bad entry header at offset {offset} (tag {tag!r}, length {length})")
+        if size is not None and length > size - offset - _ENTRY.size:
+            raise FabricError(StatusCode.DATA_LOSS, f"{path}: truncated entry at offset {offset} "
+                              f"(its length, {length} bytes, runs past the end of the file)")
         body = f.read(length)
         if len(body) != length:
             raise FabricError(StatusCode.DATA_LOSS, f"{path}: truncated entry at offset {offset}")
@@ -257,14 +265,24 @@ def iter_ledger_file(f: BinaryIO, *, path: str = "") -> Iterator[tuple[bytes, by
         offset += _ENTRY.size + length
 
 
+def _file_size(f: BinaryIO) -> int | None:
+    """The size of the file behind ``f``; None when it is not a file (a pipe, an in-memory buffer)."""
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def validate_entry(tag: bytes, body: bytes, offset: int, path: str) -> None:
-    """Check one entry's body: a record verified by all three rules, a blob against its key.
+    """Check one entry's body: a record verified by all three rules and answering a request or
+    artifact key (:func:`cassette.record.check_recordable`), a blob against its key.
 
     DATA_LOSS naming ``path``, the entry's ``offset`` and, where known, the key.
     """
     if tag == b"R":
         try:
-            unpack_record(body)
+            check_recordable(unpack_record(body))
         except FabricError as exc:
             raise FabricError(StatusCode.DATA_LOSS, f"{path}: record at offset {offset}: {exc.message}", key=exc.key) from None
     else:

@@ -29,7 +29,7 @@ from cassette.codec import EXT_CONTENT_KEY, _packb
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey
 
-__all__ = ["Record", "pack_record", "unpack_record", "payload_digest"]
+__all__ = ["Record", "pack_record", "unpack_record", "payload_digest", "check_recordable"]
 
 _HDR = struct.Struct(">II")  # check, meta_len
 _HDR_SIZE = _HDR.size
@@ -151,6 +151,17 @@ def unpack_record(value: bytes | memoryview, seq: int = 0) -> Record:
         raise FabricError(StatusCode.DATA_LOSS, f"ledger row {seq}: record key is not a ContentKey")
     if len(rec.payload) != meta.get("size") or payload_digest(rec.payload) != rec.digest:
         raise FabricError(StatusCode.DATA_LOSS, f"ledger row {seq}: payload does not match its digest", key=key)
+    return rec
+
+
+def check_recordable(rec: Record) -> Record:
+    """``rec`` when its key may answer a ledger row: a request or an artifact key
+    (``specs/cassette-format.md`` section 3).  DATA_LOSS naming the key otherwise: a blob
+    is stored under its own key in ``blobs`` and never recorded, and a scrub reports an
+    index entry under a blob key as damage."""
+    if rec.key.kind == "blob":
+        raise FabricError(StatusCode.DATA_LOSS, f"ledger row {rec.seq}: a record under a blob key (blobs are never recorded)",
+                          key=rec.key)
     return rec
 
 

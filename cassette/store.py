@@ -44,7 +44,7 @@ import lmdb
 from cassette import codec
 from cassette.errors import FabricError, StatusCode
 from cassette.keys import ContentKey, derive
-from cassette.record import Record, check_ok, pack_record, payload_digest, record_key, unpack_record
+from cassette.record import Record, check_ok, check_recordable, pack_record, payload_digest, record_key, unpack_record
 
 __all__ = ["Cassette", "PendingPuts", "PutResult", "VerifyReport", "ReplayReport", "FORMAT_VERSION", "MISS"]
 
@@ -866,15 +866,15 @@ class Cassette:
         return self.submit_raw_many(values).wait()
 
     def submit_raw_many(self, values: Iterable[bytes]) -> "PendingPuts":
-        """:meth:`put_raw_many` without waiting: every value is verified (an invalid one raises
-        here and none is queued), then all are queued as one write; ``.wait()`` on the
+        """:meth:`put_raw_many` without waiting: every value is verified, and its key must be a
+        request or artifact key (an invalid one raises here and none is queued), then all are queued as one write; ``.wait()`` on the
         returned :class:`PendingPuts` gives their results once durable.  Writes queued one
         after another are applied in that order, so a caller may read and verify its next
         batch while this one is written."""
         items = []
         size = 0
         for value in values:
-            rec = unpack_record(value)
+            rec = check_recordable(unpack_record(value))
             items.append((rec.key, bytes(value), rec.digest))
             size += len(value)
         return PendingPuts(self._submit(_Job("raws", (items,), size, True)) if items else None)
