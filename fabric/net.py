@@ -148,6 +148,7 @@ class _Link:
         self.stream = stream
         self.conn = conn
         self.broken: str | None = None
+        self.write_failed = False  # broken by a failed write (the peer closed or reset), not a stall
         self._pending: list = []  # frames (bytes, or a view of the unwritten end of one), in order
         self.queued_bytes = 0  # bytes in _pending
         self._lock = trio.Lock()
@@ -188,6 +189,7 @@ class _Link:
             return False
         except OSError as exc:
             self.broken = f"write failed ({type(exc).__name__})"
+            self.write_failed = True
             pending.clear()
             self.queued_bytes = 0
             return True
@@ -244,6 +246,7 @@ class _Link:
                             await self.stream.send_all(data)
                     except _NET_ERRORS as exc:
                         self.broken = f"write failed ({type(exc).__name__})"
+                        self.write_failed = True
                     finally:
                         self._write_scope = None
                 if scope.cancelled_caught:
@@ -978,7 +981,7 @@ class WireClient:
         request is not sent into a connection the peer has left, which would
         cost the caller a failed attempt and a backoff.
         """
-        if self._failure is not None:
+        if self._failure is not None or self._link.broken is not None:
             return False
         if self._reading or self._slots:
             return True  # a request is in flight: its reader takes in whatever the peer says
@@ -1176,6 +1179,8 @@ class WireClient:
     def _check_usable(self) -> None:
         if self._failure is not None:
             raise self._failure
+        if self._link.broken is not None:  # a failed write; the requests in flight still read (see _wait)
+            raise self._connection_error(FabricError(StatusCode.UNAVAILABLE, self._link.broken, retryable=True))
 
     async def _send(self, event: Any) -> None:
         """Queue ``event`` and write it; while other requests are in flight, the requests
@@ -1191,13 +1196,22 @@ class WireClient:
             finally:
                 self._corked = False
         await link.flush()
-        await self._check_link()
+        if not (link.write_failed and type(event) is Credit):
+            await self._check_link()  # (a grant that cannot go out fails nothing: the peer is gone,
+            # and what it sent before is still read, see _wait)
 
     async def _check_link(self) -> None:
-        if self._link.broken is not None and self._failure is None:
-            self._set_failure(self._connection_error(
-                FabricError(StatusCode.UNAVAILABLE, self._link.broken, retryable=True)))
-            await self._link.aclose()
+        """After a write: a broken link fails the connection — except that a write which
+        failed (the peer closed or reset) while other requests are in flight fails only the
+        request that wrote: theirs still read what the peer sent before it went (:meth:`_wait`)."""
+        link = self._link
+        if link.broken is None or self._failure is not None:
+            return
+        err = self._connection_error(FabricError(StatusCode.UNAVAILABLE, link.broken, retryable=True))
+        if link.write_failed and len(self._slots) > 1:
+            raise err
+        self._set_failure(err)
+        await link.aclose()
 
     def _drain(self) -> None:
         """Hand every parsed event to its request's slot, waking that request's task."""
@@ -1250,7 +1264,11 @@ class WireClient:
                     self._reading = False
                 self._drain()
                 await self._link.flush()  # credits granted, or the fault the machine queued on a violation
-                await self._check_link()
+                if not self._link.write_failed:
+                    # (a write that failed means the peer closed or reset: what it sent before
+                    # is still read here — the last pushes, the reply, its goodbye — and the
+                    # read that finds the end fails what is left; a stalled write fails now)
+                    await self._check_link()
                 if self._failure is not None:
                     await self._link.aclose()
         finally:

@@ -408,3 +408,43 @@ def test_concurrent_verifies_on_one_node_run_one_scrub_at_a_time(tmp_path):
         reports = trio.run(main)
     assert [r["records"] for r in reports] == [50, 50, 50] and all(r["problem_count"] == 0 for r in reports)
     assert peak == 1
+
+
+def test_an_export_the_node_finishes_while_it_shuts_down_reaches_the_client(tmp_path):
+    """SIGTERM during an export: the node finishes it (the drain waits for requests in flight),
+    says goodbye and closes.  The client still had the last pushes to read and grants credit
+    for them as it does; its write to the closed socket failed, and that failure used to drop
+    what it had not read yet (UNAVAILABLE, no file).  A failed write now fails only what was
+    being written: what the node sent before it closed is read, and the export completes."""
+    from fabric import net
+    from fabric.local import Fabric
+
+    from cassette.ledgerfile import EXPORT_CHUNK
+
+    data = tmp_path / "n"
+    with Fabric(data, durability="fast") as fab:
+        for _ in range(64):
+            fab.put(os.urandom(1 << 20), chunk_size=1 << 20)
+        fab.cassette.export(tmp_path / "local.ledger")
+    pushes = -(-(tmp_path / "local.ledger").stat().st_size // EXPORT_CHUNK)  # the node's pushes: 1 MiB each
+    with node(tmp_path, "n", "--durability", "fast") as (addr, proc, _), fabric.open(addr, secret=SECRET) as f:
+        seen, gone_at = [], []
+
+        def progress(n):
+            if not seen:
+                proc.send_signal(signal.SIGTERM)
+            seen.append(n)
+            if len(seen) >= pushes - net.DEFAULT_CREDIT - 2 and not gone_at:
+                # near the end, with credit granted for every push taken: the node may send the
+                # rest, its reply and goodbye, and exit; give it the time to, so that pushes are
+                # still to be read here once it has gone
+                try:
+                    proc.wait(0.5)
+                    gone_at.append(len(seen))
+                except subprocess.TimeoutExpired:
+                    pass
+
+        assert f.export(tmp_path / "out.ledger", progress=progress) == 64
+        assert gone_at and len(seen) - gone_at[0] >= 2 and proc.returncode == 0  # read after it had gone
+    with Fabric(tmp_path / "replayed", durability="fast") as fab:
+        assert fab.cassette.import_(tmp_path / "out.ledger") == 64
