@@ -882,6 +882,8 @@ class Cassette:
     def _submit_put(self, key, payload, evaluator, version, compute_s, created, node, waited) -> _Job:
         if type(key) is not ContentKey:
             raise FabricError(StatusCode.INVALID_ARGUMENT, f"put: key must be a ContentKey, got {type(key).__name__}")
+        if key.kind == "blob":  # (import and replay refuse such a row, and a scrub reports one as damage)
+            raise FabricError(StatusCode.INVALID_ARGUMENT, "put: a blob is stored with put_blob, never recorded under its key", key=key)
         payload = bytes(payload)
         digest = payload_digest(payload)
         value = pack_record(

@@ -91,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None)
     p.add_argument("--node-id", default=None, help="node id for a new data dir (default: random)")
     p.add_argument("--durability", choices=("sync", "fast"), default="sync")
-    p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, wait this long for in-flight computations")
-    p.add_argument("--gossip-interval", type=float, default=None,
-                   help="seconds between gossip rounds and probes (default 0.5; not with --relay)")
+    # (literals, so that every command's parser stays light: tests hold them to fabric.node.DRAIN_S,
+    # fabric.node.GOSSIP_INTERVAL and StreamFrameLimits.idle_timeout_s)
+    p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, wait this long for in-flight computations (default 30)")
+    p.add_argument("--gossip-interval", type=float, default=None, metavar="S",
+                   help="seconds between gossip rounds (default 0.5); failure-detector probes run every max(1, S) s; not with --relay")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
                    help="close a client connection with no request in flight that sent nothing for S seconds (default 300)")
 

@@ -1416,3 +1416,15 @@ def test_submit_raw_many_applies_batches_in_the_order_queued_and_refuses_a_bad_o
         assert cas.submit_raw_many([]).wait() == []
     with Cassette(tmp_path / "c") as again:
         assert again.verify().ok and [r.key for r in again.iter_ledger()] == [unpack_record(v).key for v in first + second[:4]]
+
+
+def test_put_under_a_blob_key_is_invalid_argument_and_records_nothing(tmp_path):
+    """A blob is stored by put_blob under its own key and never recorded: a ledger row under a
+    blob key is what import and replay refuse (DATA_LOSS) and a scrub reports as damage, so
+    the local put refuses to write one."""
+    with Cassette(tmp_path / "c", durability="fast") as cas:
+        key = ContentKey.of("blob", b"some bytes")
+        with pytest.raises(FabricError) as ei:
+            cas.put(key, b"\xa1x")
+        assert ei.value.status_code is StatusCode.INVALID_ARGUMENT and "put_blob" in ei.value.message
+        assert cas.stats()["ledger_rows"] == 0 and cas.verify().ok

@@ -453,3 +453,20 @@ def test_stats_table_of_an_offline_directory_is_readable_and_json_keeps_every_sa
     assert st["records"] == 2 and st["local_hits"] == 0
     assert st["metrics"]["fabric_cache_misses_total"] == 0
     assert any(k.startswith("fabric_operation_latency_seconds_bucket{") for k in st["metrics"])
+
+
+def test_node_flag_defaults_are_the_node_and_wire_defaults():
+    """The CLI spells its node defaults as literals (a light parser); they must be the ones
+    the node and the wire use, and the help must say them."""
+    from fabric import cli as fabric_cli
+    from fabric import node
+    from fabric.wire import StreamFrameLimits
+
+    p = fabric_cli.build_parser()
+    args = p.parse_args(["node"])
+    assert args.drain_s == node.DRAIN_S
+    assert args.idle_timeout == StreamFrameLimits().idle_timeout_s
+    assert args.gossip_interval is None  # node.GOSSIP_INTERVAL applied after the relay check
+    text = p._subparsers._group_actions[0].choices["node"].format_help()
+    for value in (node.DRAIN_S, node.GOSSIP_INTERVAL, StreamFrameLimits().idle_timeout_s):
+        assert f"default {value:g}" in " ".join(text.split())
