@@ -15,7 +15,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from logging.handlers import MemoryHandler
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -668,6 +670,30 @@ def _warnings_held(cmd: str) -> Iterator[None]:
         root.removeHandler(held)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt(cmd: str, terminated: list[int]) -> Iterator[None]:
+    """While command ``cmd`` runs, SIGTERM stops it as Ctrl-C does (re-raised as SIGINT, so
+    whoever handles that — Python, or trio inside ``trio.run`` — stops it, and its cleanups run:
+    an export's temporary file is removed), and ``main`` exits 143.  Not for ``node``, which
+    drains on SIGTERM itself, and only in the main thread (where signal handlers live)."""
+    if cmd == "node" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        terminated.append(signum)
+        if callable(signal.getsignal(signal.SIGINT)):
+            signal.raise_signal(signal.SIGINT)
+        else:  # SIGINT ignored (a background job of a shell): stop all the same
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fabric`` console script; returns the exit status.
 
@@ -685,14 +711,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.cmd != "bench":  # the bench measures the library as it runs inside anyone's process
         allocator.keep_freed_memory()
+    terminated: list[int] = []
     try:
-        with _warnings_held(args.cmd):
+        with _warnings_held(args.cmd), _sigterm_as_interrupt(args.cmd, terminated):
             _refuse_node(args)
             return COMMANDS[args.cmd](args)
     except BaseException as raised:  # noqa: BLE001 - every failure is one line, not a traceback
         exc = _leaf(raised)
         if isinstance(exc, KeyboardInterrupt):
-            return 130
+            return 128 + signal.SIGTERM if terminated else 130
         if isinstance(exc, BrokenPipeError):
             return EXIT_ERROR
         if isinstance(exc, OSError):

@@ -448,3 +448,37 @@ def test_an_export_the_node_finishes_while_it_shuts_down_reaches_the_client(tmp_
         assert gone_at and len(seen) - gone_at[0] >= 2 and proc.returncode == 0  # read after it had gone
     with Fabric(tmp_path / "replayed", durability="fast") as fab:
         assert fab.cassette.import_(tmp_path / "out.ledger") == 64
+
+
+def test_sigterm_to_an_export_client_stops_it_as_ctrl_c_does_and_leaves_nothing(tmp_path):
+    """``fabric export --node`` killed with SIGTERM (a supervisor, ``timeout``, ``kill``) exits 143
+    and leaves neither FILE nor its temporary file: the CLI takes SIGTERM as Ctrl-C, so the
+    export's cleanup runs.  Python's default SIGTERM ended the process on the spot, leaving
+    ``FILE.tmp-PID`` behind.  The node serves on."""
+    import time
+
+    from fabric.local import Fabric
+
+    with Fabric(tmp_path / "n", durability="fast") as fab:
+        for _ in range(160):
+            fab.put(os.urandom(1 << 20), chunk_size=1 << 20)
+    secret = _secret_file(tmp_path)
+    out = tmp_path / "out.ledger"
+    with node(tmp_path, "n", "--durability", "fast") as (addr, proc, _):
+        client = subprocess.Popen([FABRIC, "export", str(out), "--node", addr, "--secret-file", str(secret)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(tmp_path / "home"))
+        try:
+            deadline = time.monotonic() + 30
+            while not any(".tmp-" in p.name for p in tmp_path.iterdir()):
+                assert client.poll() is None and time.monotonic() < deadline, "the export never started"
+                time.sleep(0.005)
+            client.send_signal(signal.SIGTERM)
+            assert client.wait(20) == 143, client.stderr.read()
+        finally:
+            if client.poll() is None:
+                client.kill()
+            client.communicate()
+        assert not out.exists() and not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+        assert proc.poll() is None
+        with RemoteFabric(addr, SECRET) as f:
+            assert f.export(out) == 160
