@@ -280,15 +280,10 @@ def test_a_members_message_holds_a_real_fleet_and_no_more_than_max_members():
     assert ei.value.message == f"gossip.m: {MAX_MEMBERS + 1} entries, at most {MAX_MEMBERS} allowed"
 
 
-def test_an_oversized_members_message_is_refused_before_its_entries_are_decoded():
-    """A canonical members message whose ``m`` declares ~1M (empty) entries: 1 MiB on the wire,
-    ~64 MiB of lists once decoded.  The count is read from the header and refused first."""
+def _refused_with_peak(data: bytes) -> tuple[FabricError, int]:
+    """The error ``decode_message(data)`` raises and the peak of memory traced meanwhile."""
     import tracemalloc
 
-    n = (1 << 20) - 1
-    data = (b"\x86\xa1m\xdd" + n.to_bytes(4, "big") + b"\x90" * n + b"\xa1t\xa7members\xa1u\x90\xa1v\x01"
-            b"\xa4from\xa2n1\xa5reply\xc2")
-    assert codec.is_canonical(data)  # a well-formed canonical message, refused for its size alone
     tracemalloc.start()
     try:
         with pytest.raises(FabricError) as ei:
@@ -296,7 +291,18 @@ def test_an_oversized_members_message_is_refused_before_its_entries_are_decoded(
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert ei.value.message.startswith(f"gossip.m: {n} entries")
+    return ei.value, peak
+
+
+def test_an_oversized_members_message_is_refused_before_its_entries_are_decoded():
+    """A canonical members message whose ``m`` declares ~1M (empty) entries: 1 MiB on the wire,
+    ~64 MiB of lists once decoded.  The count is read from the header and refused first."""
+    n = (1 << 20) - 1
+    data = (b"\x86\xa1m\xdd" + n.to_bytes(4, "big") + b"\x90" * n + b"\xa1t\xa7members\xa1u\x90\xa1v\x01"
+            b"\xa4from\xa2n1\xa5reply\xc2")
+    assert codec.is_canonical(data)  # a well-formed canonical message, refused for its size alone
+    err, peak = _refused_with_peak(data)
+    assert err.message.startswith(f"gossip.m: {n} entries")
     assert peak < 1 << 20, peak  # nothing the size of the entries was allocated
 
 
@@ -304,19 +310,11 @@ def test_a_message_decoding_to_more_lists_than_any_valid_one_is_refused_while_de
     """A sync message whose ``u`` holds ~1M empty lists (1 MiB): it used to be decoded in full
     (~64 MiB of lists) before ``u``'s bound of 1,024 refused it; decoding now stops once it
     has built more arrays and maps than any valid gossip message has."""
-    import tracemalloc
-
     n = (1 << 20) - 1
     data = (b"\x85\xa1d\xc4\x10" + bytes(16) + b"\xa1t\xa4sync\xa1u\xdd" + n.to_bytes(4, "big") + b"\x90" * n
             + b"\xa1v\x01\xa4from\xa2n1")
     assert codec.is_canonical(data)
-    tracemalloc.start()
-    try:
-        with pytest.raises(FabricError) as ei:
-            decode_message(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert ei.value.status_code is StatusCode.INVALID_ARGUMENT
-    assert ei.value.message.startswith("gossip.message: codec: input decodes to more than"), ei.value.message
+    err, peak = _refused_with_peak(data)
+    assert err.status_code is StatusCode.INVALID_ARGUMENT
+    assert err.message.startswith("gossip.message: codec: input decodes to more than"), err.message
     assert peak < 16 << 20, peak  # ~133k lists at most, not a million
