@@ -26,7 +26,7 @@ from cassette.store import Cassette
 from fabric.errors import FabricError, StatusCode
 from fabric.remote import RemoteFabric
 
-from _nodes import EVALUATORS, FABRIC, ROOT, SECRET, _readline, node, realize_at_once, start_node, stop_node
+from _nodes import EVALUATORS, FABRIC, ROOT, SECRET, _readline, node, realize_at_once, start_node, stop_node, wait_until
 
 
 def _records(data: Path) -> int:
@@ -747,9 +747,17 @@ def test_sigterm_lets_requests_in_flight_finish_and_answers_them_then_refuses_ne
 
     from fabric.net import open_connection
 
-    addr, proc, data = start_node(tmp_path, "draining")
+    eval_log = tmp_path / "eval.log"
+    addr, proc, data = start_node(tmp_path, "draining", env={"FABRIC_EVAL_LOG": str(eval_log)})
     slow = fabric.Request("slow.square", {"x": 41, "delay": 2.0}, version="1")
     got: list = []
+
+    def computing(x: int):
+        """A predicate: the node runs slow.square for ``x`` (its evaluator logged the run)."""
+        return lambda: f"slow.square x={x} " in (eval_log.read_text() if eval_log.exists() else "")
+
+    def draining() -> bool:
+        return "wire server draining" in proc.log_path.read_text()
 
     def ask() -> None:
         with fabric.open(addr, secret=SECRET) as f:
@@ -771,12 +779,15 @@ def test_sigterm_lets_requests_in_flight_finish_and_answers_them_then_refuses_ne
                     raw.append(await client.request("realize", {"evaluator": "slow.square", "version": "1",
                                                                 "args": {"x": 42, "delay": 2.0}}))
 
-                nursery.start_soon(slow_on_this_connection)
+                # waits on the node, not fixed sleeps: under load a late asker met a closed listener,
+                # and a late drain let the 'late' request be served
                 asker = threading.Thread(target=ask)
                 asker.start()
-                await trio.sleep(0.7)  # both realizes are computing on the node
+                await trio.to_thread.run_sync(wait_until, computing(41), 20, "x=41 to be computing on the node")
+                nursery.start_soon(slow_on_this_connection)  # last: its 2 s cover the drain and the late request
+                await trio.to_thread.run_sync(wait_until, computing(42), 20, "x=42 to be computing on the node")
                 proc.send_signal(signal.SIGTERM)
-                await trio.sleep(0.3)
+                await trio.to_thread.run_sync(wait_until, draining, 20, "the node to start draining")
                 try:  # a new request on a connection that still has one in flight
                     await client.request("realize", {"evaluator": "text.stats", "version": "1", "args": {"text": "late"}})
                 except FabricError as exc:
