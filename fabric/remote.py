@@ -87,6 +87,11 @@ class _HitBatch:
         self.leader = trio.lowlevel.current_task()  # the call that sends the lookup
 
 
+#: The policy of a node's forward of its client's request (:meth:`RemoteFabric.aforward_record`):
+#: one attempt, within the realize deadline (the client's own deadline, which travels with the
+#: request, is usually the nearer); retrying is the client's (specs/errors.md "Relays").
+FORWARD_POLICY = RetryPolicy(attempts=1, deadline_s=policy_for("realize").deadline_s)
+
 #: Seconds a connection closed at the end of its trio run (or by ``close()`` on the portal)
 #: gets to write its goodbye to a node that does not read.
 CLOSE_GRACE_S = 1.0
@@ -255,15 +260,28 @@ class RemoteFabric:
         The record must be the one of ``req``'s key (recomputed here from the
         evaluator, the version the node used, and the args) or DATA_LOSS.
         """
+        try:
+            return await self._realize_record(req)
+        except FabricError as exc:
+            _raise_fault(exc)
+
+    @metrics.observed("realize", evaluates=True)
+    async def aforward_record(self, req: Request) -> tuple[Record, str, str]:
+        """:meth:`arealize_record` for a node forwarding its own client's realize (a relay to
+        its upstream): one attempt (:data:`FORWARD_POLICY`), since that client retries a
+        retryable error itself, so an upstream that is down costs it one dial per attempt, not
+        three; and the upstream's fault is raised as the :class:`FabricError` it was (an
+        evaluator's own error stays the INTERNAL fault that carries it), for the node to
+        answer its client with as it came.  The caller's deadline bounds it and travels on."""
+        return await self._realize_record(req, FORWARD_POLICY)
+
+    async def _realize_record(self, req: Request, policy: RetryPolicy | None = None) -> tuple[Record, str, str]:
         body = _realize_body(req)
 
         async def go(client: WireClient):
             return await _stream_record(client, "realize", body)
 
-        try:
-            reply, raw = await self._call("realize", go)
-        except FabricError as exc:
-            _raise_fault(exc)
+        reply, raw = await self._call("realize", go, policy)
         return _check_realized(req, reply, raw)
 
     @metrics.observed("realize_many", evaluates=True)

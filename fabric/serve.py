@@ -416,7 +416,7 @@ class NodeService:
     async def _relay(self, call: "ServerCall", req: Any) -> dict:
         self._begin()
         try:
-            rec, _, holder = await self.relay.arealize_record(req)  # verified, or DATA_LOSS
+            rec, _, holder = await self.relay.aforward_record(req)  # verified (or DATA_LOSS), one attempt
             await self.fab.cassette.aput_record(rec)
             if req.version is None:
                 self.relay_versions[req.evaluator] = rec.version
