@@ -7,9 +7,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import trio
 
 import fabric
+from cassette import codec
+from cassette.keys import ContentKey
+from cassette.record import pack_record
 from cassette.store import Cassette
 from fabric.errors import FabricError, StatusCode
 
@@ -79,3 +84,73 @@ def test_a_relay_forwards_each_client_attempt_once(tmp_path):
             assert up.dials == 3 and took < 5
     finally:
         up.close()
+
+
+def test_get_and_get_into_through_a_relay_forward_a_miss_upstream_and_record_it(tmp_path):
+    """An artifact (several chunks) and a reply held only upstream: a `get` / `get_into` through
+    the relay was NOT_FOUND; now the relay gets them (verified, streamed into its cassette),
+    records them, and serves them after the upstream is gone; its cassette verifies clean."""
+    arr = np.arange(3 << 20, dtype=np.int32)  # 12 MiB: several chunks
+    req = fabric.Request("text.stats", {"text": "a b a"}, version="1")
+    up, up_proc, _ = start_node(tmp_path, "up")
+    relay, relay_proc, relay_data = start_node(tmp_path, "relay", "--relay", up)
+    try:
+        with fabric.open(up, secret=SECRET) as g:
+            ref = g.put(arr)
+            rep = g.realize(req)
+            blob = _first_chunk(g, ref)
+        with fabric.open(relay, secret=SECRET) as f:
+            assert np.array_equal(f.get(ref), arr)
+            assert f.get(rep.key) == rep.value
+            stop_node(up_proc)
+            out = np.empty_like(arr)
+            assert f.get_into(ref, out) is out and np.array_equal(out, arr)
+            assert len(f.get(blob)) > 0
+            assert f.realize(req).source == "local"
+    finally:
+        assert stop_node(relay_proc) == 0
+        stop_node(up_proc)
+    with Cassette(relay_data) as c:
+        report = c.verify(raise_errors=False)
+        assert c.stats()["records"] == 2 and report.ok, report
+
+
+def _first_chunk(f, ref) -> ContentKey:
+    """The key of ``ref``'s first chunk, read from its manifest record on the node."""
+    manifest, chunks = f.artifact_stream(ref)
+    chunks.close()
+    return manifest["chunks"][0]
+
+
+def test_a_relay_refuses_another_keys_record_from_its_upstream_for_a_get(tmp_path):
+    """An upstream that answers `get` with an intact record of another key: DATA_LOSS at the
+    relay's client, nothing recorded on the relay."""
+    asked = ContentKey.for_request("text.stats", "1", {"text": "asked"})
+    other = ContentKey.for_request("text.stats", "1", {"text": "something else"})
+    raw = pack_record(other, codec.encode({"words": 2}), evaluator="text.stats", version="1",
+                      created=0.0, compute_s=0.0, node="swapper")
+
+    async def swapper(call):
+        return {"key": asked, "holder": "swapper", "record": raw}
+
+    async def main():
+        from fabric.net import serve
+
+        async with trio.open_nursery() as nursery:
+            at = await nursery.start(lambda task_status: serve("127.0.0.1", 0, SECRET, swapper, task_status=task_status))
+
+            def through_relay() -> int:
+                relay, proc, data = start_node(tmp_path, "relay", "--relay", f"{at.host}:{at.port}")
+                try:
+                    with fabric.open(relay, secret=SECRET) as f:
+                        with pytest.raises(FabricError) as ei:
+                            f.get(asked)
+                        assert ei.value.status_code is StatusCode.DATA_LOSS, ei.value
+                finally:
+                    assert stop_node(proc) == 0
+                return _records(data)
+
+            assert await trio.to_thread.run_sync(through_relay) == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
