@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import queue
@@ -86,6 +87,14 @@ class _HitBatch:
         self.done = trio.Event()
         self.leader = trio.lowlevel.current_task()  # the call that sends the lookup
 
+
+#: The policy of a node's forward of its client's request (:meth:`RemoteFabric.aforward_record`):
+#: one attempt, within the realize deadline (the client's own deadline, which travels with the
+#: request, is usually the nearer); retrying is the client's (specs/errors.md "Relays").
+FORWARD_POLICY = RetryPolicy(attempts=1, deadline_s=policy_for("realize").deadline_s)
+
+#: Verified chunk bytes :meth:`RemoteFabric.aforward_get` stores per commit.
+FORWARD_BATCH_BYTES = 8 << 20
 
 #: Seconds a connection closed at the end of its trio run (or by ``close()`` on the portal)
 #: gets to write its goodbye to a node that does not read.
@@ -255,15 +264,77 @@ class RemoteFabric:
         The record must be the one of ``req``'s key (recomputed here from the
         evaluator, the version the node used, and the args) or DATA_LOSS.
         """
+        try:
+            return await self._realize_record(req)
+        except FabricError as exc:
+            _raise_fault(exc)
+
+    @metrics.observed("realize", evaluates=True)
+    async def aforward_record(self, req: Request) -> tuple[Record, str, str]:
+        """:meth:`arealize_record` for a node forwarding its own client's realize (a relay to
+        its upstream): one attempt (:data:`FORWARD_POLICY`), since that client retries a
+        retryable error itself, so an upstream that is down costs it one dial per attempt, not
+        three; and the upstream's fault is raised as the :class:`FabricError` it was (an
+        evaluator's own error stays the INTERNAL fault that carries it), for the node to
+        answer its client with as it came.  The caller's deadline bounds it and travels on."""
+        return await self._realize_record(req, FORWARD_POLICY)
+
+    @metrics.observed("get")
+    async def aforward_get(self, key: ContentKey, cassette: Any, fetched: Callable[[int], None] | None = None) -> str:
+        """Make ``cassette`` hold ``key`` — a reply's record, a blob, or an artifact with every
+        chunk — got with op ``get`` from the node (a relay's upstream); returns the holder the
+        node named (its own id for a blob or an artifact).
+
+        Every byte is verified before it is stored (DATA_LOSS, and nothing recorded,
+        otherwise).  An artifact streams: its chunks are stored as they arrive, a few MiB per
+        commit, never gathered whole, with ``fetched(n)`` told the bytes stored so far, and its
+        manifest is recorded last, once the whole has the manifest's digest.  One attempt, as
+        :meth:`aforward_record`; for an artifact the ``get`` deadline bounds each wait for the
+        node, not the transfer (specs/errors.md "Long transfers")."""
+        if key.kind == "artifact":
+            return await self._forward_artifact(key, cassette, fetched)
+        if key.kind == "blob":
+            _, items = await self._call("get", lambda client: _get_items(client, key, None), FORWARD_POLICY)
+            data = items[0] if items else b""
+            if type(data) is not bytes or ContentKey.of("blob", data) != key:
+                raise FabricError(StatusCode.DATA_LOSS, "blob bytes do not match their key", key=key)
+            await cassette.aput_blobs([(key, data)], verified=True)
+            return self.node_id or ""
+        reply, raw = await self._call("get", lambda client: _stream_record(client, "get", {"key": key}), FORWARD_POLICY)
+        await cassette.aput_record(verify_record(raw, key))
+        return str(reply.get("holder", ""))
+
+    async def _forward_artifact(self, key: ContentKey, cassette: Any, fetched: Callable[[int], None] | None) -> str:
+        keep: dict = {}
+
+        def store(stream: Callable[[], tuple[dict, Any]]) -> None:  # a trio worker thread
+            _, chunks = stream()
+            batch: list[bytes] = []
+            done = 0
+            for data in itertools.chain(chunks, [None]):  # None: the end, after the digest was checked
+                if data is not None:
+                    batch.append(data)
+                if batch and (data is None or sum(map(len, batch)) >= FORWARD_BATCH_BYTES):
+                    cassette.put_blobs(batch)
+                    done += sum(map(len, batch))
+                    batch = []
+                    if fetched is not None:
+                        fetched(done)
+
+        async def go(client: WireClient) -> None:
+            await _stream_artifact(client, key, store, policy_for("get").deadline_s, keep)
+
+        await self._call("get", go, dataclasses.replace(FORWARD_POLICY, deadline_s=math.inf))
+        await cassette.aput_record(keep["record"])  # last: the artifact is visible only with every chunk
+        return self.node_id or ""
+
+    async def _realize_record(self, req: Request, policy: RetryPolicy | None = None) -> tuple[Record, str, str]:
         body = _realize_body(req)
 
         async def go(client: WireClient):
             return await _stream_record(client, "realize", body)
 
-        try:
-            reply, raw = await self._call("realize", go)
-        except FabricError as exc:
-            _raise_fault(exc)
+        reply, raw = await self._call("realize", go, policy)
         return _check_realized(req, reply, raw)
 
     @metrics.observed("realize_many", evaluates=True)
@@ -934,10 +1005,11 @@ def _take_record(reply: Any, items: list) -> tuple[bytes, list]:
 FILL_AHEAD = 4
 
 
-async def _read_head(call: Any, key: ContentKey, wait_s: float = math.inf) -> dict:
+async def _read_head(call: Any, key: ContentKey, wait_s: float = math.inf, keep: dict | None = None) -> dict:
     """Of a ``get`` stream of artifact ``key``: the announcement (after any ``obtaining``
     heartbeats of a fleet member fetching it), then the manifest record's pieces; returns the
-    manifest once the record is verified and is that artifact's.  Each wait for the node is
+    manifest once the record is verified and is that artifact's (and sets ``keep["record"]``
+    to that verified record, when ``keep`` is given).  Each wait for the node is
     bounded by ``wait_s`` (a heartbeat starts a new one)."""
     while True:
         with bounded_wait(wait_s, "get: the manifest", key):
@@ -959,7 +1031,11 @@ async def _read_head(call: Any, key: ContentKey, wait_s: float = math.inf) -> di
         got += len(ev.data)
     if got != size:
         raise FabricError(StatusCode.DATA_LOSS, f"node sent {got} manifest record bytes, announced {size}", key=key)
-    return _manifest_of(key, verify_record(b"".join(parts), key))
+    rec = verify_record(b"".join(parts), key)
+    manifest = _manifest_of(key, rec)
+    if keep is not None:
+        keep["record"] = rec
+    return manifest
 
 
 def _queued_work(out: Any) -> Any:
@@ -984,7 +1060,7 @@ async def _take_ready(recv: trio.MemoryReceiveChannel) -> list:
 
 
 async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callable[[Callable[[], tuple[dict, Any]]], Any],
-                           wait_s: float = math.inf) -> Any:
+                           wait_s: float = math.inf, keep: dict | None = None) -> Any:
     """One streaming ``get`` of artifact ``key``: a task reads the stream (manifest first,
     then chunks, at most :data:`FILL_AHEAD` ahead of what the worker took: it takes every
     chunk that has arrived in one trip into trio, so at most twice that are held) while a
@@ -993,7 +1069,7 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
     :func:`fabric.artifacts.fill_target`, which checks its target before calling it.
     Returns what ``consume`` returns.  ``wait_s`` bounds each wait for the node: the manifest,
     then each chunk (not the waits for ``consume`` to take one); a longer one is a retryable
-    DEADLINE_EXCEEDED naming what did not arrive."""
+    DEADLINE_EXCEEDED naming what did not arrive.  ``keep``: see :func:`_read_head`."""
     head = trio.Event()
     state: dict[str, Any] = {}
     errors: list[Exception] = []  # the reader's (FabricError), then the filler's (whatever consume raised)
@@ -1003,7 +1079,8 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
 
         async def read() -> None:
             try:
-                manifest = state["manifest"] = await _read_head(call, key, wait_s)
+                head_args = (call, key, wait_s) if keep is None else (call, key, wait_s, keep)
+                manifest = state["manifest"] = await _read_head(*head_args)
                 head.set()
                 for i in range(len(manifest["chunks"])):
                     with bounded_wait(wait_s, f"get: chunk {i}", key):

@@ -416,7 +416,7 @@ class NodeService:
     async def _relay(self, call: "ServerCall", req: Any) -> dict:
         self._begin()
         try:
-            rec, _, holder = await self.relay.arealize_record(req)  # verified, or DATA_LOSS
+            rec, _, holder = await self.relay.aforward_record(req)  # verified (or DATA_LOSS), one attempt
             await self.fab.cassette.aput_record(rec)
             if req.version is None:
                 self.relay_versions[req.evaluator] = rec.version
@@ -429,6 +429,9 @@ class NodeService:
         """A reply's record, or an artifact's manifest record plus its chunks as pushes."""
         key = _key_field(call.body)
         cas = self.fab.cassette
+        holder = self.node_id
+        if self.relay is not None and not cas.contains(key):
+            holder = await self._forward_get(call, key)
         if key.kind == "blob":
             data = cas.get_blob(key)
             if data is None:
@@ -437,10 +440,10 @@ class NodeService:
                 raise FabricError(StatusCode.NOT_FOUND, "blob not held by this node", key=key)
             await call.send(data)
             return {"key": key, "chunks": 1}
-        holder = self.node_id
         if self.caf is not None and not cas.contains(key):
             # from a live holder, verified, recorded here; an artifact's client hears progress meanwhile
-            obtain = self.caf.obtain(key) if key.kind != "artifact" else self._obtain_telling(call, key)
+            obtain = self.caf.obtain(key) if key.kind != "artifact" else \
+                self._obtain_telling(call, lambda: self.caf.obtain(key), lambda: self.caf.obtaining_bytes(key))
             holder = await obtain
             if holder is None:
                 raise FabricError(StatusCode.NOT_FOUND, "not held by this node, and no live member of the fleet holds it", key=key)
@@ -468,22 +471,40 @@ class NodeService:
         reply["chunks"] = len(chunks)
         return reply
 
-    async def _obtain_telling(self, call: "ServerCall", key: ContentKey) -> str | None:
-        """``caf.obtain(key)``, sending ``call`` a ``metadata`` ``{"obtaining": bytes fetched}`` every
-        :data:`OBTAIN_HEARTBEAT_S` until it returns."""
+    async def _forward_get(self, call: "ServerCall", key: ContentKey) -> str:
+        """A relay's ``get`` miss: make this node hold ``key`` from the upstream (verified, an
+        artifact streamed into the cassette and recorded last: :meth:`RemoteFabric.aforward_get`);
+        concurrent askers of a key share one forward (:class:`KeyFlights`), and an artifact's
+        client hears ``obtaining`` progress meanwhile, as from a fleet member.  Returns the holder."""
+        fetched = [0]  # verified bytes stored so far (an artifact's)
+
+        def forward() -> Any:
+            return self.relay.aforward_get(key, self.fab.cassette, lambda n: fetched.__setitem__(0, n))
+
+        async def lead() -> str:
+            led, holder = await self.relaying.lead(key, forward)
+            return holder if led else self.node_id
+
+        if key.kind != "artifact":
+            return await lead()
+        return await self._obtain_telling(call, lead, lambda: fetched[0])
+
+    async def _obtain_telling(self, call: "ServerCall", obtain: Callable[[], Any], fetched: Callable[[], int]) -> Any:
+        """``await obtain()``, sending ``call`` a ``metadata`` ``{"obtaining": fetched()}`` (verified
+        bytes fetched so far) every :data:`OBTAIN_HEARTBEAT_S` until it returns."""
         async with trio.open_nursery() as nursery:
 
             async def tell() -> None:
                 while True:
                     await trio.sleep(OBTAIN_HEARTBEAT_S)
                     try:
-                        await call.send_metadata({"obtaining": self.caf.obtaining_bytes(key)})
+                        await call.send_metadata({"obtaining": fetched()})
                     except FabricError:
                         return  # the client is gone: the fetch goes on (it serves the next asker too)
 
             nursery.start_soon(tell)
             try:
-                holder = await self.caf.obtain(key)
+                holder = await obtain()
             except FabricError as exc:  # re-raised after the nursery, so not wrapped in an ExceptionGroup
                 error = exc
             else:
