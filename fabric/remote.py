@@ -1079,8 +1079,7 @@ async def _stream_artifact(client: WireClient, key: ContentKey, consume: Callabl
 
         async def read() -> None:
             try:
-                head_args = (call, key, wait_s) if keep is None else (call, key, wait_s, keep)
-                manifest = state["manifest"] = await _read_head(*head_args)
+                manifest = state["manifest"] = await _read_head(call, key, wait_s, keep)
                 head.set()
                 for i in range(len(manifest["chunks"])):
                     with bounded_wait(wait_s, f"get: chunk {i}", key):

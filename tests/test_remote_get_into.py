@@ -249,7 +249,7 @@ def test_a_record_claiming_the_key_with_another_manifest_is_data_loss(both, monk
     _tampering_stream(monkeypatch, lambda n, ev: StreamData(ev.req_id, liar) if n == 0 else ev)
     real_head = remote._read_head
 
-    async def head_of_liar(call, key, wait_s):  # the announced size must be the liar's for the swap to parse
+    async def head_of_liar(call, key, wait_s, keep=None):  # the announced size must be the liar's for the swap to parse
         from fabric.wire import Metadata
 
         first = await call.receive()
@@ -262,7 +262,7 @@ def test_a_record_claiming_the_key_with_another_manifest_is_data_loss(both, monk
                     return Metadata(first.req_id, {**first.body, "record_size": len(liar)})
                 return await call.receive()
 
-        return await real_head(Call(), key, wait_s)
+        return await real_head(Call(), key, wait_s, keep)
 
     monkeypatch.setattr(remote, "_read_head", head_of_liar)
     for call in (lambda: rem.get(ref.key), lambda: rem.get_into(ref.key, np.zeros(64, dtype=np.int16))):
