@@ -211,7 +211,12 @@ class Fabric(metaclass=abc.ABCMeta):
             raise
 
     async def arealize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
-        """:meth:`realize` under trio: hits answer inline, misses compute in a worker thread."""
+        """:meth:`realize` under trio: hits answer inline, misses compute in a worker thread.
+
+        Cancelling it returns at once (a miss no longer waits for its evaluator to end);
+        the computation goes on in its thread, is recorded as usual and answers the
+        callers waiting on it, so the next realize of the key is a hit.
+        """
         try:
             key = req.key
             value = self.cassette.lookup_value(key)
@@ -221,7 +226,7 @@ class Fabric(metaclass=abc.ABCMeta):
             else:
                 import trio
 
-                rep = await trio.to_thread.run_sync(self._realize_miss, req, key, timeout)
+                rep = await trio.to_thread.run_sync(self._realize_miss, req, key, timeout, abandon_on_cancel=True)
             return rep if device is None else on_device(rep, device)
         except Exception as exc:
             metrics.count_error("realize", exc, evaluates=True)

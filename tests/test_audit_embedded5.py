@@ -178,3 +178,35 @@ def test_an_interrupted_leader_hands_the_key_to_its_waiters(tmp_path, exc):
         assert sorted(out[i] for i in (1, 2)) == [("computed", 2), ("local", 2)], out
         assert len(_interrupts) == 2
         assert fab.realize(req).source == "local"
+
+
+def test_cancelling_arealize_returns_at_once_and_the_computation_is_still_recorded(tmp_path, monkeypatch):
+    """A cancelled ``arealize`` of a miss waited for the evaluator's whole run (its worker thread
+    could not be abandoned).  Now it returns at once; the run goes on, is recorded, answers a
+    caller that was waiting on it, and the next realize is a hit (one evaluator run in all)."""
+    log = tmp_path / "eval.log"
+    monkeypatch.setenv("FABRIC_EVAL_LOG", str(log))
+    req = fabric.Request("slow.square", {"x": 9, "delay": 2.0})
+    waiter: dict = {}
+    with fabric.open(tmp_path / "data") as fab:
+        async def main() -> float:
+            t0 = trio.current_time()
+            with trio.move_on_after(0.3) as scope:
+                await fab.arealize(req)
+            assert scope.cancelled_caught
+            return trio.current_time() - t0
+
+        def wait_on_it() -> None:
+            _wait_for(lambda: req.key in fab._flights, 5, "the computation never started")
+            rep = fab.realize(req, timeout=10)
+            waiter["rep"] = (rep.source, rep.value)
+
+        t = threading.Thread(target=wait_on_it)
+        t.start()
+        took = trio.run(main)
+        assert took < 1.0, took
+        t.join(10)
+        assert waiter["rep"] == ("local", 81)
+        assert fab.cassette.contains(req.key)
+        assert fab.realize(req).source == "local"
+    assert _runs(log)["slow.square x=9"] == 1
