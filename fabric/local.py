@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def open_cassette(path: str | os.PathLike, **kwargs: Any) -> list:
                               f"{real} is already open in this process with durability={entry[0].durability!r}; "
                               "close it first, or open it without asking for durability='sync'")
         if entry is None:
+            _drop_inherited(real)  # (a forked child opening its parent's directory)
             kwargs = {k: v for k, v in kwargs.items() if v is not None or k != "durability"}
             cas = Cassette(real, **kwargs)
             fd = os.open(os.path.join(real, "compute.lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -173,16 +175,31 @@ class Fabric(metaclass=abc.ABCMeta):
         if not create:
             kw["create"] = False
         self.path = Path(path)
-        self._entry = open_cassette(self.path, **kw)
-        self.cassette: Cassette = self._entry[0]
+        self._open_kw = kw
+        self._attach()
         self.node_id = self.cassette.node_id
+        self.local_hits = 0
+        self._closed = False
+        with _live_lock:
+            _live.add(self)
+        metrics.track_fabric(self)
+
+    def _attach(self) -> None:
+        """Take a reference on this process's shared cassette entry for :attr:`path`."""
+        self._entry = open_cassette(self.path, **self._open_kw)
+        self.cassette: Cassette = self._entry[0]
         self._flights: dict[ContentKey, _Flight] = self._entry[2]
         self._flights_lock: threading.Lock = self._entry[3]
         self._lockfd: int = self._entry[4]
-        self.local_hits = 0
         self.cassette.on_corrupt = _count_corrupt
-        self._closed = False
-        metrics.track_fabric(self)
+
+    def _reattach_after_fork(self) -> Any:
+        """The cassette, opened anew in this forked child on its first use (see :func:`_after_fork_in_child`)."""
+        with _live_lock:
+            if isinstance(self.cassette, _ForkedCassette):
+                _drop_inherited(os.path.realpath(self.path))
+                self._attach()
+            return self.cassette
 
     # ------------------------------------------------------------------ realize
     def realize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
@@ -412,9 +429,14 @@ class Fabric(metaclass=abc.ABCMeta):
         stats...) raises ``FabricError(FAILED_PRECONDITION, "fabric ... is closed")``,
         even while other fabrics keep the shared cassette open.
         """
-        if not self._closed:
+        with _live_lock:
+            if self._closed:
+                return
             self._closed = True
+            attached = not isinstance(self.cassette, _ForkedCassette)  # (a forked child's copy holds no reference here)
             self.cassette = _ClosedCassette(f"fabric at {self.path}")  # type: ignore[assignment]
+            _live.discard(self)
+        if attached:
             release_cassette(self.path)
 
     def __del__(self) -> None:
@@ -441,6 +463,54 @@ class _ClosedCassette:
 
     def __getattr__(self, name: str) -> Any:
         raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self._what} is closed")
+
+
+class _ForkedCassette:
+    """What an open :class:`Fabric` holds in a forked child (``multiprocessing``, a
+    ``fork()``): its first use opens the cassette anew in the child and answers from
+    it, so a fabric made before the fork (the default one included) keeps working."""
+
+    __slots__ = ("_fab",)
+
+    def __init__(self, fab: Fabric) -> None:
+        self._fab = fab
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fab._reattach_after_fork(), name)
+
+
+#: open fabrics of this process (a forked child re-attaches them: :func:`_after_fork_in_child`)
+_live: "weakref.WeakSet[Fabric]" = weakref.WeakSet()
+_live_lock = threading.Lock()
+#: a parent's cassette entries a forked child inherited, by realpath, until it opens the directory again
+_inherited: dict[str, list] = {}
+
+
+def _drop_inherited(real: str) -> None:
+    """Close, in this forked child, the LMDB environment inherited for ``real`` (LMDB refuses a
+    second open of it in one process).  Only the child's mapping and descriptors go: no
+    transaction of it ran here, and its fcntl locks are the parent's (per process)."""
+    entry = _inherited.pop(real, None)
+    if entry is not None:
+        entry[0]._env.close()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not touch its parent's LMDB environment (LMDB forbids it) and
+    has none of its threads (the cassette's writer, other threads' in-flight computations):
+    a put waited forever on the missing writer.  So the child forgets the parent's shared
+    entries (:func:`_drop_inherited` lets go of one when its directory is opened again) and
+    each open fabric opens its directory anew on first use (:class:`_ForkedCassette`)."""
+    global _shared_lock, _live_lock
+    _shared_lock, _live_lock = threading.Lock(), threading.Lock()  # a parent thread may have held them
+    _inherited.update(_shared)
+    _shared.clear()
+    for fab in list(_live):
+        fab.cassette = _ForkedCassette(fab)  # type: ignore[assignment]
+        fab._flights, fab._flights_lock = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _count_corrupt(key: ContentKey) -> None:

@@ -210,3 +210,54 @@ def test_cancelling_arealize_returns_at_once_and_the_computation_is_still_record
         assert fab.cassette.contains(req.key)
         assert fab.realize(req).source == "local"
     assert _runs(log)["slow.square x=9"] == 1
+
+
+_forked: dict = {}
+
+
+def _realize_in_child(x: int) -> tuple:
+    """Run in a forked pool worker: realize on the fabric the parent opened, and on the default."""
+    fab = _forked["fab"]
+    a = fab.realize(fabric.Request("slow.square", {"x": x}))
+    b = fabric.realize(fabric.Request("slow.square", {"x": x + 100}))
+    c = fabric.open(_forked["path"])  # a fresh open of the parent's directory, in the child
+    try:
+        d = c.realize(fabric.Request("slow.square", {"x": x}))
+    finally:
+        c.close()
+    return a.source, a.value, b.value, d.source
+
+
+def test_fabrics_opened_before_a_fork_work_in_the_forked_children(tmp_path, monkeypatch):
+    """A multiprocessing (fork) worker using a fabric its parent opened — an explicit one or the
+    default — hung: the child used the parent's LMDB environment (which LMDB forbids) and its
+    put waited forever for the cassette's writer thread, which a fork does not copy.  Now the
+    child opens the directory anew on first use; each key is still computed once."""
+    from fabric import api
+
+    log = tmp_path / "eval.log"
+    monkeypatch.setenv("FABRIC_EVAL_LOG", str(log))
+    monkeypatch.setenv("FABRIC_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FABRIC_NODE", raising=False)
+    old = api.set_default(None)
+    fab = fabric.open(tmp_path / "data")
+    _forked.update(fab=fab, path=tmp_path / "data")
+    try:
+        assert fab.realize(fabric.Request("slow.square", {"x": 1})).source == "computed"
+        assert fabric.realize(fabric.Request("slow.square", {"x": 101})).source == "computed"
+        pool = multiprocessing.get_context("fork").Pool(2)
+        try:
+            results = pool.map_async(_realize_in_child, [1, 2, 3, 2]).get(timeout=15)
+        finally:
+            pool.terminate()
+            pool.join()
+        assert [r[1:3] for r in results] == [(1, 10201), (4, 10404), (9, 10609), (4, 10404)]
+        assert all(r[3] == "local" for r in results)
+        assert fab.realize(fabric.Request("slow.square", {"x": 3})).source == "local"  # the parent sees the children's records
+        assert fabric.realize(fabric.Request("slow.square", {"x": 103})).source == "local"
+    finally:
+        fab.close()
+        api.set_default(old).close()
+    runs = _runs(log)
+    assert {k: v for k, v in runs.items() if v != 1} == {}, runs
+    assert len(runs) == 6
