@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def open_cassette(path: str | os.PathLike, **kwargs: Any) -> list:
                               f"{real} is already open in this process with durability={entry[0].durability!r}; "
                               "close it first, or open it without asking for durability='sync'")
         if entry is None:
+            _drop_inherited(real)  # (a forked child opening its parent's directory)
             kwargs = {k: v for k, v in kwargs.items() if v is not None or k != "durability"}
             cas = Cassette(real, **kwargs)
             fd = os.open(os.path.join(real, "compute.lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -77,42 +79,67 @@ def release_cassette(path: str | os.PathLike) -> None:
 
 
 class _Flight:
-    __slots__ = ("event", "reply", "error", "waiters")
+    """One in-process computation of a key and the callers waiting on it.
+
+    It ends with ``reply`` or ``error`` (the evaluation's answer, which every waiter
+    shares), or ``handed_over``: its leader stopped without an answer of the key's own
+    (it was interrupted — KeyboardInterrupt, SystemExit — or its ``timeout`` ran out
+    waiting for another process), and the waiters ask again, one of them leading.
+    """
+
+    __slots__ = ("event", "reply", "error", "handed_over", "waiters")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.reply: Reply | None = None
         self.error: BaseException | None = None
+        self.handed_over = False
         self.waiters = 0
 
 
 class _KeyLock:
-    """Exclusive POSIX byte-range lock on one byte of ``compute.lock`` chosen by the key."""
+    """Exclusive POSIX byte-range lock on one byte of ``compute.lock`` chosen by the key.
 
-    __slots__ = ("fd", "offset")
+    ``deadline`` (``time.monotonic()``), if not None, bounds the wait in :meth:`acquire`:
+    past it, DEADLINE_EXCEEDED (another process is computing the key).  The kernel lets the lock
+    go when its holder dies, even by kill -9, so a waiter takes over.
+    """
 
-    def __init__(self, fd: int, key: ContentKey) -> None:
+    __slots__ = ("fd", "offset", "key", "deadline", "timeout")
+
+    def __init__(self, fd: int, key: ContentKey, deadline: float | None = None, timeout: float | None = None) -> None:
         self.fd = fd
         self.offset = int.from_bytes(key[1:8], "big")
+        self.key = key
+        self.deadline = deadline
+        self.timeout = timeout
 
-    def __enter__(self) -> None:
+    def acquire(self) -> None:
         """Wait for the lock.  The kernel's deadlock check sees processes, not threads: thread 1
         of A holding key x while thread 2 waits for y, held by B, whose other thread waits for x,
         is EDEADLK though each holder finishes on its own.  So EDEADLK waits a little and asks
         again (a true cycle would be an evaluator waiting on itself, which single-flight already
-        blocks within a process)."""
+        blocks within a process).  With a deadline the wait polls (non-blocking tries, backing off
+        to 50 ms), as a blocking lockf cannot be given one."""
+        flags = fcntl.LOCK_EX if self.deadline is None else fcntl.LOCK_EX | fcntl.LOCK_NB
         pause = 0.001
         while True:
             try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.offset, os.SEEK_SET)
+                fcntl.lockf(self.fd, flags, 1, self.offset, os.SEEK_SET)
                 return
             except OSError as exc:
-                if exc.errno != errno.EDEADLK:
+                if exc.errno not in (errno.EDEADLK, errno.EAGAIN, errno.EACCES):
                     raise
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise FabricError(StatusCode.DEADLINE_EXCEEDED,
+                                      f"waited {self.timeout:g} s for an identical realize computing in another process", key=self.key)
+                pause = min(pause, left)
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    def __exit__(self, *exc: Any) -> None:
+    def release(self) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.offset, os.SEEK_SET)
 
 
@@ -148,16 +175,31 @@ class Fabric(metaclass=abc.ABCMeta):
         if not create:
             kw["create"] = False
         self.path = Path(path)
-        self._entry = open_cassette(self.path, **kw)
-        self.cassette: Cassette = self._entry[0]
+        self._open_kw = kw
+        self._attach()
         self.node_id = self.cassette.node_id
+        self.local_hits = 0
+        self._closed = False
+        with _live_lock:
+            _live.add(self)
+        metrics.track_fabric(self)
+
+    def _attach(self) -> None:
+        """Take a reference on this process's shared cassette entry for :attr:`path`."""
+        self._entry = open_cassette(self.path, **self._open_kw)
+        self.cassette: Cassette = self._entry[0]
         self._flights: dict[ContentKey, _Flight] = self._entry[2]
         self._flights_lock: threading.Lock = self._entry[3]
         self._lockfd: int = self._entry[4]
-        self.local_hits = 0
         self.cassette.on_corrupt = _count_corrupt
-        self._closed = False
-        metrics.track_fabric(self)
+
+    def _reattach_after_fork(self) -> Any:
+        """The cassette, opened anew in this forked child on its first use (see :func:`_after_fork_in_child`)."""
+        with _live_lock:
+            if isinstance(self.cassette, _ForkedCassette):
+                _drop_inherited(os.path.realpath(self.path))
+                self._attach()
+            return self.cassette
 
     # ------------------------------------------------------------------ realize
     def realize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
@@ -165,7 +207,10 @@ class Fabric(metaclass=abc.ABCMeta):
 
         An evaluator's exception reaches the caller unchanged (type and message)
         and nothing is recorded.  ``timeout`` bounds waiting on another
-        caller's identical in-flight computation (DEADLINE_EXCEEDED).
+        caller's identical in-flight computation, in this process or in another
+        one sharing the directory (DEADLINE_EXCEEDED); a caller that stops waiting, or
+        whose evaluator run is interrupted (KeyboardInterrupt, SystemExit), leaves the
+        key to the callers still waiting on it.
         ``device="cuda:0"`` returns numpy values as CuPy arrays on that device
         (:func:`gpu.to_device`; FAILED_PRECONDITION without CuPy, after recording).
         """
@@ -183,7 +228,12 @@ class Fabric(metaclass=abc.ABCMeta):
             raise
 
     async def arealize(self, req: Request, *, timeout: float | None = None, device: Any = None) -> Reply:
-        """:meth:`realize` under trio: hits answer inline, misses compute in a worker thread."""
+        """:meth:`realize` under trio: hits answer inline, misses compute in a worker thread.
+
+        Cancelling it returns at once (a miss no longer waits for its evaluator to end);
+        the computation goes on in its thread, is recorded as usual and answers the
+        callers waiting on it, so the next realize of the key is a hit.
+        """
         try:
             key = req.key
             value = self.cassette.lookup_value(key)
@@ -193,7 +243,7 @@ class Fabric(metaclass=abc.ABCMeta):
             else:
                 import trio
 
-                rep = await trio.to_thread.run_sync(self._realize_miss, req, key, timeout)
+                rep = await trio.to_thread.run_sync(self._realize_miss, req, key, timeout, abandon_on_cancel=True)
             return rep if device is None else on_device(rep, device)
         except Exception as exc:
             metrics.count_error("realize", exc, evaluates=True)
@@ -214,19 +264,31 @@ class Fabric(metaclass=abc.ABCMeta):
         return rep
 
     def _compute_or_wait(self, req: Request, key: ContentKey, timeout: float | None) -> Reply:
+        """Lead the key's computation in this process, or wait for the one under way (see
+        :class:`_Flight`); ``timeout`` bounds the waiting, on this process's leader and on
+        another process's lock alike (DEADLINE_EXCEEDED)."""
         ev = registry.lookup(req.evaluator, req.version)
-        with self._flights_lock:
-            flight = self._flights.get(key)
-            leader = flight is None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        coalesced = False
+        while True:
+            with self._flights_lock:
+                flight = self._flights.get(key)
+                leader = flight is None
+                if leader:
+                    flight = self._flights[key] = _Flight()
+                else:
+                    flight.waiters += 1
+            assert flight is not None
             if leader:
-                flight = self._flights[key] = _Flight()
-            else:
-                flight.waiters += 1
-        assert flight is not None
-        if not leader:
-            metrics.COALESCED.inc()
-            if not flight.event.wait(timeout):
+                return self._lead(flight, req, key, ev, deadline, timeout)
+            if not coalesced:
+                coalesced = True
+                metrics.COALESCED.inc()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not flight.event.wait(left):
                 raise FabricError(StatusCode.DEADLINE_EXCEEDED, f"waited {timeout:g} s for an identical in-flight realize", key=key)
+            if flight.handed_over:
+                continue  # its leader stopped without an answer: ask again (one of us leads)
             if flight.error is not None:
                 raise flight.error
             assert flight.reply is not None
@@ -234,29 +296,50 @@ class Fabric(metaclass=abc.ABCMeta):
             # replies count evaluator runs exactly (and each caller gets its own decoded value)
             value = self.cassette.lookup_value(key)
             return Reply(key, flight.reply.value if value is MISS else value, "local", self.node_id)
+
+    def _lead(self, flight: _Flight, req: Request, key: ContentKey, ev: registry.Evaluator,
+              deadline: float | None, timeout: float | None) -> Reply:
+        """Compute ``key`` for ``flight`` and end it: with the reply, with the evaluation's
+        error, or handed over to its waiters (an interrupt, or this caller's deadline ran out
+        on another process's lock)."""
         try:
-            reply = self._compute_once(req, key, ev)
+            lock = _KeyLock(self._lockfd, key, deadline, timeout)
+            try:
+                lock.acquire()
+            except BaseException:
+                flight.handed_over = True  # nothing was computed: the deadline is this caller's own
+                raise
+            try:
+                reply = self._compute_locked(req, key, ev)
+            finally:
+                lock.release()
             flight.reply = reply
             return reply
-        except BaseException as exc:
-            flight.error = exc
+        except Exception as exc:
+            if not flight.handed_over:
+                flight.error = exc
+            raise
+        except BaseException:
+            flight.handed_over = True  # KeyboardInterrupt, SystemExit...: this caller's, not the key's answer
             raise
         finally:
             with self._flights_lock:
                 del self._flights[key]
             flight.event.set()
 
-    def _compute_once(self, req: Request, key: ContentKey, ev: registry.Evaluator) -> Reply:
-        with _KeyLock(self._lockfd, key):
-            value = self.cassette.lookup_value(key)  # another process may have recorded it meanwhile
-            if value is not MISS:
-                return Reply(key, value, "local", self.node_id)  # counted by _realize_miss
-            t0 = time.perf_counter()
-            result = ev.call(req.args)
-            compute_s = time.perf_counter() - t0
-            metrics.EVALUATOR_RUNS.labels(evaluator=ev.name).inc()
-            payload = codec.encode(result, root="reply")
-            self.cassette.put(key, payload, evaluator=ev.name, version=ev.version, compute_s=compute_s)
+    def _compute_locked(self, req: Request, key: ContentKey, ev: registry.Evaluator) -> Reply:
+        """Under the key's lock: the cassette's reply if another process recorded it
+        meanwhile, else evaluate, encode (INVALID_ARGUMENT naming the path; nothing
+        recorded) and record."""
+        value = self.cassette.lookup_value(key)  # another process may have recorded it meanwhile
+        if value is not MISS:
+            return Reply(key, value, "local", self.node_id)  # counted by _realize_miss
+        t0 = time.perf_counter()
+        result = ev.call(req.args)
+        compute_s = time.perf_counter() - t0
+        metrics.EVALUATOR_RUNS.labels(evaluator=ev.name).inc()
+        payload = codec.encode(result, root="reply")
+        self.cassette.put(key, payload, evaluator=ev.name, version=ev.version, compute_s=compute_s)
         # hand back exactly what later hits will return (tuples as lists, read-only arrays)
         return Reply(key, codec.decode(payload), "computed", self.node_id)
 
@@ -346,9 +429,14 @@ class Fabric(metaclass=abc.ABCMeta):
         stats...) raises ``FabricError(FAILED_PRECONDITION, "fabric ... is closed")``,
         even while other fabrics keep the shared cassette open.
         """
-        if not self._closed:
+        with _live_lock:
+            if self._closed:
+                return
             self._closed = True
+            attached = not isinstance(self.cassette, _ForkedCassette)  # (a forked child's copy holds no reference here)
             self.cassette = _ClosedCassette(f"fabric at {self.path}")  # type: ignore[assignment]
+            _live.discard(self)
+        if attached:
             release_cassette(self.path)
 
     def __del__(self) -> None:
@@ -375,6 +463,54 @@ class _ClosedCassette:
 
     def __getattr__(self, name: str) -> Any:
         raise FabricError(StatusCode.FAILED_PRECONDITION, f"{self._what} is closed")
+
+
+class _ForkedCassette:
+    """What an open :class:`Fabric` holds in a forked child (``multiprocessing``, a
+    ``fork()``): its first use opens the cassette anew in the child and answers from
+    it, so a fabric made before the fork (the default one included) keeps working."""
+
+    __slots__ = ("_fab",)
+
+    def __init__(self, fab: Fabric) -> None:
+        self._fab = fab
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fab._reattach_after_fork(), name)
+
+
+#: open fabrics of this process (a forked child re-attaches them: :func:`_after_fork_in_child`)
+_live: "weakref.WeakSet[Fabric]" = weakref.WeakSet()
+_live_lock = threading.Lock()
+#: a parent's cassette entries a forked child inherited, by realpath, until it opens the directory again
+_inherited: dict[str, list] = {}
+
+
+def _drop_inherited(real: str) -> None:
+    """Close, in this forked child, the LMDB environment inherited for ``real`` (LMDB refuses a
+    second open of it in one process).  Only the child's mapping and descriptors go: no
+    transaction of it ran here, and its fcntl locks are the parent's (per process)."""
+    entry = _inherited.pop(real, None)
+    if entry is not None:
+        entry[0]._env.close()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not touch its parent's LMDB environment (LMDB forbids it) and
+    has none of its threads (the cassette's writer, other threads' in-flight computations):
+    a put waited forever on the missing writer.  So the child forgets the parent's shared
+    entries (:func:`_drop_inherited` lets go of one when its directory is opened again) and
+    each open fabric opens its directory anew on first use (:class:`_ForkedCassette`)."""
+    global _shared_lock, _live_lock
+    _shared_lock, _live_lock = threading.Lock(), threading.Lock()  # a parent thread may have held them
+    _inherited.update(_shared)
+    _shared.clear()
+    for fab in list(_live):
+        fab.cassette = _ForkedCassette(fab)  # type: ignore[assignment]
+        fab._flights, fab._flights_lock = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _count_corrupt(key: ContentKey) -> None:
