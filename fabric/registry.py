@@ -226,17 +226,15 @@ def latest_version(name: str) -> str | None:
 def lookup(name: str, version: str | None = None) -> Evaluator:
     """The registered evaluator, or NOT_FOUND naming it and listing what is registered."""
     versions = _by_name.get(name)
-    if versions:
-        if version is None:
-            return versions[next(reversed(versions))]
-        ev = versions.get(version)
+    if versions:  # (single dict reads: safe while another thread registers)
+        ev = versions.get(_latest.get(name) if version is None else version)
         if ev is not None:
             return ev
-        raise FabricError(
-            StatusCode.NOT_FOUND,
-            f"evaluator {name!r} has no version {version!r}; registered versions: {', '.join(versions)}",
-        )
-    known = ", ".join(f"{n}@{v}" for n, vs in sorted(_by_name.items()) for v in vs) or "none"
+        with _lock:  # the message iterates the table: not while it changes
+            listed = ", ".join(versions)
+        raise FabricError(StatusCode.NOT_FOUND, f"evaluator {name!r} has no version {version!r}; registered versions: {listed}")
+    with _lock:
+        known = ", ".join(f"{n}@{v}" for n, vs in sorted(_by_name.items()) for v in vs) or "none"
     raise FabricError(StatusCode.NOT_FOUND, f"no evaluator named {name!r}; registered: {known}")
 
 
