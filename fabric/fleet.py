@@ -34,7 +34,10 @@ live holder announcing that digest (a shared queue, at most
 more).  Every chunk is verified against its blob key before it is stored, in
 batches of ``FETCH_BATCH``; a holder that fails once gets no further chunks
 and its unfinished ones go to the others.  The manifest is recorded only once
-every chunk it names is held here.
+every chunk it names is held here.  A record held here whose row fails its check
+counts as lacking (it is fetched and recorded afresh).  When no holder is left:
+DATA_LOSS if every holder's copy of a chunk failed its check or was missing, else
+a retryable UNAVAILABLE.
 
 Two holders claiming different digests for one key is a determinism
 violation: it is logged and counted (``fabric_determinism_violations_total``)
@@ -562,9 +565,11 @@ class ContentAddressedFabric:
         it from live holders, every byte verified before it is stored; records and announces
         it.  Returns the holder the record came from, or None when no holder could serve it.
         An artifact's missing chunks come from every live holder at once (:meth:`_fetch_chunks`).
-        Concurrent calls for one key share one fetch."""
+        Concurrent calls for one key share one fetch.  A key held here whose row fails its
+        check counts as lacking: the record fetched is recorded afresh (the cassette appends a
+        fresh row)."""
         while True:
-            if self.fab.cassette.contains(key):
+            if self.fab.cassette.get_raw(key) is not None:  # held, and its row verifies (a corrupt one is repaired)
                 return self.fab.node_id
             busy = self._obtaining.get(key)
             if busy is None:
@@ -603,6 +608,27 @@ class ContentAddressedFabric:
         await self.fleet.announce_recorded()
         return holder
 
+    async def repair_chunk(self, key: ContentKey, digest: bytes, chunk: ContentKey) -> bytes | None:
+        """The bytes of ``chunk`` of artifact ``key`` (held here with ``digest``), fetched from
+        the live holders announcing that digest, verified and stored (repairing a copy that
+        rotted here: :meth:`_fetch_chunks`); None when there is none or none has an intact
+        copy; a retryable error of theirs (holders listed live that could not be reached) is raised."""
+        holders = [(node_id, addr) for node_id, addr, d in self.fleet.live_holders(key) if d == digest]
+        if not holders:
+            return None
+        try:
+            await self._fetch_chunks(key, [chunk], holders)
+        except FabricError as exc:
+            if exc.retryable:  # holders listed live could not be reached: the client may try again
+                raise
+            log.info("repair of chunk %s of %s failed: %s", chunk.short(), key.short(), exc.message)
+            return None
+        finally:
+            if key not in self._obtaining:
+                self._fetched.pop(key, None)
+        log.warning("chunk %s of %s was corrupt here: repaired from a live holder", chunk.short(), key.short())
+        return self.fab.cassette.get_blob(chunk)
+
     async def _fetch_chunks(self, key: ContentKey, chunks: list[ContentKey], holders: list[tuple[str, str]]) -> None:
         """Store ``chunks`` (blob keys of artifact ``key``) fetched from ``holders`` ``[(node_id, addr)]``.
 
@@ -613,7 +639,10 @@ class ContentAddressedFabric:
         it (:meth:`Fleet.while_live`) is done: the chunk goes back to the front of
         the queue for the others.  A round ends when every lane has stopped; chunks a failed holder
         handed back after the others had stopped start another round with the
-        holders left.  UNAVAILABLE when no holder is left for a chunk.
+        holders left.  When no holder is left for a chunk: DATA_LOSS if every holder's copy of
+        some chunk still pending failed its check or was missing (no good copy to fetch),
+        else UNAVAILABLE (retryable: chunks fetched so far stay, and a holder dropped for
+        another chunk's failure may well serve this one next time).
         """
         pending = collections.deque(chunks)
         batch: list[tuple[ContentKey, bytes]] = []
@@ -649,6 +678,8 @@ class ContentAddressedFabric:
                     if isinstance(exc, trio.TooSlowError):  # a holder that accepts but never answers
                         exc = FabricError(StatusCode.DEADLINE_EXCEEDED, f"no answer within {CHUNK_DEADLINE_S:g} s")
                     pending.appendleft(ck)
+                    if not exc.retryable:  # its copy fails its check (DATA_LOSS) or is not there (NOT_FOUND)
+                        bad.setdefault(ck, set()).add(node_id)
                     if not failed.get(node_id):  # (False: failed, not yet reported)
                         failed[node_id] = True
                         if exc.status_code is StatusCode.DATA_LOSS:
@@ -664,8 +695,13 @@ class ContentAddressedFabric:
                     await flush()
 
         live = list(holders)
+        bad: dict[ContentKey, set[str]] = {}  # chunk -> holders whose copy of it is corrupt or missing
         while pending:
             if not live:
+                everyone = {node_id for node_id, _ in holders}
+                lost = next((ck for ck in pending if bad.get(ck, set()) >= everyone), None)
+                if lost is not None:
+                    raise FabricError(StatusCode.DATA_LOSS, f"no live holder has an intact copy of chunk {lost.short()}", key=key)
                 raise FabricError(StatusCode.UNAVAILABLE, f"no live holder could serve chunk {pending[0].short()}", key=key)
             failed: dict[str, bool] = {}  # holder -> its failure was reported
             async with trio.open_nursery() as nursery:
