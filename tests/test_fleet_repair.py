@@ -4,8 +4,8 @@ Real ``fabric node`` subprocesses on 127.0.0.1 (``--join``), each data dir seede
 node starts and, where a test says so, a byte flipped in a stored row while the node is
 stopped (``flip_in_file``): a member whose own copy rotted repairs it from a live holder and
 answers; one with no good copy anywhere still answers DATA_LOSS; a holder serving a corrupt
-chunk is counted and passed over; two clients asking for one artifact at once share one
-fetch.
+chunk is counted and passed over; a holder killed but not yet DEAD is a retryable failure,
+not NOT_FOUND; two clients asking for one artifact at once share one fetch.
 """
 
 from __future__ import annotations
@@ -198,6 +198,27 @@ def test_a_holder_serving_corrupt_chunks_is_counted_and_passed_over(tmp_path, no
     stop_node(nodes.n["c"][1])
     with fabric.open(tmp_path / "c") as fc:
         assert fc.cassette.verify(raise_errors=False).problems == [] and fc.stats()["blobs"] == CHUNKS
+
+
+def test_holders_killed_before_the_member_holds_them_dead_is_a_retryable_error(tmp_path, nodes):
+    """A, the only holder, is killed with SIGKILL; C's failure detector still holds it live.
+    ``get`` through C used to answer NOT_FOUND (as if no member held it); it is a retryable
+    UNAVAILABLE, and nothing is recorded at C."""
+    data = _data(5)
+    ref = _seed(tmp_path / "a", data, {7: 49})
+    nodes.start("a")
+    c = nodes.start("c")
+    nodes.knows("c", ref.key, "a")
+    nodes.knows("c", _reply_key(7), "a")
+    a = nodes.n["a"][1]
+    a.send_signal(signal.SIGKILL)
+    a.wait(10)
+    for key in (_reply_key(7), ref.key):
+        err = _get_error(c, key)
+        assert err.status_code is StatusCode.UNAVAILABLE and err.retryable, (key, err)
+        assert "could not serve it" in err.message
+    st = _stats(c)
+    assert st["records"] == 0 and st["blobs"] == 0
 
 
 def test_a_chunk_every_holder_holds_corrupt_is_data_loss_for_a_member_lacking_it(tmp_path, nodes):
