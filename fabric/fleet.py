@@ -34,7 +34,12 @@ live holder announcing that digest (a shared queue, at most
 more).  Every chunk is verified against its blob key before it is stored, in
 batches of ``FETCH_BATCH``; a holder that fails once gets no further chunks
 and its unfinished ones go to the others.  The manifest is recorded only once
-every chunk it names is held here.
+every chunk it names is held here.  A record held here whose row fails its check
+counts as lacking (it is fetched and recorded afresh).  When no holder is left:
+DATA_LOSS if every holder's copy of a chunk failed its check or was missing, else
+a retryable UNAVAILABLE; likewise, a record no holder served is UNAVAILABLE
+(retryable) when a holder failed in a way worth retrying (killed, not yet DEAD
+here), else "no holder" (NOT_FOUND, or DATA_LOSS for a copy corrupt here).
 
 Two holders claiming different digests for one key is a determinism
 violation: it is logged and counted (``fabric_determinism_violations_total``)
@@ -562,9 +567,12 @@ class ContentAddressedFabric:
         it from live holders, every byte verified before it is stored; records and announces
         it.  Returns the holder the record came from, or None when no holder could serve it.
         An artifact's missing chunks come from every live holder at once (:meth:`_fetch_chunks`).
-        Concurrent calls for one key share one fetch."""
+        Concurrent calls for one key share one fetch.  A key held here whose row fails its
+        check counts as lacking: the record fetched is recorded afresh (the cassette appends a
+        fresh row).  UNAVAILABLE (retryable) when no holder served the record and some failed
+        in a way worth retrying (a holder killed but not yet DEAD here refuses the connection)."""
         while True:
-            if self.fab.cassette.contains(key):
+            if self.fab.cassette.get_raw(key) is not None:  # held, and its row verifies (a corrupt one is repaired)
                 return self.fab.node_id
             busy = self._obtaining.get(key)
             if busy is None:
@@ -585,8 +593,14 @@ class ContentAddressedFabric:
     async def _obtain(self, key: ContentKey) -> str | None:
         # a key the index knows no live holder of may be news the gossip has not brought yet: ask
         asked = [] if self.fleet.live_holders(key) else await self.fleet.ask_holders(key)
-        got = await self._from_holders(key, asked or None)
+        failures: list[FabricError] = []
+        got = await self._from_holders(key, asked or None, failures=failures)
         if got is None:
+            transient = [exc for exc in failures if exc.retryable]
+            if transient:
+                raise FabricError(StatusCode.UNAVAILABLE, f"on node {self.fab.node_id}: {len(transient)} live holder(s) "
+                                  f"could not serve it (last: {transient[-1].status_code.name}); try again",
+                                  retryable=True, key=key)
             return None
         rec, holder = got
         if key.kind == "artifact":
@@ -603,6 +617,27 @@ class ContentAddressedFabric:
         await self.fleet.announce_recorded()
         return holder
 
+    async def repair_chunk(self, key: ContentKey, digest: bytes, chunk: ContentKey) -> bytes | None:
+        """The bytes of ``chunk`` of artifact ``key`` (held here with ``digest``), fetched from
+        the live holders announcing that digest, verified and stored (repairing a copy that
+        rotted here: :meth:`_fetch_chunks`); None when there is none or none has an intact
+        copy; a retryable error of theirs (holders listed live that could not be reached) is raised."""
+        holders = [(node_id, addr) for node_id, addr, d in self.fleet.live_holders(key) if d == digest]
+        if not holders:
+            return None
+        try:
+            await self._fetch_chunks(key, [chunk], holders)
+        except FabricError as exc:
+            if exc.retryable:  # holders listed live could not be reached: the client may try again
+                raise
+            log.info("repair of chunk %s of %s failed: %s", chunk.short(), key.short(), exc.message)
+            return None
+        finally:
+            if key not in self._obtaining:
+                self._fetched.pop(key, None)
+        log.warning("chunk %s of %s was corrupt here: repaired from a live holder", chunk.short(), key.short())
+        return self.fab.cassette.get_blob(chunk)
+
     async def _fetch_chunks(self, key: ContentKey, chunks: list[ContentKey], holders: list[tuple[str, str]]) -> None:
         """Store ``chunks`` (blob keys of artifact ``key``) fetched from ``holders`` ``[(node_id, addr)]``.
 
@@ -613,7 +648,10 @@ class ContentAddressedFabric:
         it (:meth:`Fleet.while_live`) is done: the chunk goes back to the front of
         the queue for the others.  A round ends when every lane has stopped; chunks a failed holder
         handed back after the others had stopped start another round with the
-        holders left.  UNAVAILABLE when no holder is left for a chunk.
+        holders left.  When no holder is left for a chunk: DATA_LOSS if every holder's copy of
+        some chunk still pending failed its check or was missing (no good copy to fetch),
+        else UNAVAILABLE (retryable: chunks fetched so far stay, and a holder dropped for
+        another chunk's failure may well serve this one next time).
         """
         pending = collections.deque(chunks)
         batch: list[tuple[ContentKey, bytes]] = []
@@ -649,6 +687,8 @@ class ContentAddressedFabric:
                     if isinstance(exc, trio.TooSlowError):  # a holder that accepts but never answers
                         exc = FabricError(StatusCode.DEADLINE_EXCEEDED, f"no answer within {CHUNK_DEADLINE_S:g} s")
                     pending.appendleft(ck)
+                    if not exc.retryable:  # its copy fails its check (DATA_LOSS) or is not there (NOT_FOUND)
+                        bad.setdefault(ck, set()).add(node_id)
                     if not failed.get(node_id):  # (False: failed, not yet reported)
                         failed[node_id] = True
                         if exc.status_code is StatusCode.DATA_LOSS:
@@ -664,8 +704,13 @@ class ContentAddressedFabric:
                     await flush()
 
         live = list(holders)
+        bad: dict[ContentKey, set[str]] = {}  # chunk -> holders whose copy of it is corrupt or missing
         while pending:
             if not live:
+                everyone = {node_id for node_id, _ in holders}
+                lost = next((ck for ck in pending if bad.get(ck, set()) >= everyone), None)
+                if lost is not None:
+                    raise FabricError(StatusCode.DATA_LOSS, f"no live holder has an intact copy of chunk {lost.short()}", key=key)
                 raise FabricError(StatusCode.UNAVAILABLE, f"no live holder could serve chunk {pending[0].short()}", key=key)
             failed: dict[str, bool] = {}  # holder -> its failure was reported
             async with trio.open_nursery() as nursery:
@@ -676,7 +721,7 @@ class ContentAddressedFabric:
             live = [h for h in live if h[0] not in failed]
 
     async def _from_holders(self, key: ContentKey, holders: list | None = None, *,
-                            capability: str | None = None) -> tuple[Record, str] | None:
+                            capability: str | None = None, failures: list | None = None) -> tuple[Record, str] | None:
         """The verified record of ``key`` from the first of ``holders`` ``[(node_id, addr,
         digest or None)]`` (default: the live holders the index knows) that serves the digest
         to serve, or None.
@@ -687,7 +732,8 @@ class ContentAddressedFabric:
         other and with the home, which answers forwards with its own.  A ``get`` names only
         the key: when ``capability`` is None and holders disagree on a request key's digest,
         it is read from the first record a holder serves (evaluator and version), and that
-        record is kept only if it has the digest chosen then.
+        record is kept only if it has the digest chosen then.  ``failures``, when given,
+        collects each holder's error (see :meth:`_fetch_record`).
         """
         if holders is None:
             holders = self.fleet.live_holders(key)
@@ -698,19 +744,21 @@ class ContentAddressedFabric:
             log.warning("holders of %s disagree on its digest; serving the majority's", key.short())
         first = None
         if capability is None and key.kind == "request" and len({d for _, d in self.fleet.gossip.holders(key)}) > 1:
-            first = await self._fetch_record(key, holders, None)  # any holder's record names the evaluator
+            first = await self._fetch_record(key, holders, None, failures)  # any holder's record names the evaluator
             if first is None:
                 return None
             capability = evaluator_capability(first[0].evaluator, first[0].version)
         preferred = self.fleet.gossip.preferred_digest(key, capability)
         if first is not None and first[0].digest == preferred:
             return first
-        return await self._fetch_record(key, holders, preferred)
+        return await self._fetch_record(key, holders, preferred, failures)
 
-    async def _fetch_record(self, key: ContentKey, holders: list, preferred: bytes | None) -> tuple[Record, str] | None:
+    async def _fetch_record(self, key: ContentKey, holders: list, preferred: bytes | None,
+                            failures: list | None = None) -> tuple[Record, str] | None:
         """The verified record of ``key`` from the first of ``holders`` announcing ``preferred``
         (None: any digest; a holder found by asking, digest None, is verified against the key
-        alone), skipping one that fails or turns DEAD meanwhile; None when none serves it."""
+        alone), skipping one that fails (its error appended to ``failures`` when given) or
+        turns DEAD meanwhile; None when none serves it."""
         for node_id, addr, digest in holders:
             if preferred is not None and digest is not None and digest != preferred:
                 continue
@@ -725,6 +773,8 @@ class ContentAddressedFabric:
                 if exc.status_code is StatusCode.DATA_LOSS:
                     metrics.ERRORS.labels(op="peer_fetch", status="DATA_LOSS").inc()
                 log.info("fetch of %s from %s failed: %s; trying the next holder", key.short(), node_id, exc.status_code.name)
+                if failures is not None:
+                    failures.append(exc)
                 continue
             self.fleet.count_fetch(node_id, len(raw))
             return rec, node_id

@@ -426,7 +426,15 @@ class NodeService:
         return await answer_held(call, self.fab.cassette, rec.key, {"key": rec.key, "source": "peer", "holder": holder})
 
     async def get(self, call: "ServerCall") -> dict:
-        """A reply's record, or an artifact's manifest record plus its chunks as pushes."""
+        """A reply's record, or an artifact's manifest record plus its chunks as pushes.
+
+        In a fleet, a record this node lacks *or holds corrupt* is obtained from a live holder
+        first (:meth:`fabric.fleet.ContentAddressedFabric.obtain`: verified, recorded here
+        afresh), and a chunk found corrupt here while the artifact is sent is fetched from a
+        live holder of the artifact, verified, stored (repairing it) and sent.  NOT_FOUND when
+        neither this node nor any live member holds it; DATA_LOSS when this node's copy is
+        corrupt and no live holder serves a good one (UNAVAILABLE, retryable, when holders the
+        index lists as live could not be reached)."""
         key = _key_field(call.body)
         cas = self.fab.cassette
         holder = self.node_id
@@ -440,14 +448,19 @@ class NodeService:
                 raise FabricError(StatusCode.NOT_FOUND, "blob not held by this node", key=key)
             await call.send(data)
             return {"key": key, "chunks": 1}
-        if self.caf is not None and not cas.contains(key):
-            # from a live holder, verified, recorded here; an artifact's client hears progress meanwhile
+        raw = cas.get_raw(key)
+        if raw is None and self.caf is not None:
+            # not held here, or held but corrupt: from a live holder, verified, recorded here (afresh);
+            # an artifact's client hears progress meanwhile
             obtain = self.caf.obtain(key) if key.kind != "artifact" else \
                 self._obtain_telling(call, lambda: self.caf.obtain(key), lambda: self.caf.obtaining_bytes(key))
             holder = await obtain
             if holder is None:
+                if cas.contains(key):
+                    raise FabricError(StatusCode.DATA_LOSS, "the record held here for this key is corrupt, and no live "
+                                      "member of the fleet holds a good copy", key=key)
                 raise FabricError(StatusCode.NOT_FOUND, "not held by this node, and no live member of the fleet holds it", key=key)
-        raw = cas.get_raw(key)
+            raw = cas.get_raw(key)
         if raw is None:
             if cas.contains(key):  # indexed here, but its row fails its check
                 raise FabricError(StatusCode.DATA_LOSS, "the record held here for this key is corrupt (a realize "
@@ -459,11 +472,14 @@ class NodeService:
         # client can check its target against the manifest and use each chunk as it arrives
         from cassette import codec
 
-        chunks = codec.decode(unpack_record(raw).payload)["chunks"]
+        manifest = unpack_record(raw)
+        chunks = codec.decode(manifest.payload)["chunks"]
         await call.send_metadata({"record_size": len(raw), "chunks": len(chunks)})
         reply = await push_record(call, raw, {"key": key, "holder": holder})
         for ck in chunks:
             data = cas.get_blob(ck)
+            if data is None and self.caf is not None:  # corrupt (or lost) here: a live holder's copy repairs it
+                data = await self.caf.repair_chunk(key, manifest.digest, ck)
             if data is None:  # the artifact is recorded here, so each of its chunks should be
                 raise FabricError(StatusCode.DATA_LOSS, f"chunk {ck.short()} of this artifact is missing or corrupt "
                                   "on this node (putting the artifact again repairs it)", key=key)
