@@ -17,6 +17,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -244,6 +245,21 @@ def registered() -> list[tuple[str, str]]:
         return sorted((n, v) for n, vs in _by_name.items() for v in vs)
 
 
+def _imported_from(file: Path) -> bool:
+    """Whether a module in ``sys.modules`` was loaded from ``file`` (a resolved path): then a
+    load of that file by path is the same module again (``examples/evaluators.py`` after
+    ``import examples.evaluators``), not other functions under the same names."""
+    for module in list(sys.modules.values()):
+        origin = getattr(module, "__file__", None)
+        if isinstance(origin, str) and os.path.basename(origin) == file.name:
+            try:
+                if Path(origin).resolve() == file:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 def load_evaluators(spec: str) -> None:
     """Import evaluators from a module path (``examples.evaluators``) or a ``.py`` file path.
 
@@ -255,9 +271,9 @@ def load_evaluators(spec: str) -> None:
         if spec.endswith(".py") or path.is_file():
             if not path.is_file():
                 raise FabricError(StatusCode.NOT_FOUND, f"evaluator file {spec} does not exist")
+            if _imported_from(path.resolve()):
+                return  # already imported (as a package module, or by path): its evaluators are registered
             mod_name = "fabric_evaluators_" + path.stem
-            if mod_name in sys.modules and getattr(sys.modules[mod_name], "__file__", None) == str(path.resolve()):
-                return
             s = importlib.util.spec_from_file_location(mod_name, path.resolve())
             if s is None or s.loader is None:  # a file without a Python source suffix
                 raise FabricError(StatusCode.INVALID_ARGUMENT, f"evaluator file {spec} is not a Python source file (.py)")
@@ -265,11 +281,13 @@ def load_evaluators(spec: str) -> None:
             sys.modules[mod_name] = module
             s.loader.exec_module(module)
         else:
-            import os
-
             cwd = os.getcwd()
             if cwd not in sys.path:
                 sys.path.insert(0, cwd)
+            if spec not in sys.modules:
+                found = importlib.util.find_spec(spec)
+                if found is not None and isinstance(found.origin, str) and _imported_from(Path(found.origin).resolve()):
+                    return  # its file was loaded by path already: the same evaluators
             importlib.import_module(spec)
     except FabricError:
         raise

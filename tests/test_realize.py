@@ -476,3 +476,56 @@ def test_a_closed_fabric_is_failed_precondition(tmp_path, shared):
     if other is not None:
         assert other.realize(req).value == 9  # the other holder is unaffected
         other.close()
+
+
+def test_loading_an_evaluator_file_already_imported_as_a_module_is_the_same_module(tmp_path, monkeypatch):
+    """``--evaluators pkg/evals.py`` in a process that imported ``pkg.evals`` (a test suite, a
+    notebook, a node with both spellings) is that module again: its evaluators stay registered,
+    no second copy is executed.  It ran the file again under another module name, whose functions
+    then clashed with the registered ones (FAILED_PRECONDITION "already registered to another function")."""
+    from fabric import registry
+
+    pkg = tmp_path / "samefile_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "evals.py").write_text(
+        "import fabric\n"
+        "RUNS = []\n"
+        "RUNS.append(1)\n"
+        "@fabric.evaluator('samefile.double', version='1')\n"
+        "def double(x: int) -> int:\n"
+        "    return 2 * x\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    registry.load_evaluators("samefile_pkg.evals")
+    import samefile_pkg.evals as mod
+
+    registry.load_evaluators(str(pkg / "evals.py"))  # the same file, by path
+    registry.load_evaluators("samefile_pkg/evals.py")  # and relative to the current directory
+    assert mod.RUNS == [1]  # executed once
+    assert registry.lookup("samefile.double", "1").fn is mod.double
+
+
+def test_loading_a_module_whose_file_was_loaded_by_path_is_the_same_module(tmp_path, monkeypatch):
+    """The other order: the file by path first, then its dotted module name — one execution."""
+    from fabric import registry
+
+    pkg = tmp_path / "samefile_pkg2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "evals.py").write_text(
+        "import fabric\n"
+        "import builtins\n"
+        "builtins.SAMEFILE2_RUNS += 1\n"
+        "@fabric.evaluator('samefile2.triple', version='1')\n"
+        "def triple(x: int) -> int:\n"
+        "    return 3 * x\n"
+    )
+    import builtins
+
+    monkeypatch.setattr(builtins, "SAMEFILE2_RUNS", 0, raising=False)  # a count across module copies; removed after
+    monkeypatch.chdir(tmp_path)
+    registry.load_evaluators(str(pkg / "evals.py"))
+    registry.load_evaluators("samefile_pkg2.evals")
+    assert builtins.SAMEFILE2_RUNS == 1
+    assert registry.lookup("samefile2.triple", "1").fn(x=2) == 6
