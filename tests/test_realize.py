@@ -478,54 +478,34 @@ def test_a_closed_fabric_is_failed_precondition(tmp_path, shared):
         other.close()
 
 
-def test_loading_an_evaluator_file_already_imported_as_a_module_is_the_same_module(tmp_path, monkeypatch):
+@pytest.mark.parametrize("first", ["module", "path"])
+def test_an_evaluator_file_loaded_by_module_name_and_by_path_is_one_module(tmp_path, monkeypatch, first):
     """``--evaluators pkg/evals.py`` in a process that imported ``pkg.evals`` (a test suite, a
-    notebook, a node with both spellings) is that module again: its evaluators stay registered,
-    no second copy is executed.  It ran the file again under another module name, whose functions
-    then clashed with the registered ones (FAILED_PRECONDITION "already registered to another function")."""
+    notebook, a node given both spellings), or the reverse, is that module again: executed once,
+    its evaluators registered once.  The file ran a second time under another module name, whose
+    functions then clashed with the registered ones (FAILED_PRECONDITION "already registered to
+    another function")."""
+    import builtins
+
     from fabric import registry
 
-    pkg = tmp_path / "samefile_pkg"
+    name = f"samefile_{first}"
+    pkg = tmp_path / name
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "evals.py").write_text(
+        "import builtins\n"
         "import fabric\n"
-        "RUNS = []\n"
-        "RUNS.append(1)\n"
-        "@fabric.evaluator('samefile.double', version='1')\n"
+        f"builtins.{name.upper()}_RUNS += 1\n"
+        f"@fabric.evaluator('{name}.double', version='1')\n"
         "def double(x: int) -> int:\n"
         "    return 2 * x\n"
     )
+    monkeypatch.setattr(builtins, f"{name.upper()}_RUNS", 0, raising=False)  # counts across module copies; removed after
     monkeypatch.chdir(tmp_path)
-    registry.load_evaluators("samefile_pkg.evals")
-    import samefile_pkg.evals as mod
-
-    registry.load_evaluators(str(pkg / "evals.py"))  # the same file, by path
-    registry.load_evaluators("samefile_pkg/evals.py")  # and relative to the current directory
-    assert mod.RUNS == [1]  # executed once
-    assert registry.lookup("samefile.double", "1").fn is mod.double
-
-
-def test_loading_a_module_whose_file_was_loaded_by_path_is_the_same_module(tmp_path, monkeypatch):
-    """The other order: the file by path first, then its dotted module name — one execution."""
-    from fabric import registry
-
-    pkg = tmp_path / "samefile_pkg2"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "evals.py").write_text(
-        "import fabric\n"
-        "import builtins\n"
-        "builtins.SAMEFILE2_RUNS += 1\n"
-        "@fabric.evaluator('samefile2.triple', version='1')\n"
-        "def triple(x: int) -> int:\n"
-        "    return 3 * x\n"
-    )
-    import builtins
-
-    monkeypatch.setattr(builtins, "SAMEFILE2_RUNS", 0, raising=False)  # a count across module copies; removed after
-    monkeypatch.chdir(tmp_path)
-    registry.load_evaluators(str(pkg / "evals.py"))
-    registry.load_evaluators("samefile_pkg2.evals")
-    assert builtins.SAMEFILE2_RUNS == 1
-    assert registry.lookup("samefile2.triple", "1").fn(x=2) == 6
+    spellings = {"module": f"{name}.evals", "path": str(pkg / "evals.py")}
+    registry.load_evaluators(spellings[first])
+    for spelling in (*spellings.values(), f"{name}/evals.py"):  # both, and a path relative to the current directory
+        registry.load_evaluators(spelling)
+    assert getattr(builtins, f"{name.upper()}_RUNS") == 1
+    assert registry.lookup(f"{name}.double", "1").fn(x=2) == 4
