@@ -455,17 +455,15 @@ class NodeService:
             obtain = self.caf.obtain(key) if key.kind != "artifact" else \
                 self._obtain_telling(call, lambda: self.caf.obtain(key), lambda: self.caf.obtaining_bytes(key))
             holder = await obtain
-            if holder is None:
-                if cas.contains(key):
-                    raise FabricError(StatusCode.DATA_LOSS, "the record held here for this key is corrupt, and no live "
-                                      "member of the fleet holds a good copy", key=key)
-                raise FabricError(StatusCode.NOT_FOUND, "not held by this node, and no live member of the fleet holds it", key=key)
-            raw = cas.get_raw(key)
-        if raw is None:
+            raw = None if holder is None else cas.get_raw(key)
+        if raw is None:  # (a fleet member asked the live holders first)
+            fleet = self.caf is not None
             if cas.contains(key):  # indexed here, but its row fails its check
-                raise FabricError(StatusCode.DATA_LOSS, "the record held here for this key is corrupt (a realize "
-                                  "records it afresh; an artifact is repaired by putting it again)", key=key)
-            raise FabricError(StatusCode.NOT_FOUND, "not held by this node", key=key)
+                raise FabricError(StatusCode.DATA_LOSS, "the record held here for this key is corrupt" + (
+                    ", and no live member of the fleet holds a good copy" if fleet else
+                    " (a realize records it afresh; an artifact is repaired by putting it again)"), key=key)
+            raise FabricError(StatusCode.NOT_FOUND, "not held by this node" + (
+                ", and no live member of the fleet holds it" if fleet else ""), key=key)
         if key.kind != "artifact":
             return await send_record(call, raw, {"key": key, "holder": holder})
         # an artifact: announce, push the manifest record, then every chunk in order, so the
