@@ -111,3 +111,21 @@ def test_sixteen_tasks_of_a_hundred_overlapping_requests_evaluate_each_once(tmp_
                 assert rf._conns().busy == 0 and rf._conns().gathering is None
 
     trio.run(main)
+
+
+def test_remote_realize_many_with_unencodable_args_realizes_the_others(tmp_path):
+    """A request whose args cannot be encoded fails alone (INVALID_ARGUMENT, raised as the
+    first error); the requests around it are still realized and recorded."""
+    async def main():
+        with fabric.open(tmp_path / "node") as nf:
+            async with in_process_node(nf) as (addr, _):
+                rf = RemoteFabric(addr, SECRET)
+                RUNS.clear()
+                batch = [_req(20), fabric.Request("batch5.double", {"n": {1}}, version="1"),
+                         fabric.Request("batch5.double", {"n": {2}}), _req(21)]
+                with pytest.raises(fabric.FabricError) as ei:
+                    await rf.arealize_many(batch)
+                assert ei.value.status_code is fabric.StatusCode.INVALID_ARGUMENT and "args.n" in ei.value.message
+                assert sorted(RUNS) == [20, 21] and nf.cassette.contains(_req(21).key)
+
+    trio.run(main)
