@@ -344,8 +344,21 @@ class Fabric(metaclass=abc.ABCMeta):
         return Reply(key, codec.decode(payload), "computed", self.node_id)
 
     def realize_many(self, reqs: list[Request]) -> list[Reply]:
-        """Realize several requests (in order); hits are answered without computing."""
-        return [self.realize(r) for r in reqs]
+        """Realize several requests (in order); hits are answered without computing.
+
+        As :meth:`RemoteFabric.realize_many <fabric.remote.RemoteFabric.realize_many>`: if
+        any request fails, every one is still realized (what computes is recorded) and the
+        error of the first failing one, in order, is raised (an evaluator's unchanged)."""
+        replies: list[Reply] = []
+        first: Exception | None = None
+        for r in reqs:
+            try:
+                replies.append(self.realize(r))
+            except Exception as exc:  # noqa: BLE001 - raised below, once the rest are realized
+                first = exc if first is None else first
+        if first is not None:
+            raise first
+        return replies
 
     # --------------------------------------------------------------- artifacts
     @metrics.observed("put")

@@ -356,7 +356,6 @@ class RemoteFabric:
 
         from fabric.errors import policy_for
 
-        bodies = [_realize_body(r) for r in reqs]
         base = policy_for("realize")
         policy = dataclasses.replace(base, deadline_s=base.deadline_s * max(1, len(reqs)))
 
@@ -368,7 +367,7 @@ class RemoteFabric:
             answers: list[Any] = [None] * len(reqs)
             todo = await _lookup_hits(client, reqs, answers)
             if todo:
-                got = await client.call_many("realize", [bodies[i] for i in todo], then=lambda j, reply, items: check(todo[j], reply, items))
+                got = await client.call_many("realize", [_realize_body(reqs[i]) for i in todo], then=lambda j, reply, items: check(todo[j], reply, items))
                 for i, answer in zip(todo, got):
                     answers[i] = answer
             return answers
@@ -913,11 +912,20 @@ async def _lookup_hits(client: WireClient, reqs: list[Request], answers: list[An
     hit's :class:`Reply` (or the DATA_LOSS of a record that fails verification) in
     ``answers`` and return the indexes still to realize, in order.  Requests without a
     version (their key depends on the node's choice) and every request of a lookup the
-    node refused are left to realize."""
-    asked = [i for i, r in enumerate(reqs) if r.version is not None]
+    node refused are left to realize.  A request whose key cannot be made (INVALID_ARGUMENT
+    args) gets that error as its answer, alone."""
+    asked = []
+    for i, r in enumerate(reqs):
+        if r.version is not None:
+            try:
+                r.key  # made (and kept) here: args that cannot be encoded raise
+            except FabricError as exc:
+                answers[i] = exc
+                continue
+            asked.append(i)
     max_bytes = min(client.limits.max_frame_bytes, client.limits.max_bytes_per_stream) - LOOKUP_MARGIN
     if not asked or max_bytes <= 0:
-        return list(range(len(reqs)))
+        return [i for i, a in enumerate(answers) if a is None]
     batches = [asked[j : j + LOOKUP_BATCH] for j in range(0, len(asked), LOOKUP_BATCH)]
 
     def take(b: int, reply: Any, items: list) -> None:
