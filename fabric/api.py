@@ -30,6 +30,17 @@ _lock = threading.Lock()
 _default: Any = None
 
 
+def _after_fork_in_child() -> None:
+    """A forked child makes :data:`_lock` anew: a parent thread may have held it at the fork
+    (making the default fabric), and the child's copy would stay held forever.  The default
+    fabric itself carries over (embedded or remote, it re-attaches in the child)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def default_home() -> Path:
     """Where the embedded default cassette lives (see module docstring)."""
     home = os.environ.get("FABRIC_HOME")

@@ -86,6 +86,7 @@ import contextvars
 import functools
 import inspect
 import math
+import os
 import re
 import threading
 import time
@@ -157,6 +158,16 @@ _fabrics: "weakref.WeakSet" = weakref.WeakSet()
 _fabrics_lock = threading.RLock()
 #: Local hits of fabrics already collected (kept, so the counter never goes down).
 _retired_hits = 0
+
+
+def _after_fork_in_child() -> None:
+    """A forked child makes :data:`_fabrics_lock` anew: a parent thread may have held it at
+    the fork, and the child's copy would stay held forever (a new fabric there hung)."""
+    global _fabrics_lock
+    _fabrics_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 #: The op of the outermost public call in progress in this context (None outside one).
 _CALL: contextvars.ContextVar[str | None] = contextvars.ContextVar("fabric_metrics_call", default=None)

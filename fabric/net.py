@@ -220,6 +220,16 @@ class _Link:
         self._fd = -1
         self.stream.socket.close()
 
+    def drop_after_fork(self) -> None:
+        """In a forked child: close this process's copy of the socket, and nothing more (no
+        shutdown, no trio: the run that owns the link is the parent's), so the parent's
+        connection goes on.  The link is broken here; a later :meth:`aclose` does nothing more."""
+        self._fd = -1
+        self.broken = self.broken or "connection inherited across a fork"
+        fd = self.stream.socket.detach()
+        if fd >= 0:
+            os.close(fd)
+
     async def receive(self) -> None:
         """Read what the peer sent (at most READ_BYTES) into the connection; a failed read is EOF."""
         try:
@@ -1159,6 +1169,15 @@ class WireClient:
         self._set_failure(FabricError(StatusCode.UNAVAILABLE, f"connection to {self.address} closed locally",
                                       retryable=True))
         self._link.close_now()
+
+    def drop_after_fork(self) -> None:
+        """In a forked child: this connection is the parent's.  It counts as closed here, and
+        this process's copy of the socket is closed without a goodbye (the parent's connection
+        goes on) and without waking the requests waiting on it (their run is the parent's)."""
+        if self._failure is None:
+            self._failure = FabricError(StatusCode.UNAVAILABLE, f"connection to {self.address} was inherited across a fork",
+                                        retryable=True)
+        self._link.drop_after_fork()
 
     # ---------------------------------------------------------------- internals
 

@@ -87,6 +87,16 @@ _by_name: dict[str, dict[str, Evaluator]] = {}
 _latest: dict[str, str] = {}
 
 
+def _after_fork_in_child() -> None:
+    """A forked child makes :data:`_lock` anew: a parent thread may have held it at the fork
+    (registering, or listing for a NOT_FOUND), and the child's copy would stay held forever."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _norm_version(version: Any) -> str:
     if isinstance(version, bool) or not isinstance(version, (str, int)):
         # the type, never a repr: the value may come off the wire (a nested list's repr recurses)

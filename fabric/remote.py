@@ -156,6 +156,16 @@ class _Conns:
         if c is not None:
             c.close_now()
 
+    def drop_after_fork(self) -> None:
+        """In a forked child: leave the run's table (a child that carries on in the run it forked
+        in dials anew) and drop the connection, the parent's (:meth:`WireClient.drop_after_fork`).
+        Nothing of trio is touched: the run is the parent's."""
+        if self.table.get(id(self.owner)) is self:
+            del self.table[id(self.owner)]
+        c, self.client = self.client, None
+        if c is not None:
+            c.drop_after_fork()
+
     async def aclose(self) -> None:
         """:meth:`close_now` with a goodbye first, written within :data:`CLOSE_GRACE_S`."""
         self.forget()
@@ -204,6 +214,7 @@ class RemoteFabric:
         #: chunks (and their bytes) this client pushed to the node in puts, resumed ones included
         self.chunks_uploaded = 0
         self.bytes_uploaded = 0
+        _live.add(self)
 
     # ------------------------------------------------------------ connections
     def _conns(self) -> _Conns:
@@ -810,6 +821,19 @@ class RemoteFabric:
             assert self._portal_token is not None
             return self._portal_token
 
+    def _drop_after_fork(self) -> None:
+        """In a forked child: the portal thread and every trio run that used this client are
+        the parent's (a fork copies none of them), and so are their connections.  Forget them
+        all — each inherited socket is closed in this process only, with no goodbye, so the
+        parent's connections go on — and the child's next call starts its own portal and dials
+        its own connection."""
+        self._portal_lock = threading.Lock()  # a parent thread may have held it
+        self._portal_token = self._portal_thread = self._portal_stop = self._portal_nursery = None
+        self._streams = set()  # the parent's artifact_stream iterators: their pumps are not here
+        runs, self._runs = self._runs, {}
+        for conns in runs.values():
+            conns.drop_after_fork()
+
     def close(self) -> None:
         """Close every connection (the portal's and those of the trio runs using this client)
         and stop the portal thread.  Calls in flight, from any thread or run, and every later
@@ -856,6 +880,20 @@ class RemoteFabric:
 
 Fabric.register(RemoteFabric)  # isinstance(fabric.open("host:port", ...), fabric.Fabric)
 
+#: the RemoteFabrics of this process (a forked child drops what they hold: :func:`_after_fork_in_child`)
+_live: "weakref.WeakSet[RemoteFabric]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A RemoteFabric made before a ``fork()`` (``multiprocessing``) keeps working in the child:
+    its sync calls waited forever on the parent's portal thread, which the child does not
+    have.  Each one drops what it inherited (:meth:`RemoteFabric._drop_after_fork`)."""
+    for fab in list(_live):
+        fab._drop_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class _ChunkIter:
     """The chunk iterator :meth:`RemoteFabric.artifact_stream` returns: yields verified chunk
@@ -864,6 +902,7 @@ class _ChunkIter:
     def __init__(self, chunks: Any, release: threading.Event, owner: RemoteFabric) -> None:
         self._chunks = chunks
         self._owner = owner
+        self._pid = os.getpid()  # its pump runs in this process only
         self._done = weakref.finalize(self, release.set)
 
     def __iter__(self) -> "_ChunkIter":
@@ -872,6 +911,9 @@ class _ChunkIter:
     def __next__(self) -> bytes:
         if not self._done.alive:
             raise StopIteration
+        if self._pid != os.getpid():  # (its chunks would wait forever on the parent's portal)
+            raise FabricError(StatusCode.FAILED_PRECONDITION, "an artifact stream is read in the process that opened it, "
+                              "not in one forked from it")
         try:
             return next(self._chunks)
         except StopIteration:
