@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import logging
+import math
 import os
 import signal
 import sys
@@ -253,6 +254,12 @@ def check_args(args: argparse.Namespace) -> None:
     mport = getattr(args, "metrics_port", None)
     if mport is not None and not 0 <= mport < 65536:
         raise FabricError(StatusCode.INVALID_ARGUMENT, f"--metrics-port must be 0-65535, got {mport}")
+    interval = getattr(args, "gossip_interval", None)
+    if interval is not None and not (math.isfinite(interval) and interval > 0):  # 0 gossiped in a busy loop
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"--gossip-interval must be a positive number of seconds, got {interval:g}")
+    drain = getattr(args, "drain_s", None)
+    if drain is not None and not (math.isfinite(drain) and drain >= 0):
+        raise FabricError(StatusCode.INVALID_ARGUMENT, f"--drain-s must be 0 or more seconds, got {drain:g}")
 
 
 def _node_stats(fab, service) -> dict:

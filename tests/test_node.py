@@ -865,3 +865,17 @@ def test_a_client_outlives_a_kill_9_of_its_node_and_reconnects_once_it_is_back(t
         f.close()
     finally:
         stop_node(proc)
+
+
+@pytest.mark.parametrize("flag, value", [("--gossip-interval", "0"), ("--gossip-interval", "-1"), ("--gossip-interval", "nan"),
+                                         ("--drain-s", "-1"), ("--drain-s", "inf")])
+def test_a_node_refuses_a_gossip_interval_or_drain_it_cannot_keep_before_creating_anything(tmp_path, capsys, flag, value):
+    """``--gossip-interval 0`` gossiped in a busy loop (a round every 0 s) and ``--drain-s -1`` or
+    ``inf`` made no sense: one INVALID_ARGUMENT line naming the flag, and ``--data`` is left as it was."""
+    from fabric import cli
+
+    data = tmp_path / "never"
+    assert cli.main(["node", "--data", str(data), "--listen", "127.0.0.1:0", flag, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "INVALID_ARGUMENT" in err[0] and flag in err[0], err
+    assert not data.exists()
