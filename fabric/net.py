@@ -1215,16 +1215,18 @@ class WireClient:
             finally:
                 self._corked = False
         await link.flush()
-        if not (link.write_failed and type(event) is Credit):
-            await self._check_link()  # (a grant that cannot go out fails nothing: the peer is gone,
-            # and what it sent before is still read, see _wait)
+        await self._check_link(own_frame=type(event) is not Credit)
 
-    async def _check_link(self) -> None:
-        """After a write: a broken link fails the connection — except that a write which
-        failed (the peer closed or reset) while other requests are in flight fails only the
-        request that wrote: theirs still read what the peer sent before it went (:meth:`_wait`)."""
+    async def _check_link(self, own_frame: bool = True) -> None:
+        """After a write: a broken link fails the connection — except a write that failed (the
+        peer closed or reset; not a stall): what the peer sent before it went is still read
+        (:meth:`_wait`), so that fails nothing but the request whose ``own_frame`` could not go
+        out, and only it while other requests are in flight (a credit grant or a read's flush
+        is no frame of a request's own)."""
         link = self._link
         if link.broken is None or self._failure is not None:
+            return
+        if link.write_failed and not own_frame:
             return
         err = self._connection_error(FabricError(StatusCode.UNAVAILABLE, link.broken, retryable=True))
         if link.write_failed and len(self._slots) > 1:
@@ -1283,11 +1285,9 @@ class WireClient:
                     self._reading = False
                 self._drain()
                 await self._link.flush()  # credits granted, or the fault the machine queued on a violation
-                if not self._link.write_failed:
-                    # (a write that failed means the peer closed or reset: what it sent before
-                    # is still read here — the last pushes, the reply, its goodbye — and the
-                    # read that finds the end fails what is left; a stalled write fails now)
-                    await self._check_link()
+                # (after a failed write the reads go on: the last pushes, the reply and the
+                # goodbye the peer sent before it went; the read that finds the end fails the rest)
+                await self._check_link(own_frame=False)
                 if self._failure is not None:
                     await self._link.aclose()
         finally:

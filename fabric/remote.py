@@ -321,14 +321,15 @@ class RemoteFabric:
         def store(stream: Callable[[], tuple[dict, Any]]) -> None:  # a trio worker thread
             _, chunks = stream()
             batch: list[bytes] = []
-            done = 0
+            done = size = 0  # bytes stored; bytes in batch
             for data in itertools.chain(chunks, [None]):  # None: the end, after the digest was checked
                 if data is not None:
                     batch.append(data)
-                if batch and (data is None or sum(map(len, batch)) >= FORWARD_BATCH_BYTES):
+                    size += len(data)
+                if batch and (data is None or size >= FORWARD_BATCH_BYTES):
                     cassette.put_blobs(batch)
-                    done += sum(map(len, batch))
-                    batch = []
+                    done += size
+                    batch, size = [], 0
                     if fetched is not None:
                         fetched(done)
 

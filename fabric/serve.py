@@ -186,13 +186,6 @@ class ContentServeFabric:
             raise FabricError(StatusCode.NOT_FOUND, "not held by this node", key=key)
         return raw
 
-    def fetch_blob(self, key: ContentKey) -> bytes:
-        """A held blob's bytes (verified against its key); NOT_FOUND otherwise."""
-        data = self.cassette.get_blob(key)
-        if data is None:
-            raise FabricError(StatusCode.NOT_FOUND, "blob not held by this node", key=key)
-        return data
-
 
 def _key_field(body: Any) -> ContentKey:
     if not isinstance(body, dict):

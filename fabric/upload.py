@@ -216,7 +216,7 @@ async def serve_put(call: "ServerCall", service: "NodeService") -> dict:
     try:
         received = await _receive_chunks(call, cas, key, manifest, todo)
         # what was listed and not pushed may have come meanwhile (another upload); a bad copy is still lacking
-        rest = list(dict.fromkeys(chunks[i] for i in todo[received:]))
+        rest = [chunks[i] for i in todo[received:]]  # (distinct: todo lists each key's first index)
         left = await trio.to_thread.run_sync(functools.partial(cas.missing, rest, verify_blobs=True)) if rest else []
         if left:
             return {"key": key, "complete": False, "received": received, "missing": len(left)}
